@@ -1,0 +1,261 @@
+//! Settings: one struct, resolved in this order — embedded defaults, then a TOML file
+//! (`--config` / `ORDERFLOW_CONFIG`), then `ORDERFLOW_*` environment variables — so the
+//! environment always wins, as operators expect of containers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::topics::Topics;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Kafka transactions: outputs, state and input offsets commit atomically.
+    ExactlyOnce,
+    /// Outputs, then state, then offsets; deterministic IDs and dedup make effects once.
+    AtLeastOnce,
+}
+
+impl std::str::FromStr for Guarantee {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exactly_once" => Ok(Guarantee::ExactlyOnce),
+            "at_least_once" => Ok(Guarantee::AtLeastOnce),
+            other => Err(format!("unknown guarantee {other:?}: expected exactly_once or at_least_once")),
+        }
+    }
+}
+
+impl std::fmt::Display for Guarantee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Guarantee::ExactlyOnce => "exactly_once",
+            Guarantee::AtLeastOnce => "at_least_once",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Prepended to every topic name.
+    pub topic_prefix: String,
+    pub guarantee: Guarantee,
+    /// Consumer group ID prefix; each stage's group is `<group_prefix>.<stage>`.
+    pub group_prefix: String,
+    /// Identifies this worker; the transactional ID is derived from it, so a restarted
+    /// worker with the same ID fences its previous incarnation.
+    pub instance_id: String,
+    /// Partition count for `topics create`.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// A batch commits when it holds this many input records...
+    pub batch_max_records: usize,
+    /// ...or when this much time has passed since it started.
+    pub batch_interval_ms: u64,
+    /// How long processed input event IDs are remembered for deduplication, in event time.
+    pub dedup_retention_secs: u64,
+    /// Address of the metrics and health endpoint; port 0 picks a free port.
+    pub http_addr: String,
+    /// librdkafka properties passed through to every client (after OrderFlow's own).
+    pub kafka: BTreeMap<String, String>,
+    pub fraud: FraudSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FraudSettings {
+    /// Orders above this total (minor units) are rejected.
+    pub max_order_total_cents: i64,
+    pub blocked_customers: Vec<String>,
+    /// Matched case-insensitively.
+    pub blocked_emails: Vec<String>,
+    /// More than this many orders of one customer within the window are rejected.
+    pub velocity_max_orders: u32,
+    pub velocity_window_secs: u64,
+}
+
+impl Default for FraudSettings {
+    fn default() -> Self {
+        FraudSettings {
+            max_order_total_cents: 1_000_000,
+            blocked_customers: Vec::new(),
+            blocked_emails: Vec::new(),
+            velocity_max_orders: 5,
+            velocity_window_secs: 3600,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: String::new(),
+            guarantee: Guarantee::ExactlyOnce,
+            group_prefix: "orderflow".into(),
+            instance_id: default_instance_id(),
+            partitions: 6,
+            replication_factor: 1,
+            batch_max_records: 500,
+            batch_interval_ms: 100,
+            dedup_retention_secs: 7 * 24 * 3600,
+            http_addr: "127.0.0.1:9464".into(),
+            kafka: BTreeMap::new(),
+            fraud: FraudSettings::default(),
+        }
+    }
+}
+
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!("{}-{}", if host.is_empty() { "worker" } else { host }, std::process::id())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read settings file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid settings file {path}: {source}")]
+    Parse { path: String, source: Box<toml::de::Error> },
+    #[error("invalid value of {var}: {message}")]
+    Env { var: &'static str, message: String },
+}
+
+impl Settings {
+    /// Defaults, then the file (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut s = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    source: Box::new(e),
+                })?
+            }
+            None => Settings::default(),
+        };
+        s.apply_env(|k| std::env::var(k).ok())?;
+        Ok(s)
+    }
+
+    /// Applies `ORDERFLOW_*` variables; `get` is injected so tests need not touch the
+    /// process environment.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &'static str, v: String) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse().map_err(|e: T::Err| ConfigError::Env { var, message: e.to_string() })
+        }
+        if let Some(v) = get("ORDERFLOW_BROKERS") {
+            self.brokers = v;
+        }
+        if let Some(v) = get("ORDERFLOW_TOPIC_PREFIX") {
+            self.topic_prefix = v;
+        }
+        if let Some(v) = get("ORDERFLOW_GUARANTEE") {
+            self.guarantee = parse("ORDERFLOW_GUARANTEE", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_GROUP_PREFIX") {
+            self.group_prefix = v;
+        }
+        if let Some(v) = get("ORDERFLOW_INSTANCE_ID") {
+            self.instance_id = v;
+        }
+        if let Some(v) = get("ORDERFLOW_HTTP_ADDR") {
+            self.http_addr = v;
+        }
+        if let Some(v) = get("ORDERFLOW_PARTITIONS") {
+            self.partitions = parse("ORDERFLOW_PARTITIONS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_BATCH_MAX_RECORDS") {
+            self.batch_max_records = parse("ORDERFLOW_BATCH_MAX_RECORDS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_BATCH_INTERVAL_MS") {
+            self.batch_interval_ms = parse("ORDERFLOW_BATCH_INTERVAL_MS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS") {
+            self.fraud.velocity_max_orders = parse("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS") {
+            self.fraud.velocity_window_secs = parse("ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS", v)?;
+        }
+        // `key=value` pairs separated by commas, e.g. `socket.timeout.ms=5000,debug=broker`.
+        if let Some(v) = get("ORDERFLOW_KAFKA") {
+            for pair in v.split(',').filter(|p| !p.trim().is_empty()) {
+                let (k, val) = pair.split_once('=').ok_or_else(|| ConfigError::Env {
+                    var: "ORDERFLOW_KAFKA",
+                    message: format!("{pair:?} is not key=value"),
+                })?;
+                self.kafka.insert(k.trim().into(), val.trim().into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics::new(self.topic_prefix.clone())
+    }
+
+    pub fn batch_interval(&self) -> Duration {
+        Duration::from_millis(self.batch_interval_ms)
+    }
+
+    pub fn group_id(&self, stage: &str) -> String {
+        format!("{}.{stage}", self.group_prefix)
+    }
+
+    /// Base librdkafka configuration with the pass-through map applied last.
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.kafka {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_file_and_defaults() -> Result<(), Box<dyn std::error::Error>> {
+        let mut s: Settings = toml::from_str("brokers = \"file:1\"\ntopic_prefix = \"f.\"\n")?;
+        assert_eq!(s.guarantee, Guarantee::ExactlyOnce);
+        let env = |k: &str| match k {
+            "ORDERFLOW_BROKERS" => Some("env:2".to_string()),
+            "ORDERFLOW_GUARANTEE" => Some("at_least_once".to_string()),
+            "ORDERFLOW_KAFKA" => Some("socket.timeout.ms=5000, debug=broker".to_string()),
+            _ => None,
+        };
+        s.apply_env(env)?;
+        assert_eq!(s.brokers, "env:2");
+        assert_eq!(s.topic_prefix, "f.");
+        assert_eq!(s.guarantee, Guarantee::AtLeastOnce);
+        assert_eq!(s.kafka.get("debug").map(String::as_str), Some("broker"));
+        assert_eq!(s.kafka.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_guarantee_names_the_variable() {
+        let mut s = Settings::default();
+        let err = s
+            .apply_env(|k| (k == "ORDERFLOW_GUARANTEE").then(|| "twice".to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("ORDERFLOW_GUARANTEE"), "{err}");
+    }
+}

@@ -1,0 +1,323 @@
+//! One codec for every topic: outputs are Avro single-object encoded; inputs may be Avro
+//! (single-object encoding or Confluent framing) or JSON of the same shape.
+//!
+//! Invariant: `decode` either returns an event that passed [`validate`] or a
+//! [`DecodeError`] whose message says what was wrong; it never panics on any bytes.
+
+use std::collections::HashMap;
+
+use apache_avro::types::Value;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::{Schema, rabin::Rabin};
+
+use super::{Event, EventType, order_created_id};
+
+/// First two bytes of Avro single-object encoding.
+const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
+/// First byte of Confluent Schema Registry framing (then a big-endian 4-byte schema ID).
+const CONFLUENT_MAGIC: u8 = 0x00;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty record value")]
+    Empty,
+    #[error(
+        "unrecognized encoding: first byte 0x{0:02x} is neither Avro single-object (0xc3 0x01), Confluent framing (0x00) nor a JSON object ('{{')"
+    )]
+    UnknownFormat(u8),
+    #[error("Avro single-object record with unknown schema fingerprint {0}")]
+    UnknownFingerprint(String),
+    #[error("truncated {0} header")]
+    Truncated(&'static str),
+    #[error("malformed Avro for {event_type}: {message}")]
+    Avro {
+        event_type: EventType,
+        message: String,
+    },
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("JSON value is not an object")]
+    JsonNotObject,
+    #[error("unknown event type {0:?}")]
+    UnknownEventType(String),
+    #[error(
+        "cannot tell the event type: no `event_type` field, no `event-type` header, and the topic carries several types"
+    )]
+    MissingEventType,
+    #[error("invalid {event_type}: {reason}")]
+    Invalid {
+        event_type: EventType,
+        reason: String,
+    },
+}
+
+impl DecodeError {
+    /// Short, stable class for the DLQ `error-class` header and metric labels.
+    pub fn class(&self) -> &'static str {
+        match self {
+            DecodeError::Invalid { .. } => "invalid",
+            DecodeError::Avro { .. } | DecodeError::UnknownFingerprint(_) => "schema",
+            _ => "decode",
+        }
+    }
+}
+
+/// Where a record came from, as far as decoding needs to know.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecodeHints<'a> {
+    /// The `event-type` header, if the producer set one.
+    pub header_type: Option<&'a str>,
+    /// The type to assume when nothing else says (a topic with one producer-facing type).
+    pub topic_default: Option<EventType>,
+}
+
+pub struct Codec {
+    current: HashMap<EventType, (Schema, Vec<u8>)>,
+    /// Every writer schema this codec can read, by its CRC-64-AVRO fingerprint: the
+    /// current ones plus older versions registered for schema evolution.
+    writers: HashMap<Vec<u8>, (EventType, Schema)>,
+    /// Confluent framing carries a registry schema ID; without a registry, operators map
+    /// IDs to event types in settings and the writer schema is taken to be the current one.
+    confluent_ids: HashMap<u32, EventType>,
+}
+
+impl Codec {
+    pub fn new() -> Self {
+        let mut codec = Codec {
+            current: HashMap::new(),
+            writers: HashMap::new(),
+            confluent_ids: HashMap::new(),
+        };
+        for &t in EventType::ALL {
+            let schema = Schema::parse_str(t.schema_source())
+                .unwrap_or_else(|e| panic!("embedded schema {} is invalid: {e}", t.schema_file()));
+            let fp = schema.fingerprint::<Rabin>().bytes;
+            codec.writers.insert(fp.clone(), (t, schema.clone()));
+            codec.current.insert(t, (schema, fp));
+        }
+        codec
+    }
+
+    /// Accept records written with an older (or newer) schema of `t`, resolved by Avro's
+    /// rules against the current one.
+    pub fn register_writer_schema(&mut self, t: EventType, schema_json: &str) -> Result<(), apache_avro::Error> {
+        let schema = Schema::parse_str(schema_json)?;
+        let fp = schema.fingerprint::<Rabin>().bytes;
+        self.writers.insert(fp, (t, schema));
+        Ok(())
+    }
+
+    pub fn map_confluent_id(&mut self, id: u32, t: EventType) {
+        self.confluent_ids.insert(id, t);
+    }
+
+    pub fn schema(&self, t: EventType) -> &Schema {
+        &self.current[&t].0
+    }
+
+    /// Avro single-object encoding with the current schema.
+    pub fn encode(&self, event: &Event) -> Result<Vec<u8>, apache_avro::Error> {
+        let (schema, fp) = &self.current[&event.event_type()];
+        self.encode_with(event, schema, fp)
+    }
+
+    /// Encodes with an explicit writer schema (tests of schema evolution use an old one).
+    pub fn encode_with(&self, event: &Event, schema: &Schema, fp: &[u8]) -> Result<Vec<u8>, apache_avro::Error> {
+        let value = event.to_avro()?.resolve(schema)?;
+        let mut out = Vec::with_capacity(128);
+        out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+        out.extend_from_slice(fp);
+        GenericDatumWriter::builder(schema).build()?.write_value(&mut out, value)?;
+        Ok(out)
+    }
+
+    /// Decodes any accepted encoding and validates the result.
+    pub fn decode(&self, bytes: &[u8], hints: DecodeHints<'_>) -> Result<Event, DecodeError> {
+        let first = *bytes.first().ok_or(DecodeError::Empty)?;
+        let mut event = if bytes.starts_with(&SINGLE_OBJECT_MAGIC) {
+            self.decode_single_object(bytes)?
+        } else if first == CONFLUENT_MAGIC {
+            self.decode_confluent(bytes, hints)?
+        } else if first_non_space(bytes) == Some(b'{') {
+            self.decode_json(bytes, hints)?
+        } else {
+            return Err(DecodeError::UnknownFormat(first));
+        };
+        normalize(&mut event);
+        validate(&event)?;
+        Ok(event)
+    }
+
+    fn decode_single_object(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        let fp = bytes.get(2..10).ok_or(DecodeError::Truncated("single-object"))?;
+        let (t, writer) = self
+            .writers
+            .get(fp)
+            .ok_or_else(|| DecodeError::UnknownFingerprint(hex(fp)))?;
+        self.read_datum(*t, writer, &bytes[10..])
+    }
+
+    fn decode_confluent(&self, bytes: &[u8], hints: DecodeHints<'_>) -> Result<Event, DecodeError> {
+        let id = bytes.get(1..5).ok_or(DecodeError::Truncated("Confluent"))?;
+        let id = u32::from_be_bytes(id.try_into().expect("four bytes"));
+        let t = match self.confluent_ids.get(&id) {
+            Some(t) => *t,
+            None => resolve_type(None, hints)?,
+        };
+        let writer = &self.current[&t].0;
+        self.read_datum(t, writer, &bytes[5..])
+    }
+
+    fn read_datum(&self, t: EventType, writer: &Schema, mut datum: &[u8]) -> Result<Event, DecodeError> {
+        let avro_err = |e: apache_avro::Error| DecodeError::Avro {
+            event_type: t,
+            message: e.to_string(),
+        };
+        let reader_schema = &self.current[&t].0;
+        let value: Value = GenericDatumReader::builder(writer)
+            .reader_schema(reader_schema)
+            .build()
+            .and_then(|r| r.read_value(&mut datum))
+            .map_err(avro_err)?;
+        if !datum.is_empty() {
+            return Err(DecodeError::Avro {
+                event_type: t,
+                message: format!("{} trailing bytes after the datum", datum.len()),
+            });
+        }
+        Event::from_avro(t, &value).map_err(avro_err)
+    }
+
+    fn decode_json(&self, bytes: &[u8], hints: DecodeHints<'_>) -> Result<Event, DecodeError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let serde_json::Value::Object(mut map) = value else {
+            return Err(DecodeError::JsonNotObject);
+        };
+        let named = match map.remove("event_type") {
+            Some(serde_json::Value::String(s)) => Some(s),
+            Some(other) => return Err(DecodeError::Json(format!("`event_type` must be a string, got {other}"))),
+            None => None,
+        };
+        let t = resolve_type(named.as_deref(), hints)?;
+        fill_envelope_defaults(t, &mut map);
+        Event::from_json(t, serde_json::Value::Object(map)).map_err(|e| DecodeError::Invalid {
+            event_type: t,
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Codec::new()
+    }
+}
+
+fn resolve_type(named: Option<&str>, hints: DecodeHints<'_>) -> Result<EventType, DecodeError> {
+    match named.or(hints.header_type) {
+        Some(name) => EventType::from_name(name).ok_or_else(|| DecodeError::UnknownEventType(name.to_owned())),
+        None => hints.topic_default.ok_or(DecodeError::MissingEventType),
+    }
+}
+
+/// JSON producers need not fill the envelope: the event ID is derived, the correlation ID
+/// defaults to the event ID, and the time to the order's `placed_at` (or the scan time).
+fn fill_envelope_defaults(t: EventType, map: &mut serde_json::Map<String, serde_json::Value>) {
+    use serde_json::Value as J;
+    if !map.contains_key("event_id") {
+        // Derived from the content's identity, so a republished record keeps its ID.
+        let basis = format!(
+            "{}/{}",
+            t.name(),
+            serde_json::to_string(&*map).unwrap_or_default()
+        );
+        let id = uuid::Uuid::new_v5(&super::ID_NAMESPACE, basis.as_bytes());
+        map.insert("event_id".into(), J::String(id.to_string()));
+    }
+    if !map.contains_key("correlation_id") {
+        let c = match map.get("order_id") {
+            Some(J::String(o)) => o.clone(),
+            _ => map["event_id"].as_str().unwrap_or_default().to_owned(),
+        };
+        map.insert("correlation_id".into(), J::String(c));
+    }
+    if !map.contains_key("occurred_at") {
+        let at = map
+            .get("placed_at")
+            .or_else(|| map.get("scanned_at"))
+            .cloned()
+            .unwrap_or_else(|| J::from(chrono::Utc::now().timestamp_millis()));
+        map.insert("occurred_at".into(), at);
+    }
+}
+
+/// Canonical IDs that do not depend on how a producer encoded the record.
+fn normalize(event: &mut Event) {
+    if let Event::OrderCreated(o) = event {
+        if let Some(order_id) = &o.envelope.order_id {
+            o.envelope.event_id = order_created_id(&o.envelope.store_id, order_id).to_string();
+        }
+    }
+}
+
+/// Checks that decoding cannot express: what makes an event semantically impossible.
+pub fn validate(event: &Event) -> Result<(), DecodeError> {
+    let t = event.event_type();
+    let bad = |reason: String| Err(DecodeError::Invalid { event_type: t, reason });
+    let env = event.envelope();
+    if env.store_id.trim().is_empty() {
+        return bad("store_id is empty".into());
+    }
+    if uuid::Uuid::parse_str(&env.event_id).is_err() {
+        return bad(format!("event_id {:?} is not a UUID", env.event_id));
+    }
+    match event {
+        Event::OrderCreated(o) => {
+            match o.envelope.order_id.as_deref() {
+                None | Some("") => return bad("order_id is missing".into()),
+                Some(_) => {}
+            }
+            if o.customer_id.is_empty() {
+                return bad("customer_id is empty".into());
+            }
+            if o.currency.len() != 3 || !o.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+                return bad(format!("currency {:?} is not an ISO 4217 code", o.currency));
+            }
+            if o.items.is_empty() {
+                return bad("order has no items".into());
+            }
+            for l in &o.items {
+                if l.sku.is_empty() {
+                    return bad("an item has an empty sku".into());
+                }
+                if l.quantity <= 0 {
+                    return bad(format!("item {} has quantity {}", l.sku, l.quantity));
+                }
+                if l.unit_price_cents < 0 {
+                    return bad(format!("item {} has a negative price", l.sku));
+                }
+            }
+            if o.total_cents().is_none() {
+                return bad("order total overflows".into());
+            }
+        }
+        Event::StockRestocked(c) if c.quantity <= 0 => {
+            return bad(format!("restock quantity {} is not positive", c.quantity));
+        }
+        Event::ThresholdSet(c) if c.threshold < 0 => {
+            return bad(format!("threshold {} is negative", c.threshold));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn first_non_space(bytes: &[u8]) -> Option<u8> {
+    bytes.iter().copied().find(|b| !b.is_ascii_whitespace())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,1 @@
+//! Codec and wire-type tests.

@@ -1,0 +1,24 @@
+//! OrderFlow: an event-driven order orchestration engine — Kafka stream processors that
+//! move every order through fraud screening, stock, payment, fulfillment and delivery.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings — defaults, then file, then `ORDERFLOW_*` environment.
+//! - [`topics`]: every topic name, behind one prefix; which event goes where.
+//! - [`events`]: wire types for every Avro schema in `schemas/`, deterministic IDs, the codec.
+//! - [`stages`]: pure business logic, one file per stage, and the `Stage` contract.
+//! - [`runtime`]: the consume-transform-produce loop — transactions or at-least-once
+//!   commits, state changelogs and restore, timers, dead letters, shutdown.
+//! - [`metrics`]: every metric name and label, and the `/metrics` + `/health` server.
+//! - [`admin`]: topic provisioning.
+//! - [`cli`]: the `orderflow` command line, one module per subcommand.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+
+pub mod config;
+pub mod events;
+pub mod metrics;
+
+pub mod stages;
+pub mod topics;

@@ -1,0 +1,143 @@
+//! Every metric OrderFlow exports, in one place, and the HTTP server for `/metrics` and
+//! `/health`.
+//!
+//! Invariant: labels are low-cardinality only (stage, topic, error class) — never an
+//! order ID, store ID or offset.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub records_in: IntCounterVec,
+    pub records_out: IntCounterVec,
+    pub dead_lettered: IntCounterVec,
+    pub duplicates: IntCounterVec,
+    pub timers_fired: IntCounterVec,
+    pub batch_records: HistogramVec,
+    pub commit_seconds: HistogramVec,
+    pub aborts: IntCounterVec,
+    pub producer_rebuilds: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub rebalances: IntCounterVec,
+    pub restore_seconds: HistogramVec,
+    pub event_latency_seconds: HistogramVec,
+    pub assigned_partitions: IntGaugeVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let s = || SECONDS.to_vec();
+        let assigned = IntGaugeVec::new(
+            Opts::new("orderflow_assigned_partitions", "Input partitions currently assigned"),
+            &["stage"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(assigned.clone())).expect("unique metric");
+        Metrics {
+            records_in: counter(&r, "orderflow_records_in_total", "Input records consumed", &["stage"]),
+            records_out: counter(&r, "orderflow_records_out_total", "Events produced", &["stage", "topic"]),
+            dead_lettered: counter(&r, "orderflow_records_dead_lettered_total", "Records sent to the DLQ", &["stage", "error_class"]),
+            duplicates: counter(&r, "orderflow_duplicates_skipped_total", "Inputs skipped because their event ID was already processed", &["stage"]),
+            timers_fired: counter(&r, "orderflow_timers_fired_total", "Timers fired", &["stage"]),
+            batch_records: histogram(&r, "orderflow_batch_records", "Input records per committed batch", &["stage"], vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0]),
+            commit_seconds: histogram(&r, "orderflow_commit_seconds", "Time to commit a batch (outputs, state, offsets)", &["stage"], s()),
+            aborts: counter(&r, "orderflow_batch_aborts_total", "Batches aborted and rewound", &["stage"]),
+            producer_rebuilds: counter(&r, "orderflow_producer_rebuilds_total", "Producers rebuilt after fencing or fatal errors", &["stage"]),
+            retries: counter(&r, "orderflow_infrastructure_retries_total", "Retries of infrastructure errors", &["stage"]),
+            rebalances: counter(&r, "orderflow_rebalances_total", "Partition assignment changes", &["stage", "kind"]),
+            restore_seconds: histogram(&r, "orderflow_state_restore_seconds", "Time to restore a partition's state from its changelog", &["stage"], s()),
+            event_latency_seconds: histogram(&r, "orderflow_event_latency_seconds", "From an input's event time to its processing", &["stage"], s()),
+            assigned_partitions: assigned,
+            registry: r,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("metrics are UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Readiness: set once every worker has joined and restored; cleared when one stops.
+#[derive(Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// Binds `addr` (port 0 picks a free one) and serves until `shutdown`; returns the bound
+/// address so several workers on one machine can each report theirs.
+pub async fn serve(
+    addr: &str,
+    metrics: Metrics,
+    health: Health,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(|State((m, _)): State<(Metrics, Health)>| async move { m.render() }))
+        .route("/health/live", get(|| async { "ok" }))
+        .route(
+            "/health/ready",
+            get(|State((_, h)): State<(Metrics, Health)>| async move {
+                if h.is_ready() {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        )
+        .with_state((metrics, health));
+    let handle = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    });
+    Ok((bound, handle))
+}

@@ -1,0 +1,1 @@
+//! Fraud screening (placeholder until the stage lands).

@@ -1,0 +1,331 @@
+//! Stages: pure business logic, one file per stage, dispatched by one `match` on
+//! [`StageName`].
+//!
+//! Invariant: a stage never touches Kafka or SQL. It sees one decoded input (or a due
+//! timer), reads and writes its keyed state through [`Ctx`], and emits events; the
+//! runtime persists the state, produces the outputs and commits, together.
+
+pub mod fraud;
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::events::{Envelope, Event, derive_id};
+
+/// The closed set of stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StageName {
+    Fraud,
+}
+
+impl StageName {
+    pub const ALL: &'static [StageName] = &[StageName::Fraud];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageName::Fraud => "fraud",
+        }
+    }
+}
+
+impl std::str::FromStr for StageName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        StageName::ALL
+            .iter()
+            .copied()
+            .find(|n| n.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<_> = StageName::ALL.iter().map(|n| n.as_str()).collect();
+                format!("unknown stage {s:?}; known stages: {}", known.join(", "))
+            })
+    }
+}
+
+/// A record the stage cannot ever process: the runtime dead-letters it and moves on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StageError {
+    #[error("unexpected event type {event_type} on topic {topic}")]
+    Unexpected { event_type: String, topic: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StageError {
+    pub fn class(&self) -> &'static str {
+        match self {
+            StageError::Unexpected { .. } => "unexpected",
+            StageError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// One decoded input record.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// Prefix-free topic name (a constant of [`crate::topics`]).
+    pub topic: &'a str,
+    pub event: &'a Event,
+}
+
+/// A timer kept in state: it survives restarts and rebalances with the partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timer {
+    /// Unique within the stage and partition; scheduling the same ID again replaces it.
+    pub id: String,
+    /// Wall-clock milliseconds at which it fires.
+    pub due_at: i64,
+    /// The event that scheduled it, so the outputs it causes carry the same order,
+    /// store and correlation.
+    pub cause: Option<Envelope>,
+    pub payload: serde_json::Value,
+}
+
+impl Timer {
+    /// The identity of one firing: outputs derive their IDs from it, so a firing that is
+    /// replayed after a crash emits the same IDs.
+    pub fn firing_id(&self) -> String {
+        format!("timer/{}/{}", self.id, self.due_at)
+    }
+}
+
+pub trait Stage: Send + 'static {
+    /// The value type of this stage's keyed state.
+    type State: Serialize + DeserializeOwned + Clone + Send + 'static;
+
+    fn name(&self) -> &'static str;
+
+    /// Prefix-free names of the topics this stage consumes.
+    fn inputs(&self) -> &'static [&'static str];
+
+    /// Reacts to one input. `Err` means the record can never succeed (dead-lettered);
+    /// an input that is simply irrelevant is `Ok` with no output.
+    fn process(&mut self, ctx: &mut Ctx<'_, Self::State>, input: Input<'_>) -> Result<(), StageError>;
+
+    /// Reacts to a due timer; the timer is already removed from state.
+    fn on_timer(&mut self, _ctx: &mut Ctx<'_, Self::State>, _timer: &Timer) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+/// What a stage may touch while it handles one input or timer.
+pub struct Ctx<'a, V> {
+    pub state: &'a mut Store<V>,
+    timers: &'a mut Store<Timer>,
+    out: &'a mut Vec<Event>,
+    stage: &'static str,
+    now: i64,
+    cause_id: String,
+    cause: Option<Envelope>,
+    ordinal: u32,
+}
+
+impl<'a, V: Clone> Ctx<'a, V> {
+    /// `cause_id` is the input's event ID or a timer's firing ID; `cause` the envelope
+    /// the outputs inherit.
+    pub fn new(
+        stage: &'static str,
+        now: i64,
+        cause_id: String,
+        cause: Option<Envelope>,
+        state: &'a mut Store<V>,
+        timers: &'a mut Store<Timer>,
+        out: &'a mut Vec<Event>,
+    ) -> Self {
+        Ctx { state, timers, out, stage, now, cause_id, cause, ordinal: 0 }
+    }
+
+    /// Wall-clock milliseconds, from the runtime's clock (controllable in tests).
+    pub fn now(&self) -> i64 {
+        self.now
+    }
+
+    /// The envelope for the next output: a fresh deterministic ID, inheriting order,
+    /// store and correlation from the cause.
+    pub fn next_envelope(&mut self) -> Envelope {
+        let ordinal = self.ordinal;
+        self.ordinal += 1;
+        match &self.cause {
+            Some(cause) => {
+                let mut e = Envelope::caused_by(cause, self.stage, ordinal, self.now);
+                e.event_id = derive_id(&self.cause_id, self.stage, ordinal).to_string();
+                e
+            }
+            None => Envelope {
+                event_id: derive_id(&self.cause_id, self.stage, ordinal).to_string(),
+                order_id: None,
+                store_id: String::new(),
+                correlation_id: self.cause_id.clone(),
+                causation_id: None,
+                occurred_at: self.now,
+                schema_version: 1,
+            },
+        }
+    }
+
+    pub fn emit(&mut self, event: impl Into<Event>) {
+        self.out.push(event.into());
+    }
+
+    /// Schedules (or reschedules) a timer caused by the current input.
+    pub fn schedule(&mut self, id: impl Into<String>, due_at: i64, payload: serde_json::Value) {
+        let id = id.into();
+        let timer = Timer { id: id.clone(), due_at, cause: self.cause.clone(), payload };
+        self.timers.insert(id, timer);
+    }
+
+    pub fn cancel(&mut self, id: &str) {
+        self.timers.remove(id);
+    }
+}
+
+/// Keyed state of one partition. Every write is remembered twice: as a change for the
+/// runtime to persist at commit, and as an undo entry so an aborted batch can be rolled
+/// back without re-reading the changelog.
+#[derive(Debug, Clone)]
+pub struct Store<V> {
+    map: HashMap<String, V>,
+    /// Original values of keys written since the last commit (None: key was absent).
+    undo: HashMap<String, Option<V>>,
+    /// Keys to write to the changelog at the next commit.
+    dirty: BTreeSet<String>,
+}
+
+impl<V> Default for Store<V> {
+    fn default() -> Self {
+        Store { map: HashMap::new(), undo: HashMap::new(), dirty: BTreeSet::new() }
+    }
+}
+
+impl<V: Clone> Store<V> {
+    pub fn get(&self, key: &str) -> Option<&V> {
+        self.map.get(key)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+
+    fn touch(&mut self, key: &str) {
+        if !self.undo.contains_key(key) {
+            self.undo.insert(key.to_owned(), self.map.get(key).cloned());
+        }
+        self.dirty.insert(key.to_owned());
+    }
+
+    /// Mutable access; the key counts as written.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut V> {
+        if !self.map.contains_key(key) {
+            return None;
+        }
+        self.touch(key);
+        self.map.get_mut(key)
+    }
+
+    pub fn insert(&mut self, key: impl Into<String>, value: V) {
+        let key = key.into();
+        self.touch(&key);
+        self.map.insert(key, value);
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<V> {
+        if !self.map.contains_key(key) {
+            return None;
+        }
+        self.touch(key);
+        self.map.remove(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &V)> {
+        self.map.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The writes since the last commit, as the changelog should record them; forgets
+    /// the undo log, since these values are now the committed ones.
+    pub fn take_changes(&mut self) -> Vec<(String, Option<V>)> {
+        self.undo.clear();
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|k| {
+                let v = self.map.get(&k).cloned();
+                (k, v)
+            })
+            .collect()
+    }
+
+    /// Changes not yet taken, without taking them.
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Forgets every write since the last commit.
+    pub fn rollback(&mut self) {
+        for (k, v) in self.undo.drain() {
+            match v {
+                Some(v) => self.map.insert(k, v),
+                None => self.map.remove(&k),
+            };
+        }
+        self.dirty.clear();
+    }
+
+    /// Loads a committed value (restore); not a change.
+    pub fn load(&mut self, key: String, value: Option<V>) {
+        match value {
+            Some(v) => self.map.insert(key, v),
+            None => self.map.remove(&key),
+        };
+    }
+
+    /// Schedules a key to be rewritten with its committed value at the next commit
+    /// (repairs a changelog whose last batch was cut off).
+    pub fn mark_dirty(&mut self, key: String) {
+        self.dirty.insert(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollback_restores_values_and_forgets_changes() {
+        let mut s: Store<i32> = Store::default();
+        s.insert("a", 1);
+        s.insert("b", 2);
+        assert_eq!(s.take_changes().len(), 2);
+        s.insert("a", 10);
+        s.remove("b");
+        s.insert("c", 3);
+        *s.get_mut("a").unwrap() += 1;
+        s.rollback();
+        assert_eq!(s.get("a"), Some(&1));
+        assert_eq!(s.get("b"), Some(&2));
+        assert_eq!(s.get("c"), None);
+        assert!(!s.has_changes());
+    }
+
+    #[test]
+    fn changes_carry_deletes_as_none() {
+        let mut s: Store<i32> = Store::default();
+        s.insert("a", 1);
+        s.take_changes();
+        s.remove("a");
+        assert_eq!(s.take_changes(), vec![("a".to_string(), None)]);
+    }
+
+    #[test]
+    fn stage_names_parse() {
+        assert_eq!("fraud".parse::<StageName>(), Ok(StageName::Fraud));
+        assert!("nope".parse::<StageName>().unwrap_err().contains("fraud"));
+    }
+}
