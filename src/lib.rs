@@ -15,10 +15,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-
+pub mod cli;
 pub mod config;
 pub mod events;
 pub mod metrics;
-
+pub mod runtime;
 pub mod stages;
 pub mod topics;

@@ -249,20 +249,19 @@ impl<V: Clone> Store<V> {
         self.map.is_empty()
     }
 
-    /// The writes since the last commit, as the changelog should record them; forgets
-    /// the undo log, since these values are now the committed ones.
-    pub fn take_changes(&mut self) -> Vec<(String, Option<V>)> {
-        self.undo.clear();
-        std::mem::take(&mut self.dirty)
-            .into_iter()
-            .map(|k| {
-                let v = self.map.get(&k).cloned();
-                (k, v)
-            })
-            .collect()
+    /// The writes since the last commit, as the changelog should record them. Nothing is
+    /// forgotten until [`Store::commit`], so a batch whose write fails can still roll back.
+    pub fn changes(&self) -> Vec<(String, Option<V>)> {
+        self.dirty.iter().map(|k| (k.clone(), self.map.get(k).cloned())).collect()
     }
 
-    /// Changes not yet taken, without taking them.
+    /// The changes are durable: they become the values a rollback returns to.
+    pub fn commit(&mut self) {
+        self.undo.clear();
+        self.dirty.clear();
+    }
+
+    /// Whether anything was written since the last commit.
     pub fn has_changes(&self) -> bool {
         !self.dirty.is_empty()
     }
@@ -302,7 +301,8 @@ mod tests {
         let mut s: Store<i32> = Store::default();
         s.insert("a", 1);
         s.insert("b", 2);
-        assert_eq!(s.take_changes().len(), 2);
+        assert_eq!(s.changes().len(), 2);
+        s.commit();
         s.insert("a", 10);
         s.remove("b");
         s.insert("c", 3);
@@ -318,9 +318,9 @@ mod tests {
     fn changes_carry_deletes_as_none() {
         let mut s: Store<i32> = Store::default();
         s.insert("a", 1);
-        s.take_changes();
+        s.commit();
         s.remove("a");
-        assert_eq!(s.take_changes(), vec![("a".to_string(), None)]);
+        assert_eq!(s.changes(), vec![("a".to_string(), None)]);
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! The `orderflow` command line: one module per subcommand; doc comments are the help.
+//! `anyhow` lives here, at the binary's edge, and nowhere in the library.
+
+mod run;
+mod topics;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+
+/// OrderFlow: event-driven order orchestration on Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "orderflow", version)]
+pub struct Cli {
+    /// Settings file (TOML); environment variables ORDERFLOW_* override it.
+    #[arg(long, global = true, env = "ORDERFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Kafka bootstrap servers (overrides the settings file).
+    #[arg(long, global = true, env = "ORDERFLOW_BROKERS")]
+    pub brokers: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run stage workers; several workers with the same group prefix share partitions.
+    Run(run::RunArgs),
+    /// Provision topics.
+    #[command(subcommand)]
+    Topics(topics::TopicsCommand),
+}
+
+/// Entry point of the binary.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    if let Some(b) = cli.brokers {
+        settings.brokers = b;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Run(args) => run::run(settings, args).await,
+            Command::Topics(cmd) => topics::run(settings, cmd).await,
+        }
+    })
+}
+
+/// Logs go to stderr; `ORDERFLOW_LOG_FORMAT=json` for structured logs, `RUST_LOG` filters.
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("ORDERFLOW_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Cancels the returned token on SIGINT or SIGTERM: shutdown is injected into workers,
+/// never read from signals inside them.
+pub(crate) fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}

@@ -1,0 +1,79 @@
+//! What to do about an infrastructure error — decided here and nowhere else.
+//!
+//! Business failures are events and bad records are dead letters; what reaches this
+//! module is the broker or the network misbehaving.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Transient: call the same operation again after a backoff.
+    Retry,
+    /// The batch cannot complete: abort it (if transactional), roll state back, seek the
+    /// inputs to the last commit and process again.
+    AbortAndRewind,
+    /// The producer is unusable (fenced, fatal idempotence error): build a new one, then
+    /// abort and rewind.
+    RebuildProducer,
+}
+
+pub fn classify(err: &KafkaError) -> Disposition {
+    match err {
+        KafkaError::Transaction(e) => {
+            if e.is_fatal() {
+                Disposition::RebuildProducer
+            } else if e.txn_requires_abort() {
+                Disposition::AbortAndRewind
+            } else if e.is_retriable() {
+                Disposition::Retry
+            } else {
+                Disposition::AbortAndRewind
+            }
+        }
+        other => match other.rdkafka_error_code() {
+            Some(code) if is_fatal_code(code) => Disposition::RebuildProducer,
+            _ => Disposition::AbortAndRewind,
+        },
+    }
+}
+
+fn is_fatal_code(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Fatal
+            | RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+    )
+}
+
+/// Exponential backoff with full jitter: attempt 0 waits up to `base`, doubling to `cap`.
+pub fn backoff(attempt: u32, base_ms: u64, cap_ms: u64) -> std::time::Duration {
+    let ceiling = base_ms.saturating_mul(1u64 << attempt.min(20)).min(cap_ms).max(1);
+    std::time::Duration::from_millis(rand::random_range(ceiling / 2..=ceiling))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fencing_rebuilds_and_production_errors_rewind() {
+        let fenced = KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced);
+        assert_eq!(classify(&fenced), Disposition::RebuildProducer);
+        let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert_eq!(classify(&timeout), Disposition::AbortAndRewind);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..30 {
+            let d = backoff(attempt, 100, 5_000).as_millis() as u64;
+            let ceiling = (100u64 << attempt.min(20)).min(5_000);
+            assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d}");
+        }
+    }
+}
