@@ -259,3 +259,16 @@ mod tests {
         assert!(err.to_string().contains("ORDERFLOW_GUARANTEE"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    #[test]
+    fn the_example_settings_file_parses_to_the_defaults() -> Result<(), Box<dyn std::error::Error>> {
+        let s: super::Settings = toml::from_str(include_str!("../deploy/orderflow.example.toml"))?;
+        let d = super::Settings::default();
+        assert_eq!((s.partitions, s.batch_max_records, s.batch_interval_ms), (d.partitions, d.batch_max_records, d.batch_interval_ms));
+        assert_eq!(s.fraud, d.fraud);
+        assert_eq!(s.guarantee, d.guarantee);
+        Ok(())
+    }
+}
