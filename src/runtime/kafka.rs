@@ -21,7 +21,9 @@ use crate::config::{Guarantee, Settings};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RebalanceEvent {
     Assigned(Vec<(String, i32)>),
-    Revoked(Vec<(String, i32)>),
+    /// `lost`: the group moved on without this worker (session timeout), so others may
+    /// have processed these partitions since.
+    Revoked { partitions: Vec<(String, i32)>, lost: bool },
 }
 
 /// Records assignment changes for the loop to act on after `poll` returns.
@@ -43,9 +45,10 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 impl ClientContext for WorkerContext {}
 
 impl ConsumerContext for WorkerContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            self.events.lock().expect("rebalance log poisoned").push(RebalanceEvent::Revoked(partitions(tpl)));
+            let event = RebalanceEvent::Revoked { partitions: partitions(tpl), lost: consumer.assignment_lost() };
+            self.events.lock().expect("rebalance log poisoned").push(event);
         }
     }
 

@@ -118,8 +118,11 @@ struct Worker<S: Stage> {
     clock: Arc<dyn Clock>,
     consumer: BaseConsumer<WorkerContext>,
     producer: FutureProducer,
-    /// State per partition number (shared by all co-partitioned input topics).
+    /// State per assigned partition number (shared by all co-partitioned input topics).
     parts: BTreeMap<i32, PartitionState<S::State>>,
+    /// State of revoked partitions, kept until the next assignment says whether this
+    /// worker gets them back (no one else can own them in between); never processed.
+    parked: BTreeMap<i32, PartitionState<S::State>>,
     assigned: HashSet<(String, i32)>,
     /// Offset to rewind to (the first not yet committed) per input topic-partition.
     positions: HashMap<(String, i32), i64>,
@@ -148,6 +151,7 @@ impl<S: Stage> Worker<S> {
             consumer,
             producer,
             parts: BTreeMap::new(),
+            parked: BTreeMap::new(),
             assigned: HashSet::new(),
             positions: HashMap::new(),
             failures: 0,
@@ -198,24 +202,36 @@ impl<S: Stage> Worker<S> {
     fn apply_rebalances(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<(), RuntimeError> {
         for event in self.consumer.context().take_events() {
             match event {
-                RebalanceEvent::Revoked(tps) => {
-                    self.metrics.rebalances.with_label_values(&[self.name, "revoke"]).inc();
+                RebalanceEvent::Revoked { partitions: tps, lost } => {
+                    self.metrics.rebalances.with_label_values(&[self.name, if lost { "lost" } else { "revoke" }]).inc();
                     for tp in tps {
                         batch.retain(|m| !(m.topic() == tp.0 && m.partition() == tp.1));
                         self.positions.remove(&tp);
                         self.assigned.remove(&tp);
                     }
-                    // State stays in memory until the next assignment says whether this
-                    // worker keeps the partition: no one else can own it in between.
+                    let owned: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
+                    let revoked: Vec<i32> = self.parts.keys().filter(|p| !owned.contains(p)).copied().collect();
+                    for p in revoked {
+                        let ps = self.parts.remove(&p).expect("listed above");
+                        if !lost {
+                            self.parked.insert(p, ps);
+                        }
+                    }
                 }
                 RebalanceEvent::Assigned(tps) => {
                     self.metrics.rebalances.with_label_values(&[self.name, "assign"]).inc();
                     self.assigned.extend(tps);
-                    let keep: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
-                    self.parts.retain(|p, _| keep.contains(p));
-                    for p in keep {
-                        if !self.parts.contains_key(&p) {
-                            self.restore(p)?;
+                    let owned: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
+                    let mut parked = std::mem::take(&mut self.parked);
+                    for p in owned {
+                        if self.parts.contains_key(&p) {
+                            continue;
+                        }
+                        match parked.remove(&p) {
+                            Some(ps) => {
+                                self.parts.insert(p, ps);
+                            }
+                            None => self.restore(p)?,
                         }
                     }
                     tracing::info!(partitions = ?self.parts.keys().collect::<Vec<_>>(), "assignment");

@@ -733,7 +733,7 @@ mod tests {
     /// Distinct orders over two stores and three customers, with `placed_at` in random
     /// order (late arrivals included) over a span of several windows.
     fn orders() -> impl Strategy<Value = Vec<OrderCreated>> {
-        prop::collection::vec((0..2usize, 0..3usize, 0i64..30_000), 1..40).prop_map(|specs| {
+        prop::collection::vec((0..2usize, 0..3usize, 0i64..12_000), 1..40).prop_map(|specs| {
             specs
                 .into_iter()
                 .enumerate()

@@ -99,8 +99,9 @@ pub trait Stage: Send + 'static {
     /// Prefix-free names of the topics this stage consumes.
     fn inputs(&self) -> &'static [&'static str];
 
-    /// Reacts to one input. `Err` means the record can never succeed (dead-lettered);
-    /// an input that is simply irrelevant is `Ok` with no output.
+    /// Reacts to one input. `Err` means the record can never succeed: it is
+    /// dead-lettered, and the stage must decide so before writing any state. An input
+    /// that is simply irrelevant is `Ok` with no output.
     fn process(&mut self, ctx: &mut Ctx<'_, Self::State>, input: Input<'_>) -> Result<(), StageError>;
 
     /// Reacts to a due timer; the timer is already removed from state.
