@@ -255,10 +255,10 @@ fn fill_envelope_defaults(t: EventType, map: &mut serde_json::Map<String, serde_
 
 /// Canonical IDs that do not depend on how a producer encoded the record.
 fn normalize(event: &mut Event) {
-    if let Event::OrderCreated(o) = event {
-        if let Some(order_id) = &o.envelope.order_id {
-            o.envelope.event_id = order_created_id(&o.envelope.store_id, order_id).to_string();
-        }
+    if let Event::OrderCreated(o) = event
+        && let Some(order_id) = &o.envelope.order_id
+    {
+        o.envelope.event_id = order_created_id(&o.envelope.store_id, order_id).to_string();
     }
 }
 

@@ -500,11 +500,12 @@ impl<S: Stage> Worker<S> {
                     ps.rollback();
                 }
                 let mut rebuild = disposition == Disposition::RebuildProducer;
-                if self.settings.guarantee == Guarantee::ExactlyOnce && !rebuild {
-                    if let Err(abort) = self.producer.abort_transaction(TXN_TIMEOUT) {
-                        tracing::warn!(error = %abort, "abort failed; rebuilding the producer");
-                        rebuild = true;
-                    }
+                if self.settings.guarantee == Guarantee::ExactlyOnce
+                    && !rebuild
+                    && let Err(abort) = self.producer.abort_transaction(TXN_TIMEOUT)
+                {
+                    tracing::warn!(error = %abort, "abort failed; rebuilding the producer");
+                    rebuild = true;
                 }
                 if rebuild {
                     self.rebuild_producer()?;
@@ -592,10 +593,10 @@ impl<S: Stage> Worker<S> {
     /// Seeks every assigned input partition back to its first uncommitted offset.
     fn rewind(&mut self) {
         for ((t, p), o) in &self.positions {
-            if self.assigned.contains(&(t.clone(), *p)) {
-                if let Err(e) = self.consumer.seek(t, *p, Offset::Offset(*o), Duration::from_secs(10)) {
-                    tracing::warn!(topic = %t, partition = p, error = %e, "seek failed");
-                }
+            if self.assigned.contains(&(t.clone(), *p))
+                && let Err(e) = self.consumer.seek(t, *p, Offset::Offset(*o), Duration::from_secs(10))
+            {
+                tracing::warn!(topic = %t, partition = p, error = %e, "seek failed");
             }
         }
     }
