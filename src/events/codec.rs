@@ -70,6 +70,10 @@ pub struct DecodeHints<'a> {
     pub header_type: Option<&'a str>,
     /// The type to assume when nothing else says (a topic with one producer-facing type).
     pub topic_default: Option<EventType>,
+    /// The record's (topic, partition, offset): a JSON record without an `event_id` gets
+    /// one derived from it, so redelivery and replay keep the ID while two separate
+    /// records with equal content stay two events.
+    pub origin: Option<(&'a str, i32, i64)>,
 }
 
 pub struct Codec {
@@ -92,9 +96,10 @@ impl Codec {
         for &t in EventType::ALL {
             let schema = Schema::parse_str(t.schema_source())
                 .unwrap_or_else(|e| panic!("embedded schema {} is invalid: {e}", t.schema_file()));
-            let fp = schema.fingerprint::<Rabin>().bytes;
-            codec.writers.insert(fp.clone(), (t, schema.clone()));
-            codec.current.insert(t, (schema, fp));
+            let [spec, library] = fingerprints(&schema);
+            codec.writers.insert(library, (t, schema.clone()));
+            codec.writers.insert(spec.clone(), (t, schema.clone()));
+            codec.current.insert(t, (schema, spec));
         }
         codec
     }
@@ -103,8 +108,9 @@ impl Codec {
     /// rules against the current one.
     pub fn register_writer_schema(&mut self, t: EventType, schema_json: &str) -> Result<(), apache_avro::Error> {
         let schema = Schema::parse_str(schema_json)?;
-        let fp = schema.fingerprint::<Rabin>().bytes;
-        self.writers.insert(fp, (t, schema));
+        for fp in fingerprints(&schema) {
+            self.writers.insert(fp, (t, schema.clone()));
+        }
         Ok(())
     }
 
@@ -116,7 +122,8 @@ impl Codec {
         &self.current[&t].0
     }
 
-    /// Avro single-object encoding with the current schema.
+    /// Avro single-object encoding with the current schema, carrying the specification's
+    /// fingerprint (what Java's `BinaryMessageDecoder` and other conforming readers expect).
     pub fn encode(&self, event: &Event) -> Result<Vec<u8>, apache_avro::Error> {
         let (schema, fp) = &self.current[&event.event_type()];
         self.encode_with(event, schema, fp)
@@ -139,7 +146,7 @@ impl Codec {
             self.decode_single_object(bytes)?
         } else if first == CONFLUENT_MAGIC {
             self.decode_confluent(bytes, hints)?
-        } else if first_non_space(bytes) == Some(b'{') {
+        } else if matches!(first_non_space(bytes), Some(b'{' | b'[' | b'"')) {
             self.decode_json(bytes, hints)?
         } else {
             return Err(DecodeError::UnknownFormat(first));
@@ -201,7 +208,7 @@ impl Codec {
             None => None,
         };
         let t = resolve_type(named.as_deref(), hints)?;
-        fill_envelope_defaults(t, &mut map);
+        fill_envelope_defaults(t, &mut map, hints.origin);
         Event::from_json(t, serde_json::Value::Object(map)).map_err(|e| DecodeError::Invalid {
             event_type: t,
             reason: e.to_string(),
@@ -222,17 +229,20 @@ fn resolve_type(named: Option<&str>, hints: DecodeHints<'_>) -> Result<EventType
     }
 }
 
-/// JSON producers need not fill the envelope: the event ID is derived, the correlation ID
-/// defaults to the event ID, and the time to the order's `placed_at` (or the scan time).
-fn fill_envelope_defaults(t: EventType, map: &mut serde_json::Map<String, serde_json::Value>) {
+/// JSON producers need not fill the envelope: the event ID is derived (from the record's
+/// position when known, else from its content), the correlation ID defaults to the order
+/// ID (else the event ID), and the time to the order's `placed_at` (or the scan time).
+fn fill_envelope_defaults(
+    t: EventType,
+    map: &mut serde_json::Map<String, serde_json::Value>,
+    origin: Option<(&str, i32, i64)>,
+) {
     use serde_json::Value as J;
     if !map.contains_key("event_id") {
-        // Derived from the content's identity, so a republished record keeps its ID.
-        let basis = format!(
-            "{}/{}",
-            t.name(),
-            serde_json::to_string(&*map).unwrap_or_default()
-        );
+        let basis = match origin {
+            Some((topic, partition, offset)) => format!("record/{topic}/{partition}/{offset}"),
+            None => format!("{}/{}", t.name(), serde_json::to_string(&*map).unwrap_or_default()),
+        };
         let id = uuid::Uuid::new_v5(&super::ID_NAMESPACE, basis.as_bytes());
         map.insert("event_id".into(), J::String(id.to_string()));
     }
@@ -312,6 +322,25 @@ pub fn validate(event: &Event) -> Result<(), DecodeError> {
         _ => {}
     }
     Ok(())
+}
+
+/// The fingerprints a single-object record of `schema` may carry: the specification's
+/// (first) and apache-avro's. They differ for any schema with a logical type, because
+/// apache-avro 0.22 keeps `{"type":"long"}` in its canonical form where the
+/// specification's Parsing Canonical Form has `"long"`.
+fn fingerprints(schema: &Schema) -> [Vec<u8>; 2] {
+    let spec_form = ["null", "boolean", "int", "long", "float", "double", "bytes", "string"]
+        .iter()
+        .fold(schema.canonical_form(), |pcf, p| {
+            pcf.replace(&format!(r#"{{"type":"{p}"}}"#), &format!(r#""{p}""#))
+        });
+    // Reparsed, the form has no logical types left, so apache-avro fingerprints exactly
+    // the specification's text. (`{` only ever opens a schema in a canonical form.)
+    let spec = Schema::parse_str(&spec_form)
+        .expect("a canonical form parses")
+        .fingerprint::<Rabin>()
+        .bytes;
+    [spec, schema.fingerprint::<Rabin>().bytes]
 }
 
 fn first_non_space(bytes: &[u8]) -> Option<u8> {

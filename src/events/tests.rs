@@ -83,6 +83,7 @@ fn header(t: EventType) -> DecodeHints<'static> {
     DecodeHints {
         header_type: Some(t.name()),
         topic_default: None,
+        origin: None,
     }
 }
 
@@ -90,6 +91,7 @@ fn topic(base: &str) -> DecodeHints<'static> {
     DecodeHints {
         header_type: None,
         topic_default: topics::default_event_type(base),
+        origin: None,
     }
 }
 
@@ -358,16 +360,12 @@ fn check_round_trip(codec: &Codec, t: EventType, value: &Value) -> Result<(), Te
     // defaulted on the way through the Rust type), and back.
     let bytes = codec.encode(&event).map_err(fail)?;
     prop_assert_eq!(&bytes[..2], &[0xC3, 0x01][..]);
-    prop_assert_eq!(&bytes[2..10], &fingerprint(schema)[..]);
+    let spec_fp = crc64_avro(spec_canonical_form(schema).as_bytes()).to_le_bytes();
+    prop_assert_eq!(&bytes[2..10], &spec_fp[..]);
     let datum = avro_datum(schema, value.clone()).map_err(fail)?;
     prop_assert_eq!(&bytes[10..], &datum[..]);
     let decoded = codec.decode(&bytes, DecodeHints::default()).map_err(fail)?;
     prop_assert_eq!(&decoded, &expected);
-    // The decoded event re-encodes to the same bytes, except for the normalized ID.
-    prop_assert_eq!(
-        codec.encode(&decoded).map_err(fail)?,
-        codec.encode(&expected).map_err(fail)?
-    );
 
     // JSON of the same struct, typed by the `event-type` header…
     let json_bytes = serde_json::to_vec(&json).map_err(fail)?;
@@ -386,7 +384,7 @@ fn check_round_trip(codec: &Codec, t: EventType, value: &Value) -> Result<(), Te
         )
         .map_err(fail)?;
     prop_assert_eq!(&from_field, &expected);
-    // Confluent framing with the type from the topic's mapping.
+    // Confluent framing (unmapped schema ID), typed by the header.
     let mut framed = vec![0x00, 0x00, 0x00, 0x00, 0x2a];
     framed.extend_from_slice(&datum);
     let confluent = codec.decode(&framed, header(t)).map_err(fail)?;
@@ -571,6 +569,7 @@ fn event_type_field_wins_over_header_and_topic_default() -> TestResult {
     let hints = DecodeHints {
         header_type: Some("ThresholdSet"),
         topic_default: Some(EventType::OrderCreated),
+        origin: None,
     };
     assert_eq!(
         codec.decode(&serde_json::to_vec(&json)?, hints)?,
@@ -583,6 +582,7 @@ fn event_type_field_wins_over_header_and_topic_default() -> TestResult {
     let hints = DecodeHints {
         header_type: Some("StockRestocked"),
         topic_default: Some(EventType::OrderCreated),
+        origin: None,
     };
     assert_eq!(
         codec.decode(&serde_json::to_vec(&json)?, hints)?,
@@ -825,6 +825,7 @@ fn confluent_framing_takes_its_type_from_a_mapped_schema_id() -> TestResult {
             DecodeHints {
                 header_type: Some("StockRestock"),
                 topic_default: None,
+                origin: None,
             },
         )
         .unwrap_err();
@@ -969,22 +970,20 @@ fn garbage_and_empty_values_are_not_any_known_encoding() {
 #[test]
 fn json_that_is_not_an_object_is_rejected() {
     let codec = Codec::new();
-    // Arrays, strings and numbers never reach the JSON decoder: only '{' selects JSON, so
-    // they are reported as an unknown encoding naming their first byte.
-    for (bytes, first) in [
-        (&b"[1, 2]"[..], b'['),
-        (b"\"OrderCreated\"", b'"'),
-        (b"42", b'4'),
-    ] {
+    // Arrays and strings are JSON, but not an event.
+    for bytes in [&b"[1, 2]"[..], b"  \"OrderCreated\""] {
         let err = codec
             .decode(bytes, topic(topics::ORDER_CREATED))
             .unwrap_err();
-        assert!(
-            matches!(err, DecodeError::UnknownFormat(b) if b == first),
-            "{err:?}"
-        );
-        assert!(err.to_string().contains("nor a JSON object"), "{err}");
+        assert!(matches!(err, DecodeError::JsonNotObject), "{err:?}");
+        assert_eq!(err.to_string(), "JSON value is not an object");
     }
+    // A bare number is not taken for JSON: it names its first byte.
+    let err = codec
+        .decode(b"42", topic(topics::ORDER_CREATED))
+        .unwrap_err();
+    assert!(matches!(err, DecodeError::UnknownFormat(b'4')), "{err:?}");
+    assert!(err.to_string().contains("nor a JSON object"), "{err}");
     // Something that starts like an object but is not valid JSON.
     for bytes in [&b"{\"order_id\": "[..], b"{} {}", b"{'order_id': 1}"] {
         let err = codec
@@ -1488,6 +1487,17 @@ fn placed_at_may_be_rfc3339_or_milliseconds() -> TestResult {
 }
 
 #[test]
+fn an_avro_orders_event_id_is_ignored_too() -> TestResult {
+    // The contract: `event_id` is ignored for orders, whatever the encoding.
+    let codec = Codec::new();
+    let sent = order_with(|o| o.envelope.event_id = "producer-row-17".into());
+    let decoded = codec.decode(&codec.encode(&sent)?, DecodeHints::default())?;
+    assert_eq!(decoded, Event::OrderCreated(contract_order()));
+    assert_eq!(decoded.envelope().event_id, CONTRACT_EVENT_ID);
+    Ok(())
+}
+
+#[test]
 fn json_without_an_order_id_is_rejected_not_given_an_order() {
     let codec = Codec::new();
     let json = CONTRACT_JSON.replace(r#""order_id": "o-1001", "#, "");
@@ -1685,10 +1695,10 @@ fn spec_canonical_form(schema: &Schema) -> String {
 }
 
 #[test]
-fn the_header_is_the_little_endian_crc64_of_apache_avros_canonical_form() -> TestResult {
+fn the_header_is_the_little_endian_crc64_of_the_specifications_canonical_form() -> TestResult {
     let codec = Codec::new();
     for &t in EventType::ALL {
-        let canonical = codec.schema(t).canonical_form();
+        let canonical = spec_canonical_form(codec.schema(t));
         assert!(
             !canonical.contains("logicalType") && !canonical.contains("doc"),
             "{t}: {canonical}"
@@ -1696,30 +1706,22 @@ fn the_header_is_the_little_endian_crc64_of_apache_avros_canonical_form() -> Tes
         assert!(canonical.starts_with(&format!(
             r#"{{"name":"io.orderflow.events.{t}","type":"record""#
         )));
+        let event = Event::from_avro(
+            t,
+            &arb_event_value(t)
+                .new_tree(&mut TestRunner::deterministic())
+                .map_err(|r| r.to_string())?
+                .current(),
+        )?;
+        let bytes = codec.encode(&event)?;
+        assert_eq!(&bytes[..2], &[0xC3, 0x01]);
         assert_eq!(
-            fingerprint(codec.schema(t)),
-            crc64_avro(canonical.as_bytes()).to_le_bytes(),
+            &bytes[2..10],
+            &crc64_avro(canonical.as_bytes()).to_le_bytes(),
             "{t}"
         );
     }
-    let delivered = Event::Delivered(Delivered {
-        envelope: Envelope::caused_by(&contract_order().envelope, "delivery", 0, PLACED_AT_MS),
-    });
-    let bytes = codec.encode(&delivered)?;
-    assert_eq!(&bytes[..2], &[0xC3, 0x01]);
-    let apache_pcf = DELIVERED_SPEC_PCF.replace(
-        r#""occurred_at","type":"long""#,
-        r#""occurred_at","type":{"type":"long"}"#,
-    );
-    assert_eq!(
-        codec.schema(EventType::Delivered).canonical_form(),
-        apache_pcf
-    );
-    assert_eq!(
-        &bytes[2..10],
-        &crc64_avro(apache_pcf.as_bytes()).to_le_bytes()
-    );
-    // The helper the pending test below relies on reproduces the specification's form.
+    // Checked against a canonical form written out by hand, not derived by the same code.
     assert_eq!(
         spec_canonical_form(codec.schema(EventType::Delivered)),
         DELIVERED_SPEC_PCF
@@ -1727,29 +1729,26 @@ fn the_header_is_the_little_endian_crc64_of_apache_avros_canonical_form() -> Tes
     Ok(())
 }
 
-/// Every schema has a timestamp-millis field, so for every type the fingerprint a Java (or
-/// any specification-conforming) producer puts in the header differs from apache-avro's, and
-/// the codec rejects such records as `UnknownFingerprint`. Un-ignore once the codec also
-/// registers each schema under the specification's fingerprint (see the codec's report).
+/// apache-avro 0.22 fingerprints a non-conforming canonical form whenever a schema has a
+/// logical type (all of ours do): records carrying either fingerprint must decode, so Rust
+/// producers using apache-avro's own writer and Java (or any conforming) producers both work.
 #[test]
-#[ignore = "codec bug: single-object records from Java producers are rejected (fingerprint of a non-spec canonical form)"]
-fn single_object_records_from_specification_conforming_producers_decode() -> TestResult {
+fn single_object_records_with_either_fingerprint_decode() -> TestResult {
     let codec = Codec::new();
-    assert_eq!(
-        spec_canonical_form(codec.schema(EventType::Delivered)),
-        DELIVERED_SPEC_PCF
-    );
     for event in [Event::OrderCreated(contract_order()), restock(5)] {
         let t = event.event_type();
         let ours = codec.encode(&event)?;
         let spec_fp = crc64_avro(spec_canonical_form(codec.schema(t)).as_bytes()).to_le_bytes();
+        let library_fp = fingerprint(codec.schema(t));
         assert_ne!(
-            &ours[2..10],
+            &library_fp[..],
             &spec_fp[..],
             "{t}: the fingerprints agree, the premise is gone"
         );
-        let java = [&[0xC3, 0x01][..], &spec_fp, &ours[10..]].concat();
-        assert_eq!(codec.decode(&java, DecodeHints::default())?, event, "{t}");
+        for fp in [&spec_fp[..], &library_fp[..]] {
+            let record = [&[0xC3, 0x01][..], fp, &ours[10..]].concat();
+            assert_eq!(codec.decode(&record, DecodeHints::default())?, event, "{t}");
+        }
     }
     Ok(())
 }
@@ -1770,12 +1769,16 @@ fn encoding_matches_apache_avros_single_object_writer_byte_for_byte() -> TestRes
                 .write_value(value.clone(), &mut theirs)?;
             let event = Event::from_avro(t, &value)?;
             let ours = codec.encode(&event)?;
-            assert_eq!(ours, theirs, "{t}");
-            // And apache-avro's single-object reader reads what we wrote.
+            // Same datum; only the fingerprint differs (ours is the specification's).
+            assert_eq!(ours[..2], theirs[..2], "{t}");
+            assert_eq!(ours[10..], theirs[10..], "{t}");
+            assert_eq!(theirs[2..10], fingerprint(schema)[..], "{t}");
+            // apache-avro's single-object reader reads its own records back, as a check
+            // that `theirs` is what that library really writes.
             let reader = GenericSingleObjectReader::builder()
                 .schema(schema.clone())
                 .build()?;
-            let read = reader.read_value(&mut &ours[..])?;
+            let read = reader.read_value(&mut &theirs[..])?;
             assert_eq!(Event::from_avro(t, &read)?, event, "{t}");
             // What they wrote, we read.
             assert_eq!(

@@ -289,6 +289,7 @@ impl<S: Stage> Worker<S> {
         let hints = DecodeHints {
             header_type: header_type.as_deref(),
             topic_default: topics::default_event_type(base),
+            origin: Some((m.topic(), m.partition(), m.offset())),
         };
         let event = match self.codec.decode(payload, hints) {
             Ok(e) => e,
