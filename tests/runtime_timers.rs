@@ -64,13 +64,15 @@ struct Env {
 
 fn env() -> Env {
     let mock = MockCluster::new(1).expect("mock cluster");
-    let mut settings = Settings::default();
-    settings.brokers = mock.bootstrap_servers();
-    settings.guarantee = Guarantee::AtLeastOnce;
-    settings.topic_prefix = format!("t{}.", uuid::Uuid::new_v4().simple());
-    settings.group_prefix = format!("g{}", uuid::Uuid::new_v4().simple());
-    settings.batch_interval_ms = 50;
-    settings.http_addr = "127.0.0.1:0".into();
+    let settings = Settings {
+        brokers: mock.bootstrap_servers(),
+        guarantee: Guarantee::AtLeastOnce,
+        topic_prefix: format!("t{}.", uuid::Uuid::new_v4().simple()),
+        group_prefix: format!("g{}", uuid::Uuid::new_v4().simple()),
+        batch_interval_ms: 50,
+        http_addr: "127.0.0.1:0".into(),
+        ..Settings::default()
+    };
     let t = settings.topics();
     for name in [
         t.name(topics::ORDER_CREATED),
