@@ -805,3 +805,44 @@ fn exactly_once_refuses_a_mock_broker_without_transaction_apis() {
     assert_refuses_transactions(run_exactly_once_against(&brokers, "no-txn"), &brokers);
     eprintln!("refused after {:?}", started.elapsed());
 }
+
+/// A worker fenced mid-stream whose new producer is fenced again (another incarnation with
+/// the same instance ID holds the transactional ID) stops with an error that says so —
+/// not with advice to give up transactions.
+#[test]
+fn a_rebuild_that_is_fenced_again_names_the_instance_id() {
+    const WARM_UP: usize = 20;
+    let dep = Deployment::new("fenced-twice", lenient_fraud());
+    let orders = TestOrder::batch("fenced-twice", 40, 4);
+    dep.produce(&orders[..WARM_UP]);
+    let mut w = dep.start("w1");
+    let mut s = Screenings::new(&dep);
+    s.wait_for(WARM_UP, WAIT, &mut [&mut w], "warm-up");
+    dep.mock.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+    );
+    dep.mock
+        .request_errors(RDKafkaApiKey::EndTxn, &[RD_KAFKA_RESP_ERR_PRODUCER_FENCED]);
+    dep.produce(&orders[WARM_UP..]);
+    match w.join(WAIT) {
+        Err(RuntimeError::ProducerInit {
+            transactional_id,
+            source,
+        }) => {
+            assert!(
+                transactional_id.ends_with(".fraud.fenced-twice-w1"),
+                "{transactional_id}"
+            );
+            let message = RuntimeError::ProducerInit {
+                transactional_id,
+                source,
+            }
+            .to_string();
+            assert!(message.contains("ORDERFLOW_INSTANCE_ID"), "{message}");
+            assert!(!message.contains("at_least_once"), "{message}");
+        }
+        other => panic!("expected ProducerInit after a fenced rebuild, got {other:?}"),
+    }
+    assert_eq!(w.producer_rebuilds(), 1, "{}", w.summary());
+}

@@ -68,6 +68,10 @@ pub enum RuntimeError {
         "the brokers at {brokers} refused transactions ({source}); the guarantee `exactly_once` needs a broker with transaction support (Apache Kafka, Redpanda). On other Kafka-protocol brokers set ORDERFLOW_GUARANTEE=at_least_once (settings key `guarantee`)"
     )]
     TransactionsUnsupported { brokers: String, source: KafkaError },
+    #[error(
+        "initializing the transactional producer {transactional_id} failed: {source}; if another worker runs with the same instance ID (ORDERFLOW_INSTANCE_ID), it fenced this one"
+    )]
+    ProducerInit { transactional_id: String, source: KafkaError },
     #[error("subscribing to {topics:?} failed: {source}")]
     Subscribe { topics: Vec<String>, source: KafkaError },
     #[error(transparent)]
@@ -157,7 +161,7 @@ impl<S: Stage> Worker<S> {
             failures: 0,
         };
         if w.settings.guarantee == Guarantee::ExactlyOnce {
-            init_transactions(&w.producer, &w.settings)?;
+            w.init_transactions()?;
         }
         Ok(w)
     }
@@ -533,7 +537,7 @@ impl<S: Stage> Worker<S> {
     }
 
     fn commit_transaction(&self, outs: &[Out], log: &[Out], offsets: &HashMap<(String, i32), i64>) -> Result<(), KafkaError> {
-        retry_in_place(|| self.producer.begin_transaction())?;
+        self.retry_in_place(|| self.producer.begin_transaction())?;
         self.send_all(outs, false)?;
         self.send_all(log, false)?;
         let tpl = self.offsets_tpl(offsets)?;
@@ -542,8 +546,8 @@ impl<S: Stage> Worker<S> {
             .consumer
             .group_metadata()
             .ok_or(KafkaError::MessageProduction(RDKafkaErrorCode::State))?;
-        retry_in_place(|| self.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT))?;
-        retry_in_place(|| self.producer.commit_transaction(TXN_TIMEOUT))
+        self.retry_in_place(|| self.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT))?;
+        self.retry_in_place(|| self.producer.commit_transaction(TXN_TIMEOUT))
     }
 
     fn offsets_tpl(&self, offsets: &HashMap<(String, i32), i64>) -> Result<TopicPartitionList, KafkaError> {
@@ -607,10 +611,53 @@ impl<S: Stage> Worker<S> {
         tracing::warn!("rebuilding the producer");
         self.producer = kafka::producer(&self.settings, self.name).map_err(RuntimeError::Client)?;
         if self.settings.guarantee == Guarantee::ExactlyOnce {
-            init_transactions(&self.producer, &self.settings)?;
+            self.init_transactions()?;
         }
         Ok(())
     }
+
+    /// Calls `op` again while its error is retriable, with backoff, a bounded number of
+    /// times.
+    fn retry_in_place(&self, mut op: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+        let mut attempt = 0;
+        loop {
+            match op() {
+                Err(e) if classify(&e) == Disposition::Retry && attempt < MAX_IN_PLACE_RETRIES => {
+                    tracing::debug!(error = %e, attempt, "retrying");
+                    self.metrics.retries.with_label_values(&[self.name]).inc();
+                    std::thread::sleep(backoff(attempt, 50, 2_000));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Registers the transactional ID (fencing any previous producer with it). A broker
+    /// that does not do transactions gets an error naming the setting to change; any
+    /// other failure is reported as what it is.
+    fn init_transactions(&self) -> Result<(), RuntimeError> {
+        self.retry_in_place(|| self.producer.init_transactions(TXN_TIMEOUT)).map_err(|source| {
+            if refuses_transactions(&source) {
+                RuntimeError::TransactionsUnsupported { brokers: self.settings.brokers.clone(), source }
+            } else {
+                RuntimeError::ProducerInit { transactional_id: kafka::transactional_id(&self.settings, self.name), source }
+            }
+        })
+    }
+}
+
+/// Error codes with which brokers refuse transactional producers: the API is missing, or
+/// (as some brokers without transactions answer) no transactional ID is authorized.
+fn refuses_transactions(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnsupportedFeature
+                | RDKafkaErrorCode::UnsupportedVersion
+                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+        )
+    )
 }
 
 fn ps_mark_seen<V: serde::Serialize + serde::de::DeserializeOwned + Clone>(
@@ -632,24 +679,3 @@ fn header(m: &OwnedMessage, key: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Calls `op` again while its error is retriable, with backoff, a bounded number of times.
-fn retry_in_place(mut op: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
-    let mut attempt = 0;
-    loop {
-        match op() {
-            Err(e) if classify(&e) == Disposition::Retry && attempt < MAX_IN_PLACE_RETRIES => {
-                tracing::debug!(error = %e, attempt, "retrying");
-                std::thread::sleep(backoff(attempt, 50, 2_000));
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
-
-fn init_transactions(producer: &FutureProducer, settings: &Settings) -> Result<(), RuntimeError> {
-    retry_in_place(|| producer.init_transactions(TXN_TIMEOUT)).map_err(|source| RuntimeError::TransactionsUnsupported {
-        brokers: settings.brokers.clone(),
-        source,
-    })
-}
