@@ -15,13 +15,23 @@ use crate::config::Settings;
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("cannot reach the brokers at {brokers}: {source}")]
-    Connect { brokers: String, source: rdkafka::error::KafkaError },
+    Connect {
+        brokers: String,
+        source: rdkafka::error::KafkaError,
+    },
     #[error("creating topic {topic} failed: {code}")]
-    Create { topic: String, code: RDKafkaErrorCode },
+    Create {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     #[error(
         "topic {topic} exists with {actual} partitions but this deployment uses {expected}; co-partitioning needs equal counts"
     )]
-    PartitionMismatch { topic: String, expected: i32, actual: i32 },
+    PartitionMismatch {
+        topic: String,
+        expected: i32,
+        actual: i32,
+    },
     #[error("Kafka admin request failed: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 }
@@ -35,18 +45,32 @@ pub enum TopicOutcome {
 
 /// Creates every topic of the deployment with `partitions` partitions; topics that
 /// already exist are checked, not changed.
-pub async fn create_topics(settings: &Settings, partitions: i32) -> Result<Vec<(String, TopicOutcome)>, AdminError> {
+pub async fn create_topics(
+    settings: &Settings,
+    partitions: i32,
+) -> Result<Vec<(String, TopicOutcome)>, AdminError> {
     let admin: AdminClient<DefaultClientContext> =
-        settings.client_config().create().map_err(|source| AdminError::Connect {
-            brokers: settings.brokers.clone(),
-            source,
-        })?;
+        settings
+            .client_config()
+            .create()
+            .map_err(|source| AdminError::Connect {
+                brokers: settings.brokers.clone(),
+                source,
+            })?;
     let topics = settings.topics().all();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, compacted)| {
-            let t = NewTopic::new(name, partitions, TopicReplication::Fixed(settings.replication_factor));
-            if *compacted { t.set("cleanup.policy", "compact") } else { t }
+            let t = NewTopic::new(
+                name,
+                partitions,
+                TopicReplication::Fixed(settings.replication_factor),
+            );
+            if *compacted {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -67,7 +91,11 @@ pub async fn create_topics(settings: &Settings, partitions: i32) -> Result<Vec<(
         let counts = partition_counts(settings, &existing)?;
         for (topic, actual) in counts {
             if actual != partitions {
-                return Err(AdminError::PartitionMismatch { topic, expected: partitions, actual });
+                return Err(AdminError::PartitionMismatch {
+                    topic,
+                    expected: partitions,
+                    actual,
+                });
             }
         }
     }
@@ -75,12 +103,18 @@ pub async fn create_topics(settings: &Settings, partitions: i32) -> Result<Vec<(
 }
 
 /// Partition counts of the named topics, from the cluster metadata.
-pub fn partition_counts(settings: &Settings, topics: &[String]) -> Result<Vec<(String, i32)>, AdminError> {
+pub fn partition_counts(
+    settings: &Settings,
+    topics: &[String],
+) -> Result<Vec<(String, i32)>, AdminError> {
     let consumer: BaseConsumer = settings.client_config().create()?;
     let mut out = Vec::new();
     for t in topics {
         let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
-        let n = md.topics().first().map_or(0, |m| m.partitions().len() as i32);
+        let n = md
+            .topics()
+            .first()
+            .map_or(0, |m| m.partitions().len() as i32);
         out.push((t.clone(), n));
     }
     Ok(out)

@@ -25,7 +25,9 @@ impl std::str::FromStr for Guarantee {
         match s {
             "exactly_once" => Ok(Guarantee::ExactlyOnce),
             "at_least_once" => Ok(Guarantee::AtLeastOnce),
-            other => Err(format!("unknown guarantee {other:?}: expected exactly_once or at_least_once")),
+            other => Err(format!(
+                "unknown guarantee {other:?}: expected exactly_once or at_least_once"
+            )),
         }
     }
 }
@@ -116,15 +118,25 @@ impl Default for Settings {
 fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host = host.trim();
-    format!("{}-{}", if host.is_empty() { "worker" } else { host }, std::process::id())
+    format!(
+        "{}-{}",
+        if host.is_empty() { "worker" } else { host },
+        std::process::id()
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read settings file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid settings file {path}: {source}")]
-    Parse { path: String, source: Box<toml::de::Error> },
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
     #[error("invalid value of {var}: {message}")]
     Env { var: &'static str, message: String },
 }
@@ -156,7 +168,10 @@ impl Settings {
         where
             T::Err: std::fmt::Display,
         {
-            v.parse().map_err(|e: T::Err| ConfigError::Env { var, message: e.to_string() })
+            v.parse().map_err(|e: T::Err| ConfigError::Env {
+                var,
+                message: e.to_string(),
+            })
         }
         if let Some(v) = get("ORDERFLOW_BROKERS") {
             self.brokers = v;
@@ -263,10 +278,14 @@ mod tests {
 #[cfg(test)]
 mod example_file {
     #[test]
-    fn the_example_settings_file_parses_to_the_defaults() -> Result<(), Box<dyn std::error::Error>> {
+    fn the_example_settings_file_parses_to_the_defaults() -> Result<(), Box<dyn std::error::Error>>
+    {
         let s: super::Settings = toml::from_str(include_str!("../deploy/orderflow.example.toml"))?;
         let d = super::Settings::default();
-        assert_eq!((s.partitions, s.batch_max_records, s.batch_interval_ms), (d.partitions, d.batch_max_records, d.batch_interval_ms));
+        assert_eq!(
+            (s.partitions, s.batch_max_records, s.batch_interval_ms),
+            (d.partitions, d.batch_max_records, d.batch_interval_ms)
+        );
         assert_eq!(s.fraud, d.fraud);
         assert_eq!(s.guarantee, d.guarantee);
         Ok(())

@@ -42,38 +42,120 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
     c
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
     r.register(Box::new(h.clone())).expect("unique metric");
     h
 }
 
-const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const SECONDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let s = || SECONDS.to_vec();
         let assigned = IntGaugeVec::new(
-            Opts::new("orderflow_assigned_partitions", "Input partitions currently assigned"),
+            Opts::new(
+                "orderflow_assigned_partitions",
+                "Input partitions currently assigned",
+            ),
             &["stage"],
         )
         .expect("valid metric");
-        r.register(Box::new(assigned.clone())).expect("unique metric");
+        r.register(Box::new(assigned.clone()))
+            .expect("unique metric");
         Metrics {
-            records_in: counter(&r, "orderflow_records_in_total", "Input records consumed", &["stage"]),
-            records_out: counter(&r, "orderflow_records_out_total", "Events produced", &["stage", "topic"]),
-            dead_lettered: counter(&r, "orderflow_records_dead_lettered_total", "Records sent to the DLQ", &["stage", "error_class"]),
-            duplicates: counter(&r, "orderflow_duplicates_skipped_total", "Inputs skipped because their event ID was already processed", &["stage"]),
-            timers_fired: counter(&r, "orderflow_timers_fired_total", "Timers fired", &["stage"]),
-            batch_records: histogram(&r, "orderflow_batch_records", "Input records per committed batch", &["stage"], vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0]),
-            commit_seconds: histogram(&r, "orderflow_commit_seconds", "Time to commit a batch (outputs, state, offsets)", &["stage"], s()),
-            aborts: counter(&r, "orderflow_batch_aborts_total", "Batches aborted and rewound", &["stage"]),
-            producer_rebuilds: counter(&r, "orderflow_producer_rebuilds_total", "Producers rebuilt after fencing or fatal errors", &["stage"]),
-            retries: counter(&r, "orderflow_infrastructure_retries_total", "Retries of infrastructure errors", &["stage"]),
-            rebalances: counter(&r, "orderflow_rebalances_total", "Partition assignment changes", &["stage", "kind"]),
-            restore_seconds: histogram(&r, "orderflow_state_restore_seconds", "Time to restore a partition's state from its changelog", &["stage"], s()),
-            event_latency_seconds: histogram(&r, "orderflow_event_latency_seconds", "From an input's event time to its processing", &["stage"], s()),
+            records_in: counter(
+                &r,
+                "orderflow_records_in_total",
+                "Input records consumed",
+                &["stage"],
+            ),
+            records_out: counter(
+                &r,
+                "orderflow_records_out_total",
+                "Events produced",
+                &["stage", "topic"],
+            ),
+            dead_lettered: counter(
+                &r,
+                "orderflow_records_dead_lettered_total",
+                "Records sent to the DLQ",
+                &["stage", "error_class"],
+            ),
+            duplicates: counter(
+                &r,
+                "orderflow_duplicates_skipped_total",
+                "Inputs skipped because their event ID was already processed",
+                &["stage"],
+            ),
+            timers_fired: counter(
+                &r,
+                "orderflow_timers_fired_total",
+                "Timers fired",
+                &["stage"],
+            ),
+            batch_records: histogram(
+                &r,
+                "orderflow_batch_records",
+                "Input records per committed batch",
+                &["stage"],
+                vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0],
+            ),
+            commit_seconds: histogram(
+                &r,
+                "orderflow_commit_seconds",
+                "Time to commit a batch (outputs, state, offsets)",
+                &["stage"],
+                s(),
+            ),
+            aborts: counter(
+                &r,
+                "orderflow_batch_aborts_total",
+                "Batches aborted and rewound",
+                &["stage"],
+            ),
+            producer_rebuilds: counter(
+                &r,
+                "orderflow_producer_rebuilds_total",
+                "Producers rebuilt after fencing or fatal errors",
+                &["stage"],
+            ),
+            retries: counter(
+                &r,
+                "orderflow_infrastructure_retries_total",
+                "Retries of infrastructure errors",
+                &["stage"],
+            ),
+            rebalances: counter(
+                &r,
+                "orderflow_rebalances_total",
+                "Partition assignment changes",
+                &["stage", "kind"],
+            ),
+            restore_seconds: histogram(
+                &r,
+                "orderflow_state_restore_seconds",
+                "Time to restore a partition's state from its changelog",
+                &["stage"],
+                s(),
+            ),
+            event_latency_seconds: histogram(
+                &r,
+                "orderflow_event_latency_seconds",
+                "From an input's event time to its processing",
+                &["stage"],
+                s(),
+            ),
             assigned_partitions: assigned,
             registry: r,
         }
@@ -121,7 +203,10 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()
-        .route("/metrics", get(|State((m, _)): State<(Metrics, Health)>| async move { m.render() }))
+        .route(
+            "/metrics",
+            get(|State((m, _)): State<(Metrics, Health)>| async move { m.render() }),
+        )
         .route("/health/live", get(|| async { "ok" }))
         .route(
             "/health/ready",

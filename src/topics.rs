@@ -41,7 +41,9 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Topics { prefix: prefix.into() }
+        Topics {
+            prefix: prefix.into(),
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -95,6 +97,8 @@ pub fn topic_of(t: EventType) -> &'static str {
         PaymentAuthorized | PaymentRetrying | PaymentFailed | PaymentRefunded => PAYMENT_PROCESSED,
         Picking | Packed | ReadyToShip => FULFILLMENT_UPDATED,
         CarrierScan => CARRIER_UPDATES,
-        Shipped | InTransit | OutForDelivery | Delivered | DeliveryFailed | DeliveryAnomaly => DELIVERY_UPDATED,
+        Shipped | InTransit | OutForDelivery | Delivered | DeliveryFailed | DeliveryAnomaly => {
+            DELIVERY_UPDATED
+        }
     }
 }

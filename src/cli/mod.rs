@@ -41,7 +41,9 @@ pub fn main() -> anyhow::Result<()> {
     if let Some(b) = cli.brokers {
         settings.brokers = b;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.command {
             Command::Run(args) => run::run(settings, args).await,
@@ -53,8 +55,11 @@ pub fn main() -> anyhow::Result<()> {
 /// Logs go to stderr; `ORDERFLOW_LOG_FORMAT=json` for structured logs, `RUST_LOG` filters.
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("ORDERFLOW_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().with_current_span(true).init();
     } else {

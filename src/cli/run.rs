@@ -18,13 +18,22 @@ pub struct RunArgs {
 }
 
 pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<()> {
-    let stages = if args.stages.is_empty() { StageName::ALL.to_vec() } else { args.stages };
+    let stages = if args.stages.is_empty() {
+        StageName::ALL.to_vec()
+    } else {
+        args.stages
+    };
     let shutdown = super::shutdown_on_signal();
     let metrics = Metrics::new();
     let health = Health::default();
-    let (addr, http) = metrics::serve(&settings.http_addr, metrics.clone(), health.clone(), shutdown.clone())
-        .await
-        .with_context(|| format!("binding the HTTP endpoint {}", settings.http_addr))?;
+    let (addr, http) = metrics::serve(
+        &settings.http_addr,
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("binding the HTTP endpoint {}", settings.http_addr))?;
     tracing::info!(%addr, "metrics on http://{addr}/metrics, health on http://{addr}/health/ready");
     let handles: Vec<_> = stages
         .iter()

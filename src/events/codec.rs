@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use apache_avro::types::Value;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::{Schema, rabin::Rabin};
 
@@ -106,7 +106,11 @@ impl Codec {
 
     /// Accept records written with an older (or newer) schema of `t`, resolved by Avro's
     /// rules against the current one.
-    pub fn register_writer_schema(&mut self, t: EventType, schema_json: &str) -> Result<(), apache_avro::Error> {
+    pub fn register_writer_schema(
+        &mut self,
+        t: EventType,
+        schema_json: &str,
+    ) -> Result<(), apache_avro::Error> {
         let schema = Schema::parse_str(schema_json)?;
         for fp in fingerprints(&schema) {
             self.writers.insert(fp, (t, schema.clone()));
@@ -130,12 +134,19 @@ impl Codec {
     }
 
     /// Encodes with an explicit writer schema (tests of schema evolution use an old one).
-    pub fn encode_with(&self, event: &Event, schema: &Schema, fp: &[u8]) -> Result<Vec<u8>, apache_avro::Error> {
+    pub fn encode_with(
+        &self,
+        event: &Event,
+        schema: &Schema,
+        fp: &[u8],
+    ) -> Result<Vec<u8>, apache_avro::Error> {
         let value = event.to_avro()?.resolve(schema)?;
         let mut out = Vec::with_capacity(128);
         out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
         out.extend_from_slice(fp);
-        GenericDatumWriter::builder(schema).build()?.write_value(&mut out, value)?;
+        GenericDatumWriter::builder(schema)
+            .build()?
+            .write_value(&mut out, value)?;
         Ok(out)
     }
 
@@ -157,7 +168,9 @@ impl Codec {
     }
 
     fn decode_single_object(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
-        let fp = bytes.get(2..10).ok_or(DecodeError::Truncated("single-object"))?;
+        let fp = bytes
+            .get(2..10)
+            .ok_or(DecodeError::Truncated("single-object"))?;
         let (t, writer) = self
             .writers
             .get(fp)
@@ -176,7 +189,12 @@ impl Codec {
         self.read_datum(t, writer, &bytes[5..])
     }
 
-    fn read_datum(&self, t: EventType, writer: &Schema, mut datum: &[u8]) -> Result<Event, DecodeError> {
+    fn read_datum(
+        &self,
+        t: EventType,
+        writer: &Schema,
+        mut datum: &[u8],
+    ) -> Result<Event, DecodeError> {
         let avro_err = |e: apache_avro::Error| DecodeError::Avro {
             event_type: t,
             message: e.to_string(),
@@ -204,7 +222,11 @@ impl Codec {
         };
         let named = match map.remove("event_type") {
             Some(serde_json::Value::String(s)) => Some(s),
-            Some(other) => return Err(DecodeError::Json(format!("`event_type` must be a string, got {other}"))),
+            Some(other) => {
+                return Err(DecodeError::Json(format!(
+                    "`event_type` must be a string, got {other}"
+                )));
+            }
             None => None,
         };
         let t = resolve_type(named.as_deref(), hints)?;
@@ -224,7 +246,9 @@ impl Default for Codec {
 
 fn resolve_type(named: Option<&str>, hints: DecodeHints<'_>) -> Result<EventType, DecodeError> {
     match named.or(hints.header_type) {
-        Some(name) => EventType::from_name(name).ok_or_else(|| DecodeError::UnknownEventType(name.to_owned())),
+        Some(name) => {
+            EventType::from_name(name).ok_or_else(|| DecodeError::UnknownEventType(name.to_owned()))
+        }
         None => hints.topic_default.ok_or(DecodeError::MissingEventType),
     }
 }
@@ -241,7 +265,11 @@ fn fill_envelope_defaults(
     if !map.contains_key("event_id") {
         let basis = match origin {
             Some((topic, partition, offset)) => format!("record/{topic}/{partition}/{offset}"),
-            None => format!("{}/{}", t.name(), serde_json::to_string(&*map).unwrap_or_default()),
+            None => format!(
+                "{}/{}",
+                t.name(),
+                serde_json::to_string(&*map).unwrap_or_default()
+            ),
         };
         let id = uuid::Uuid::new_v5(&super::ID_NAMESPACE, basis.as_bytes());
         map.insert("event_id".into(), J::String(id.to_string()));
@@ -275,7 +303,12 @@ fn normalize(event: &mut Event) {
 /// Checks that decoding cannot express: what makes an event semantically impossible.
 pub fn validate(event: &Event) -> Result<(), DecodeError> {
     let t = event.event_type();
-    let bad = |reason: String| Err(DecodeError::Invalid { event_type: t, reason });
+    let bad = |reason: String| {
+        Err(DecodeError::Invalid {
+            event_type: t,
+            reason,
+        })
+    };
     let env = event.envelope();
     if env.store_id.trim().is_empty() {
         return bad("store_id is empty".into());
@@ -329,11 +362,13 @@ pub fn validate(event: &Event) -> Result<(), DecodeError> {
 /// apache-avro 0.22 keeps `{"type":"long"}` in its canonical form where the
 /// specification's Parsing Canonical Form has `"long"`.
 fn fingerprints(schema: &Schema) -> [Vec<u8>; 2] {
-    let spec_form = ["null", "boolean", "int", "long", "float", "double", "bytes", "string"]
-        .iter()
-        .fold(schema.canonical_form(), |pcf, p| {
-            pcf.replace(&format!(r#"{{"type":"{p}"}}"#), &format!(r#""{p}""#))
-        });
+    let spec_form = [
+        "null", "boolean", "int", "long", "float", "double", "bytes", "string",
+    ]
+    .iter()
+    .fold(schema.canonical_form(), |pcf, p| {
+        pcf.replace(&format!(r#"{{"type":"{p}"}}"#), &format!(r#""{p}""#))
+    });
     // Reparsed, the form has no logical types left, so apache-avro fingerprints exactly
     // the specification's text. (`{` only ever opens a schema in a canonical form.)
     let spec = Schema::parse_str(&spec_form)

@@ -57,7 +57,10 @@ impl Envelope {
 
 /// UUIDv5 of a cause (an event ID, or a timer ID) and the stage that reacts to it.
 pub fn derive_id(cause: &str, stage: &str, ordinal: u32) -> Uuid {
-    Uuid::new_v5(&ID_NAMESPACE, format!("{cause}/{stage}/{ordinal}").as_bytes())
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("{cause}/{stage}/{ordinal}").as_bytes(),
+    )
 }
 
 /// The event ID of an order's `OrderCreated`: derived from store and order ID, so that a
@@ -166,27 +169,74 @@ macro_rules! event_struct {
 event_struct!(OrderCreated { customer_id: String, email: String, currency: String, shipping_country: String, items: Vec<OrderLine>, #[serde(with = "timestamp")] placed_at: i64 });
 event_struct!(OrderScreened { decision: ScreeningDecision, reasons: Vec<String>, customer_id: String, email: String, currency: String, total_cents: i64, items: Vec<OrderLine> });
 event_struct!(StockRestocked { sku: String, quantity: i32, #[serde(default)] note: Option<String> });
-event_struct!(StockAdjusted { sku: String, delta: i32, reason: String });
-event_struct!(ThresholdSet { sku: String, threshold: i32 });
+event_struct!(StockAdjusted {
+    sku: String,
+    delta: i32,
+    reason: String
+});
+event_struct!(ThresholdSet {
+    sku: String,
+    threshold: i32
+});
 event_struct!(StockReserved { customer_id: String, currency: String, total_cents: i64, items: Vec<OrderLine> });
 event_struct!(StockRejected { short: Vec<Shortage>, reason: String });
 event_struct!(StockReleased { items: Vec<OrderLine>, reason: String });
-event_struct!(StockLevelChanged { sku: String, available: i32, delta: i32, reason: String });
-event_struct!(LowStock { sku: String, available: i32, threshold: i32, trigger: LowStockTrigger });
-event_struct!(PaymentAuthorized { amount_cents: i64, currency: String, attempt: i32, authorization_id: String });
-event_struct!(PaymentRetrying { amount_cents: i64, currency: String, attempt: i32, #[serde(with = "timestamp")] next_attempt_at: i64, error: String });
-event_struct!(PaymentFailed { amount_cents: i64, currency: String, attempts: i32, reason: PaymentFailureReason, message: String });
-event_struct!(PaymentRefunded { amount_cents: i64, currency: String, refund_id: String, reason: String });
+event_struct!(StockLevelChanged {
+    sku: String,
+    available: i32,
+    delta: i32,
+    reason: String
+});
+event_struct!(LowStock {
+    sku: String,
+    available: i32,
+    threshold: i32,
+    trigger: LowStockTrigger
+});
+event_struct!(PaymentAuthorized {
+    amount_cents: i64,
+    currency: String,
+    attempt: i32,
+    authorization_id: String
+});
+event_struct!(PaymentRetrying {
+    amount_cents: i64,
+    currency: String,
+    attempt: i32,
+    #[serde(with = "timestamp")]
+    next_attempt_at: i64,
+    error: String
+});
+event_struct!(PaymentFailed {
+    amount_cents: i64,
+    currency: String,
+    attempts: i32,
+    reason: PaymentFailureReason,
+    message: String
+});
+event_struct!(PaymentRefunded {
+    amount_cents: i64,
+    currency: String,
+    refund_id: String,
+    reason: String
+});
 event_struct!(Picking {});
 event_struct!(Packed {});
 event_struct!(ReadyToShip {});
 event_struct!(CarrierScan { carrier: String, tracking_number: String, scan: ScanKind, #[serde(default)] location: Option<String>, #[serde(default)] detail: Option<String>, #[serde(with = "timestamp")] scanned_at: i64 });
-event_struct!(Shipped { carrier: String, tracking_number: String });
+event_struct!(Shipped {
+    carrier: String,
+    tracking_number: String
+});
 event_struct!(InTransit { #[serde(default)] location: Option<String> });
 event_struct!(OutForDelivery {});
 event_struct!(Delivered {});
 event_struct!(DeliveryFailed { reason: String });
-event_struct!(DeliveryAnomaly { state: String, scan: String, message: String });
+event_struct!(DeliveryAnomaly {
+    state: String,
+    scan: String,
+    message: String
+});
 
 /// Declares the closed set of events: the `Event` enum, `EventType`, and where each
 /// type's schema file is.

@@ -74,7 +74,10 @@ impl<V> Default for PartitionState<V> {
 
 impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
     pub fn has_changes(&self) -> bool {
-        self.state.has_changes() || self.seen.has_changes() || self.timers.has_changes() || !self.pending_aborts.is_empty()
+        self.state.has_changes()
+            || self.seen.has_changes()
+            || self.timers.has_changes()
+            || !self.pending_aborts.is_empty()
     }
 
     /// The records this batch must write, in order: aborts, entries, then the commit
@@ -88,19 +91,39 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
         let mut out: Vec<ChangelogRecord> = self
             .pending_aborts
             .iter()
-            .map(|s| ChangelogRecord { key: format!("{ABORT_PREFIX}{s}"), value: Some(Vec::new()), seq: *s })
+            .map(|s| ChangelogRecord {
+                key: format!("{ABORT_PREFIX}{s}"),
+                value: Some(Vec::new()),
+                seq: *s,
+            })
             .collect();
         let json = |v: &dyn erased::Json| v.to_json();
         for (k, v) in self.state.changes() {
-            out.push(ChangelogRecord { key: format!("{STATE_PREFIX}{k}"), value: v.as_ref().map(|v| json(v)), seq });
+            out.push(ChangelogRecord {
+                key: format!("{STATE_PREFIX}{k}"),
+                value: v.as_ref().map(|v| json(v)),
+                seq,
+            });
         }
         for (k, v) in self.seen.changes() {
-            out.push(ChangelogRecord { key: format!("{SEEN_PREFIX}{k}"), value: v.as_ref().map(|v| json(v)), seq });
+            out.push(ChangelogRecord {
+                key: format!("{SEEN_PREFIX}{k}"),
+                value: v.as_ref().map(|v| json(v)),
+                seq,
+            });
         }
         for (k, v) in self.timers.changes() {
-            out.push(ChangelogRecord { key: format!("{TIMER_PREFIX}{k}"), value: v.as_ref().map(|v| json(v)), seq });
+            out.push(ChangelogRecord {
+                key: format!("{TIMER_PREFIX}{k}"),
+                value: v.as_ref().map(|v| json(v)),
+                seq,
+            });
         }
-        out.push(ChangelogRecord { key: COMMIT_KEY.into(), value: Some(seq.to_string().into_bytes()), seq });
+        out.push(ChangelogRecord {
+            key: COMMIT_KEY.into(),
+            value: Some(seq.to_string().into_bytes()),
+            seq,
+        });
         out
     }
 
@@ -147,7 +170,12 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
 
     /// Drops dedup entries seen before `before` (wall-clock ms); returns how many.
     pub fn prune_seen(&mut self, before: i64) -> usize {
-        let old: Vec<String> = self.seen.iter().filter(|(_, at)| **at < before).map(|(k, _)| k.clone()).collect();
+        let old: Vec<String> = self
+            .seen
+            .iter()
+            .filter(|(_, at)| **at < before)
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in &old {
             self.seen.remove(k);
         }
@@ -177,23 +205,38 @@ pub struct Restorer {
 }
 
 impl Restorer {
-    pub fn push(&mut self, key: &str, value: Option<&[u8]>, seq: Option<u64>) -> Result<(), ChangelogError> {
-        let seq = seq.ok_or_else(|| ChangelogError::MissingSeq { key: key.to_owned() })?;
+    pub fn push(
+        &mut self,
+        key: &str,
+        value: Option<&[u8]>,
+        seq: Option<u64>,
+    ) -> Result<(), ChangelogError> {
+        let seq = seq.ok_or_else(|| ChangelogError::MissingSeq {
+            key: key.to_owned(),
+        })?;
         self.max_seq = self.max_seq.max(seq);
         if key == COMMIT_KEY {
             self.max_commit = self.max_commit.max(seq);
         } else if let Some(s) = key.strip_prefix(ABORT_PREFIX) {
-            let s = s.parse().map_err(|_| ChangelogError::UnknownKey(key.to_owned()))?;
+            let s = s
+                .parse()
+                .map_err(|_| ChangelogError::UnknownKey(key.to_owned()))?;
             self.aborted.insert(s);
         } else {
-            self.entries.push(ChangelogRecord { key: key.to_owned(), value: value.map(<[u8]>::to_vec), seq });
+            self.entries.push(ChangelogRecord {
+                key: key.to_owned(),
+                value: value.map(<[u8]>::to_vec),
+                seq,
+            });
         }
         Ok(())
     }
 
     /// The committed state. Entries of batches without a commit marker are left out; their
     /// batches are queued for abort and their keys for rewriting.
-    pub fn finish<V: Serialize + DeserializeOwned + Clone>(self) -> Result<PartitionState<V>, ChangelogError> {
+    pub fn finish<V: Serialize + DeserializeOwned + Clone>(
+        self,
+    ) -> Result<PartitionState<V>, ChangelogError> {
         let mut ps = PartitionState::<V>::default();
         let mut repair = Vec::new();
         for r in self.entries {
@@ -204,15 +247,33 @@ impl Restorer {
                 repair.push(r.key);
                 continue;
             }
-            let bad = |e: serde_json::Error| ChangelogError::Value { key: r.key.clone(), message: e.to_string() };
+            let bad = |e: serde_json::Error| ChangelogError::Value {
+                key: r.key.clone(),
+                message: e.to_string(),
+            };
             if let Some(k) = r.key.strip_prefix(STATE_PREFIX) {
-                let v = r.value.as_deref().map(serde_json::from_slice).transpose().map_err(bad)?;
+                let v = r
+                    .value
+                    .as_deref()
+                    .map(serde_json::from_slice)
+                    .transpose()
+                    .map_err(bad)?;
                 ps.state.load(k.to_owned(), v);
             } else if let Some(k) = r.key.strip_prefix(SEEN_PREFIX) {
-                let v = r.value.as_deref().map(serde_json::from_slice).transpose().map_err(bad)?;
+                let v = r
+                    .value
+                    .as_deref()
+                    .map(serde_json::from_slice)
+                    .transpose()
+                    .map_err(bad)?;
                 ps.seen.load(k.to_owned(), v);
             } else if let Some(k) = r.key.strip_prefix(TIMER_PREFIX) {
-                let v = r.value.as_deref().map(serde_json::from_slice).transpose().map_err(bad)?;
+                let v = r
+                    .value
+                    .as_deref()
+                    .map(serde_json::from_slice)
+                    .transpose()
+                    .map_err(bad)?;
                 ps.timers.load(k.to_owned(), v);
             } else {
                 return Err(ChangelogError::UnknownKey(r.key));
@@ -262,7 +323,8 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_cut_off_before_its_marker_is_discarded_then_repaired() -> Result<(), ChangelogError> {
+    fn a_batch_cut_off_before_its_marker_is_discarded_then_repaired() -> Result<(), ChangelogError>
+    {
         let mut ps = Ps::default();
         ps.state.insert("stock", 10);
         let mut log = ps.pending_records();
@@ -281,7 +343,11 @@ mod tests {
         // The next batch aborts seq 2 and rewrites the cut-off key with its committed value.
         let repair = back.pending_records();
         assert_eq!(repair[0].key, "abort/2");
-        assert!(repair.iter().any(|r| r.key == cut.key && r.value == Some(b"10".to_vec())));
+        assert!(
+            repair
+                .iter()
+                .any(|r| r.key == cut.key && r.value == Some(b"10".to_vec()))
+        );
         back.committed();
         log.extend(repair);
         let again = replay(&log)?;
@@ -335,6 +401,9 @@ mod tests {
     #[test]
     fn records_without_seq_are_rejected() {
         let mut r = Restorer::default();
-        assert!(matches!(r.push("s/x", Some(b"1"), None), Err(ChangelogError::MissingSeq { .. })));
+        assert!(matches!(
+            r.push("s/x", Some(b"1"), None),
+            Err(ChangelogError::MissingSeq { .. })
+        ));
     }
 }

@@ -52,7 +52,10 @@ fn is_fatal_code(code: RDKafkaErrorCode) -> bool {
 
 /// Exponential backoff with full jitter: attempt 0 waits up to `base`, doubling to `cap`.
 pub fn backoff(attempt: u32, base_ms: u64, cap_ms: u64) -> std::time::Duration {
-    let ceiling = base_ms.saturating_mul(1u64 << attempt.min(20)).min(cap_ms).max(1);
+    let ceiling = base_ms
+        .saturating_mul(1u64 << attempt.min(20))
+        .min(cap_ms)
+        .max(1);
     std::time::Duration::from_millis(rand::random_range(ceiling / 2..=ceiling))
 }
 

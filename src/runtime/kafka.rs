@@ -23,7 +23,10 @@ pub enum RebalanceEvent {
     Assigned(Vec<(String, i32)>),
     /// `lost`: the group moved on without this worker (session timeout), so others may
     /// have processed these partitions since.
-    Revoked { partitions: Vec<(String, i32)>, lost: bool },
+    Revoked {
+        partitions: Vec<(String, i32)>,
+        lost: bool,
+    },
 }
 
 /// Records assignment changes for the loop to act on after `poll` returns.
@@ -39,7 +42,10 @@ impl WorkerContext {
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
-    tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect()
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
 }
 
 impl ClientContext for WorkerContext {}
@@ -47,15 +53,24 @@ impl ClientContext for WorkerContext {}
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let event = RebalanceEvent::Revoked { partitions: partitions(tpl), lost: consumer.assignment_lost() };
-            self.events.lock().expect("rebalance log poisoned").push(event);
+            let event = RebalanceEvent::Revoked {
+                partitions: partitions(tpl),
+                lost: consumer.assignment_lost(),
+            };
+            self.events
+                .lock()
+                .expect("rebalance log poisoned")
+                .push(event);
         }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                self.events.lock().expect("rebalance log poisoned").push(RebalanceEvent::Assigned(partitions(tpl)));
+                self.events
+                    .lock()
+                    .expect("rebalance log poisoned")
+                    .push(RebalanceEvent::Assigned(partitions(tpl)));
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
             Rebalance::Revoke(_) => {}
@@ -66,7 +81,10 @@ impl ConsumerContext for WorkerContext {
 /// The group consumer of one stage. Offsets are committed only by the loop (or inside
 /// the transaction), never automatically; the range assignor keeps co-partitioned topics
 /// together on one worker.
-pub fn consumer(settings: &Settings, stage: &str) -> Result<BaseConsumer<WorkerContext>, KafkaError> {
+pub fn consumer(
+    settings: &Settings,
+    stage: &str,
+) -> Result<BaseConsumer<WorkerContext>, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &settings.brokers)
         .set("group.id", settings.group_id(stage))
@@ -77,7 +95,10 @@ pub fn consumer(settings: &Settings, stage: &str) -> Result<BaseConsumer<WorkerC
         .set("partition.assignment.strategy", "range")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("client.id", format!("orderflow-{stage}-{}", settings.instance_id));
+        .set(
+            "client.id",
+            format!("orderflow-{stage}-{}", settings.instance_id),
+        );
     apply_pass_through(&mut c, settings);
     c.create_with_context(WorkerContext::default())
 }
@@ -92,7 +113,10 @@ pub fn producer(settings: &Settings, stage: &str) -> Result<FutureProducer, Kafk
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
-        .set("client.id", format!("orderflow-{stage}-{}", settings.instance_id));
+        .set(
+            "client.id",
+            format!("orderflow-{stage}-{}", settings.instance_id),
+        );
     if settings.guarantee == Guarantee::ExactlyOnce {
         c.set("transactional.id", transactional_id(settings, stage));
     }
@@ -115,9 +139,17 @@ fn apply_pass_through(c: &mut ClientConfig, settings: &Settings) {
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error("reading changelog {topic}[{partition}] failed: {source}")]
-    Kafka { topic: String, partition: i32, source: KafkaError },
+    Kafka {
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
     #[error("changelog {topic}[{partition}] is corrupt: {source}")]
-    Corrupt { topic: String, partition: i32, source: ChangelogError },
+    Corrupt {
+        topic: String,
+        partition: i32,
+        source: ChangelogError,
+    },
     #[error("restoring {topic}[{partition}] made no progress for {0:?}", STALL)]
     Stalled { topic: String, partition: i32 },
 }
@@ -126,11 +158,19 @@ const STALL: Duration = Duration::from_secs(60);
 
 /// Reads changelog partition `partition` from its beginning to its end (the last stable
 /// offset under `read_committed`) and rebuilds the partition's state.
-pub fn restore<V>(settings: &Settings, topic: &str, partition: i32) -> Result<PartitionState<V>, RestoreError>
+pub fn restore<V>(
+    settings: &Settings,
+    topic: &str,
+    partition: i32,
+) -> Result<PartitionState<V>, RestoreError>
 where
     V: serde::Serialize + serde::de::DeserializeOwned + Clone,
 {
-    let kafka = |source| RestoreError::Kafka { topic: topic.to_owned(), partition, source };
+    let kafka = |source| RestoreError::Kafka {
+        topic: topic.to_owned(),
+        partition,
+        source,
+    };
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &settings.brokers)
         .set("group.id", format!("{}.restore", settings.group_prefix))
@@ -139,11 +179,14 @@ where
         .set("isolation.level", "read_committed");
     apply_pass_through(&mut c, settings);
     let consumer: BaseConsumer = c.create().map_err(kafka)?;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).map_err(kafka)?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(kafka)?;
     let mut restorer = Restorer::default();
     if high > low {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Beginning).map_err(kafka)?;
+        tpl.add_partition_offset(topic, partition, Offset::Beginning)
+            .map_err(kafka)?;
         consumer.assign(&tpl).map_err(kafka)?;
         let mut last_progress = Instant::now();
         loop {
@@ -155,10 +198,12 @@ where
                         .and_then(|h| h.iter().find(|h| h.key == SEQ_HEADER).and_then(|h| h.value))
                         .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
                     let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                    restorer.push(&key, m.payload(), seq).map_err(|source| RestoreError::Corrupt {
-                        topic: topic.to_owned(),
-                        partition,
-                        source,
+                    restorer.push(&key, m.payload(), seq).map_err(|source| {
+                        RestoreError::Corrupt {
+                            topic: topic.to_owned(),
+                            partition,
+                            source,
+                        }
                     })?;
                     if m.offset() + 1 >= high {
                         break;
@@ -167,11 +212,18 @@ where
                 Some(Err(KafkaError::PartitionEOF(_))) => break,
                 Some(Err(e)) => return Err(kafka(e)),
                 None if last_progress.elapsed() > STALL => {
-                    return Err(RestoreError::Stalled { topic: topic.to_owned(), partition });
+                    return Err(RestoreError::Stalled {
+                        topic: topic.to_owned(),
+                        partition,
+                    });
                 }
                 None => {}
             }
         }
     }
-    restorer.finish().map_err(|source| RestoreError::Corrupt { topic: topic.to_owned(), partition, source })
+    restorer.finish().map_err(|source| RestoreError::Corrupt {
+        topic: topic.to_owned(),
+        partition,
+        source,
+    })
 }

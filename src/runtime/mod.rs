@@ -71,9 +71,15 @@ pub enum RuntimeError {
     #[error(
         "initializing the transactional producer {transactional_id} failed: {source}; if another worker runs with the same instance ID (ORDERFLOW_INSTANCE_ID), it fenced this one"
     )]
-    ProducerInit { transactional_id: String, source: KafkaError },
+    ProducerInit {
+        transactional_id: String,
+        source: KafkaError,
+    },
     #[error("subscribing to {topics:?} failed: {source}")]
-    Subscribe { topics: Vec<String>, source: KafkaError },
+    Subscribe {
+        topics: Vec<String>,
+        source: KafkaError,
+    },
     #[error(transparent)]
     Restore(#[from] RestoreError),
     #[error("stage {0} stopped unexpectedly (thread panicked)")]
@@ -103,7 +109,8 @@ pub fn spawn<S: Stage>(
         .spawn(move || {
             let span = tracing::info_span!("stage", stage = name);
             let _g = span.enter();
-            let result = Worker::new(stage, settings, metrics, clock).and_then(|mut w| w.run(&shutdown));
+            let result =
+                Worker::new(stage, settings, metrics, clock).and_then(|mut w| w.run(&shutdown));
             if let Err(e) = &result {
                 tracing::error!(error = %e, "stage worker stopped");
             }
@@ -137,7 +144,12 @@ struct Worker<S: Stage> {
 }
 
 impl<S: Stage> Worker<S> {
-    fn new(stage: S, settings: Settings, metrics: Metrics, clock: Arc<dyn Clock>) -> Result<Self, RuntimeError> {
+    fn new(
+        stage: S,
+        settings: Settings,
+        metrics: Metrics,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, RuntimeError> {
         let name = stage.name();
         let topics = settings.topics();
         let consumer = kafka::consumer(&settings, name).map_err(RuntimeError::Client)?;
@@ -167,11 +179,19 @@ impl<S: Stage> Worker<S> {
     }
 
     fn run(&mut self, shutdown: &CancellationToken) -> Result<(), RuntimeError> {
-        let inputs: Vec<String> = self.stage.inputs().iter().map(|t| self.topics.name(t)).collect();
+        let inputs: Vec<String> = self
+            .stage
+            .inputs()
+            .iter()
+            .map(|t| self.topics.name(t))
+            .collect();
         let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
         self.consumer
             .subscribe(&refs)
-            .map_err(|source| RuntimeError::Subscribe { topics: inputs.clone(), source })?;
+            .map_err(|source| RuntimeError::Subscribe {
+                topics: inputs.clone(),
+                source,
+            })?;
         tracing::info!(inputs = ?inputs, guarantee = %self.settings.guarantee, "stage started");
         while !shutdown.is_cancelled() {
             let batch = self.poll_batch(shutdown)?;
@@ -184,15 +204,24 @@ impl<S: Stage> Worker<S> {
     /// Collects up to a batch of records. Rebalances are acted on between polls: records
     /// of revoked partitions are dropped unprocessed (their new owner reads them from the
     /// committed offsets), newly assigned partitions are restored before any processing.
-    fn poll_batch(&mut self, shutdown: &CancellationToken) -> Result<Vec<OwnedMessage>, RuntimeError> {
+    fn poll_batch(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<OwnedMessage>, RuntimeError> {
         let deadline = Instant::now() + self.settings.batch_interval();
         let mut batch = Vec::new();
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if batch.len() >= self.settings.batch_max_records || remaining.is_zero() || shutdown.is_cancelled() {
+            if batch.len() >= self.settings.batch_max_records
+                || remaining.is_zero()
+                || shutdown.is_cancelled()
+            {
                 break;
             }
-            match self.consumer.poll(remaining.min(Duration::from_millis(100))) {
+            match self
+                .consumer
+                .poll(remaining.min(Duration::from_millis(100)))
+            {
                 Some(Ok(m)) => batch.push(m.detach()),
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
@@ -206,15 +235,26 @@ impl<S: Stage> Worker<S> {
     fn apply_rebalances(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<(), RuntimeError> {
         for event in self.consumer.context().take_events() {
             match event {
-                RebalanceEvent::Revoked { partitions: tps, lost } => {
-                    self.metrics.rebalances.with_label_values(&[self.name, if lost { "lost" } else { "revoke" }]).inc();
+                RebalanceEvent::Revoked {
+                    partitions: tps,
+                    lost,
+                } => {
+                    self.metrics
+                        .rebalances
+                        .with_label_values(&[self.name, if lost { "lost" } else { "revoke" }])
+                        .inc();
                     for tp in tps {
                         batch.retain(|m| !(m.topic() == tp.0 && m.partition() == tp.1));
                         self.positions.remove(&tp);
                         self.assigned.remove(&tp);
                     }
                     let owned: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
-                    let revoked: Vec<i32> = self.parts.keys().filter(|p| !owned.contains(p)).copied().collect();
+                    let revoked: Vec<i32> = self
+                        .parts
+                        .keys()
+                        .filter(|p| !owned.contains(p))
+                        .copied()
+                        .collect();
                     for p in revoked {
                         let ps = self.parts.remove(&p).expect("listed above");
                         if !lost {
@@ -223,7 +263,10 @@ impl<S: Stage> Worker<S> {
                     }
                 }
                 RebalanceEvent::Assigned(tps) => {
-                    self.metrics.rebalances.with_label_values(&[self.name, "assign"]).inc();
+                    self.metrics
+                        .rebalances
+                        .with_label_values(&[self.name, "assign"])
+                        .inc();
                     self.assigned.extend(tps);
                     let owned: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
                     let mut parked = std::mem::take(&mut self.parked);
@@ -242,14 +285,20 @@ impl<S: Stage> Worker<S> {
                 }
             }
         }
-        self.metrics.assigned_partitions.with_label_values(&[self.name]).set(self.parts.len() as i64);
+        self.metrics
+            .assigned_partitions
+            .with_label_values(&[self.name])
+            .set(self.parts.len() as i64);
         Ok(())
     }
 
     fn restore(&mut self, partition: i32) -> Result<(), RuntimeError> {
         let started = Instant::now();
         let ps = kafka::restore::<S::State>(&self.settings, &self.changelog, partition)?;
-        self.metrics.restore_seconds.with_label_values(&[self.name]).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .restore_seconds
+            .with_label_values(&[self.name])
+            .observe(started.elapsed().as_secs_f64());
         tracing::info!(
             partition,
             keys = ps.state.len(),
@@ -282,8 +331,16 @@ impl<S: Stage> Worker<S> {
         self.commit(outs, offsets, batch.len())
     }
 
-    fn process_record(&mut self, m: &OwnedMessage, now: i64, outs: &mut Vec<Out>) -> Result<(), RuntimeError> {
-        self.metrics.records_in.with_label_values(&[self.name]).inc();
+    fn process_record(
+        &mut self,
+        m: &OwnedMessage,
+        now: i64,
+        outs: &mut Vec<Out>,
+    ) -> Result<(), RuntimeError> {
+        self.metrics
+            .records_in
+            .with_label_values(&[self.name])
+            .inc();
         let base = self.topics.base(m.topic()).unwrap_or(m.topic());
         let Some(payload) = m.payload() else {
             self.dead_letter(m, "decode", "record has no value", outs);
@@ -318,7 +375,10 @@ impl<S: Stage> Worker<S> {
         }
         let ps = self.parts.get_mut(&p).expect("restored above");
         if ps.seen.contains(&env.event_id) {
-            self.metrics.duplicates.with_label_values(&[self.name]).inc();
+            self.metrics
+                .duplicates
+                .with_label_values(&[self.name])
+                .inc();
             return Ok(());
         }
         self.metrics
@@ -336,9 +396,18 @@ impl<S: Stage> Worker<S> {
                 &mut ps.timers,
                 &mut produced,
             );
-            self.stage.process(&mut ctx, Input { topic: base, event: &event })
+            self.stage.process(
+                &mut ctx,
+                Input {
+                    topic: base,
+                    event: &event,
+                },
+            )
         };
-        match result.map_err(|e| (e.class(), e.to_string())).and_then(|()| self.encode_all(&produced, p)) {
+        match result
+            .map_err(|e| (e.class(), e.to_string()))
+            .and_then(|()| self.encode_all(&produced, p))
+        {
             Ok(encoded) => {
                 ps_mark_seen(&mut self.parts, p, &env.event_id, now);
                 outs.extend(encoded);
@@ -348,14 +417,20 @@ impl<S: Stage> Worker<S> {
         Ok(())
     }
 
-    fn encode_all(&self, events: &[Event], partition: i32) -> Result<Vec<Out>, (&'static str, String)> {
+    fn encode_all(
+        &self,
+        events: &[Event],
+        partition: i32,
+    ) -> Result<Vec<Out>, (&'static str, String)> {
         events
             .iter()
             .map(|e| {
-                let payload = self
-                    .codec
-                    .encode(e)
-                    .map_err(|err| ("encode", format!("cannot encode output {}: {err}", e.event_type())))?;
+                let payload = self.codec.encode(e).map_err(|err| {
+                    (
+                        "encode",
+                        format!("cannot encode output {}: {err}", e.event_type()),
+                    )
+                })?;
                 Ok(self.output(e.event_type(), e, partition, payload))
             })
             .collect()
@@ -364,8 +439,14 @@ impl<S: Stage> Worker<S> {
     fn output(&self, t: EventType, e: &Event, partition: i32, payload: Vec<u8>) -> Out {
         let env = e.envelope();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: EVENT_TYPE_HEADER, value: Some(t.name()) })
-            .insert(Header { key: CORRELATION_HEADER, value: Some(env.correlation_id.as_str()) });
+            .insert(Header {
+                key: EVENT_TYPE_HEADER,
+                value: Some(t.name()),
+            })
+            .insert(Header {
+                key: CORRELATION_HEADER,
+                value: Some(env.correlation_id.as_str()),
+            });
         Out {
             topic: self.topics.name(topics::topic_of(t)),
             partition,
@@ -377,7 +458,10 @@ impl<S: Stage> Worker<S> {
 
     fn dead_letter(&self, m: &OwnedMessage, class: &str, message: &str, outs: &mut Vec<Out>) {
         use dlq_headers::*;
-        self.metrics.dead_lettered.with_label_values(&[self.name, class]).inc();
+        self.metrics
+            .dead_lettered
+            .with_label_values(&[self.name, class])
+            .inc();
         tracing::warn!(
             topic = m.topic(),
             partition = m.partition(),
@@ -388,15 +472,36 @@ impl<S: Stage> Worker<S> {
         );
         let (partition, offset) = (m.partition().to_string(), m.offset().to_string());
         let mut headers = OwnedHeaders::new()
-            .insert(Header { key: SOURCE_TOPIC, value: Some(m.topic()) })
-            .insert(Header { key: SOURCE_PARTITION, value: Some(partition.as_str()) })
-            .insert(Header { key: SOURCE_OFFSET, value: Some(offset.as_str()) })
-            .insert(Header { key: STAGE, value: Some(self.name) })
-            .insert(Header { key: ERROR_CLASS, value: Some(class) })
-            .insert(Header { key: ERROR_MESSAGE, value: Some(message) });
+            .insert(Header {
+                key: SOURCE_TOPIC,
+                value: Some(m.topic()),
+            })
+            .insert(Header {
+                key: SOURCE_PARTITION,
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: SOURCE_OFFSET,
+                value: Some(offset.as_str()),
+            })
+            .insert(Header {
+                key: STAGE,
+                value: Some(self.name),
+            })
+            .insert(Header {
+                key: ERROR_CLASS,
+                value: Some(class),
+            })
+            .insert(Header {
+                key: ERROR_MESSAGE,
+                value: Some(message),
+            });
         if let Some(original) = m.headers() {
             for h in original.iter() {
-                headers = headers.insert(Header { key: h.key, value: h.value });
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
             }
         }
         outs.push(Out {
@@ -412,7 +517,12 @@ impl<S: Stage> Worker<S> {
         let partitions: Vec<i32> = self.parts.keys().copied().collect();
         for p in partitions {
             let ps = self.parts.get_mut(&p).expect("listed above");
-            let mut due: Vec<Timer> = ps.timers.iter().filter(|(_, t)| t.due_at <= now).map(|(_, t)| t.clone()).collect();
+            let mut due: Vec<Timer> = ps
+                .timers
+                .iter()
+                .filter(|(_, t)| t.due_at <= now)
+                .map(|(_, t)| t.clone())
+                .collect();
             if due.is_empty() {
                 continue;
             }
@@ -422,12 +532,25 @@ impl<S: Stage> Worker<S> {
                 ps.timers.remove(&timer.id);
                 let mut produced = Vec::new();
                 let result = {
-                    let mut ctx =
-                        Ctx::new(self.name, now, timer.firing_id(), timer.cause.clone(), &mut ps.state, &mut ps.timers, &mut produced);
+                    let mut ctx = Ctx::new(
+                        self.name,
+                        now,
+                        timer.firing_id(),
+                        timer.cause.clone(),
+                        &mut ps.state,
+                        &mut ps.timers,
+                        &mut produced,
+                    );
                     self.stage.on_timer(&mut ctx, &timer)
                 };
-                self.metrics.timers_fired.with_label_values(&[self.name]).inc();
-                match result.map_err(|e| (e.class(), e.to_string())).and_then(|()| self.encode_all(&produced, p)) {
+                self.metrics
+                    .timers_fired
+                    .with_label_values(&[self.name])
+                    .inc();
+                match result
+                    .map_err(|e| (e.class(), e.to_string()))
+                    .and_then(|()| self.encode_all(&produced, p))
+                {
                     Ok(encoded) => outs.extend(encoded),
                     Err((class, message)) => {
                         tracing::error!(timer = %timer.id, error_class = class, error = %message, "timer failed; dropped");
@@ -447,7 +570,12 @@ impl<S: Stage> Worker<S> {
         }
     }
 
-    fn commit(&mut self, outs: Vec<Out>, offsets: HashMap<(String, i32), i64>, records: usize) -> Result<(), RuntimeError> {
+    fn commit(
+        &mut self,
+        outs: Vec<Out>,
+        offsets: HashMap<(String, i32), i64>,
+        records: usize,
+    ) -> Result<(), RuntimeError> {
         let started = Instant::now();
         let changes: Vec<(i32, Vec<ChangelogRecord>)> = self
             .parts
@@ -464,7 +592,10 @@ impl<S: Stage> Worker<S> {
                     partition: *p,
                     key: r.key.clone().into_bytes(),
                     payload: r.value.clone(),
-                    headers: OwnedHeaders::new().insert(Header { key: changelog::SEQ_HEADER, value: Some(seq.as_str()) }),
+                    headers: OwnedHeaders::new().insert(Header {
+                        key: changelog::SEQ_HEADER,
+                        value: Some(seq.as_str()),
+                    }),
                 });
             }
         }
@@ -486,10 +617,19 @@ impl<S: Stage> Worker<S> {
                 self.failures = 0;
                 for o in &outs {
                     let base = self.topics.base(&o.topic).unwrap_or(&o.topic);
-                    self.metrics.records_out.with_label_values(&[self.name, base]).inc();
+                    self.metrics
+                        .records_out
+                        .with_label_values(&[self.name, base])
+                        .inc();
                 }
-                self.metrics.batch_records.with_label_values(&[self.name]).observe(records as f64);
-                self.metrics.commit_seconds.with_label_values(&[self.name]).observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .batch_records
+                    .with_label_values(&[self.name])
+                    .observe(records as f64);
+                self.metrics
+                    .commit_seconds
+                    .with_label_values(&[self.name])
+                    .observe(started.elapsed().as_secs_f64());
                 Ok(())
             }
             Err(e) => {
@@ -524,7 +664,12 @@ impl<S: Stage> Worker<S> {
     }
 
     /// Outputs, then state, then offsets — each durable before the next starts.
-    fn commit_at_least_once(&self, outs: &[Out], log: &[Out], offsets: &HashMap<(String, i32), i64>) -> Result<(), KafkaError> {
+    fn commit_at_least_once(
+        &self,
+        outs: &[Out],
+        log: &[Out],
+        offsets: &HashMap<(String, i32), i64>,
+    ) -> Result<(), KafkaError> {
         self.send_all(outs, true)?;
         self.send_all(log, true)?;
         let tpl = self.offsets_tpl(offsets)?;
@@ -536,7 +681,12 @@ impl<S: Stage> Worker<S> {
         Ok(())
     }
 
-    fn commit_transaction(&self, outs: &[Out], log: &[Out], offsets: &HashMap<(String, i32), i64>) -> Result<(), KafkaError> {
+    fn commit_transaction(
+        &self,
+        outs: &[Out],
+        log: &[Out],
+        offsets: &HashMap<(String, i32), i64>,
+    ) -> Result<(), KafkaError> {
         self.retry_in_place(|| self.producer.begin_transaction())?;
         self.send_all(outs, false)?;
         self.send_all(log, false)?;
@@ -546,11 +696,17 @@ impl<S: Stage> Worker<S> {
             .consumer
             .group_metadata()
             .ok_or(KafkaError::MessageProduction(RDKafkaErrorCode::State))?;
-        self.retry_in_place(|| self.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT))?;
+        self.retry_in_place(|| {
+            self.producer
+                .send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT)
+        })?;
         self.retry_in_place(|| self.producer.commit_transaction(TXN_TIMEOUT))
     }
 
-    fn offsets_tpl(&self, offsets: &HashMap<(String, i32), i64>) -> Result<TopicPartitionList, KafkaError> {
+    fn offsets_tpl(
+        &self,
+        offsets: &HashMap<(String, i32), i64>,
+    ) -> Result<TopicPartitionList, KafkaError> {
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in offsets {
             if self.assigned.contains(&(t.clone(), *p)) {
@@ -565,7 +721,10 @@ impl<S: Stage> Worker<S> {
     fn send_all(&self, outs: &[Out], await_acks: bool) -> Result<(), KafkaError> {
         let mut pending = Vec::with_capacity(outs.len());
         for o in outs {
-            let mut record = FutureRecord::to(&o.topic).key(&o.key).partition(o.partition).headers(o.headers.clone());
+            let mut record = FutureRecord::to(&o.topic)
+                .key(&o.key)
+                .partition(o.partition)
+                .headers(o.headers.clone());
             if let Some(p) = &o.payload {
                 record = record.payload(p);
             }
@@ -599,7 +758,9 @@ impl<S: Stage> Worker<S> {
     fn rewind(&mut self) {
         for ((t, p), o) in &self.positions {
             if self.assigned.contains(&(t.clone(), *p))
-                && let Err(e) = self.consumer.seek(t, *p, Offset::Offset(*o), Duration::from_secs(10))
+                && let Err(e) =
+                    self.consumer
+                        .seek(t, *p, Offset::Offset(*o), Duration::from_secs(10))
             {
                 tracing::warn!(topic = %t, partition = p, error = %e, "seek failed");
             }
@@ -607,7 +768,10 @@ impl<S: Stage> Worker<S> {
     }
 
     fn rebuild_producer(&mut self) -> Result<(), RuntimeError> {
-        self.metrics.producer_rebuilds.with_label_values(&[self.name]).inc();
+        self.metrics
+            .producer_rebuilds
+            .with_label_values(&[self.name])
+            .inc();
         tracing::warn!("rebuilding the producer");
         self.producer = kafka::producer(&self.settings, self.name).map_err(RuntimeError::Client)?;
         if self.settings.guarantee == Guarantee::ExactlyOnce {
@@ -618,7 +782,10 @@ impl<S: Stage> Worker<S> {
 
     /// Calls `op` again while its error is retriable, with backoff, a bounded number of
     /// times.
-    fn retry_in_place(&self, mut op: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+    fn retry_in_place(
+        &self,
+        mut op: impl FnMut() -> Result<(), KafkaError>,
+    ) -> Result<(), KafkaError> {
         let mut attempt = 0;
         loop {
             match op() {
@@ -637,13 +804,20 @@ impl<S: Stage> Worker<S> {
     /// that does not do transactions gets an error naming the setting to change; any
     /// other failure is reported as what it is.
     fn init_transactions(&self) -> Result<(), RuntimeError> {
-        self.retry_in_place(|| self.producer.init_transactions(TXN_TIMEOUT)).map_err(|source| {
-            if refuses_transactions(&source) {
-                RuntimeError::TransactionsUnsupported { brokers: self.settings.brokers.clone(), source }
-            } else {
-                RuntimeError::ProducerInit { transactional_id: kafka::transactional_id(&self.settings, self.name), source }
-            }
-        })
+        self.retry_in_place(|| self.producer.init_transactions(TXN_TIMEOUT))
+            .map_err(|source| {
+                if refuses_transactions(&source) {
+                    RuntimeError::TransactionsUnsupported {
+                        brokers: self.settings.brokers.clone(),
+                        source,
+                    }
+                } else {
+                    RuntimeError::ProducerInit {
+                        transactional_id: kafka::transactional_id(&self.settings, self.name),
+                        source,
+                    }
+                }
+            })
     }
 }
 
@@ -678,4 +852,3 @@ fn header(m: &OwnedMessage, key: &str) -> Option<String> {
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
-

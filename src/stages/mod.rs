@@ -102,10 +102,18 @@ pub trait Stage: Send + 'static {
     /// Reacts to one input. `Err` means the record can never succeed: it is
     /// dead-lettered, and the stage must decide so before writing any state. An input
     /// that is simply irrelevant is `Ok` with no output.
-    fn process(&mut self, ctx: &mut Ctx<'_, Self::State>, input: Input<'_>) -> Result<(), StageError>;
+    fn process(
+        &mut self,
+        ctx: &mut Ctx<'_, Self::State>,
+        input: Input<'_>,
+    ) -> Result<(), StageError>;
 
     /// Reacts to a due timer; the timer is already removed from state.
-    fn on_timer(&mut self, _ctx: &mut Ctx<'_, Self::State>, _timer: &Timer) -> Result<(), StageError> {
+    fn on_timer(
+        &mut self,
+        _ctx: &mut Ctx<'_, Self::State>,
+        _timer: &Timer,
+    ) -> Result<(), StageError> {
         Ok(())
     }
 }
@@ -134,7 +142,16 @@ impl<'a, V: Clone> Ctx<'a, V> {
         timers: &'a mut Store<Timer>,
         out: &'a mut Vec<Event>,
     ) -> Self {
-        Ctx { state, timers, out, stage, now, cause_id, cause, ordinal: 0 }
+        Ctx {
+            state,
+            timers,
+            out,
+            stage,
+            now,
+            cause_id,
+            cause,
+            ordinal: 0,
+        }
     }
 
     /// Wall-clock milliseconds, from the runtime's clock (controllable in tests).
@@ -172,7 +189,12 @@ impl<'a, V: Clone> Ctx<'a, V> {
     /// Schedules (or reschedules) a timer caused by the current input.
     pub fn schedule(&mut self, id: impl Into<String>, due_at: i64, payload: serde_json::Value) {
         let id = id.into();
-        let timer = Timer { id: id.clone(), due_at, cause: self.cause.clone(), payload };
+        let timer = Timer {
+            id: id.clone(),
+            due_at,
+            cause: self.cause.clone(),
+            payload,
+        };
         self.timers.insert(id, timer);
     }
 
@@ -195,7 +217,11 @@ pub struct Store<V> {
 
 impl<V> Default for Store<V> {
     fn default() -> Self {
-        Store { map: HashMap::new(), undo: HashMap::new(), dirty: BTreeSet::new() }
+        Store {
+            map: HashMap::new(),
+            undo: HashMap::new(),
+            dirty: BTreeSet::new(),
+        }
     }
 }
 
@@ -253,7 +279,10 @@ impl<V: Clone> Store<V> {
     /// The writes since the last commit, as the changelog should record them. Nothing is
     /// forgotten until [`Store::commit`], so a batch whose write fails can still roll back.
     pub fn changes(&self) -> Vec<(String, Option<V>)> {
-        self.dirty.iter().map(|k| (k.clone(), self.map.get(k).cloned())).collect()
+        self.dirty
+            .iter()
+            .map(|k| (k.clone(), self.map.get(k).cloned()))
+            .collect()
     }
 
     /// The changes are durable: they become the values a rollback returns to.
