@@ -68,6 +68,70 @@ pub struct Settings {
     /// librdkafka properties passed through to every client (after OrderFlow's own).
     pub kafka: BTreeMap<String, String>,
     pub fraud: FraudSettings,
+    pub inventory: InventorySettings,
+    pub payment: PaymentSettings,
+    pub fulfillment: FulfillmentSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InventorySettings {
+    /// How often the low-stock watchdog re-checks every SKU of a partition.
+    pub watchdog_interval_secs: u64,
+    /// Threshold of SKUs that never had one set.
+    pub default_low_stock_threshold: i32,
+}
+
+impl Default for InventorySettings {
+    fn default() -> Self {
+        InventorySettings { watchdog_interval_secs: 300, default_low_stock_threshold: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaymentSettings {
+    /// Base URL of the payment gateway (`orderflow gateway` serves the same API).
+    pub gateway_url: String,
+    /// A gateway call slower than this is a transient failure.
+    pub timeout_ms: u64,
+    /// Gateway calls in flight at once per worker; calls of one batch run concurrently.
+    pub concurrency: usize,
+    /// Retry n (1-based) waits min(cap, base * factor^(n-1)), jittered down by up to half.
+    pub retry_base_ms: u64,
+    pub retry_factor: f64,
+    pub retry_cap_ms: u64,
+    /// Attempts in all, the first included; then PaymentFailed (gateway unavailable).
+    pub max_attempts: u32,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        PaymentSettings {
+            gateway_url: "http://127.0.0.1:8081".into(),
+            timeout_ms: 2_000,
+            concurrency: 32,
+            retry_base_ms: 500,
+            retry_factor: 2.0,
+            retry_cap_ms: 30_000,
+            max_attempts: 6,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FulfillmentSettings {
+    /// From Picking to Packed.
+    pub pick_ms: u64,
+    /// From Packed to ReadyToShip.
+    pub pack_ms: u64,
+}
+
+impl Default for FulfillmentSettings {
+    fn default() -> Self {
+        FulfillmentSettings { pick_ms: 1_000, pack_ms: 1_000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +175,9 @@ impl Default for Settings {
             http_addr: "127.0.0.1:9464".into(),
             kafka: BTreeMap::new(),
             fraud: FraudSettings::default(),
+            inventory: InventorySettings::default(),
+            payment: PaymentSettings::default(),
+            fulfillment: FulfillmentSettings::default(),
         }
     }
 }
@@ -206,6 +273,30 @@ impl Settings {
         if let Some(v) = get("ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS") {
             self.fraud.velocity_window_secs = parse("ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS", v)?;
         }
+        if let Some(v) = get("ORDERFLOW_GATEWAY_URL") {
+            self.payment.gateway_url = v;
+        }
+        if let Some(v) = get("ORDERFLOW_PAYMENT_MAX_ATTEMPTS") {
+            self.payment.max_attempts = parse("ORDERFLOW_PAYMENT_MAX_ATTEMPTS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_PAYMENT_RETRY_BASE_MS") {
+            self.payment.retry_base_ms = parse("ORDERFLOW_PAYMENT_RETRY_BASE_MS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_PAYMENT_RETRY_CAP_MS") {
+            self.payment.retry_cap_ms = parse("ORDERFLOW_PAYMENT_RETRY_CAP_MS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_PAYMENT_TIMEOUT_MS") {
+            self.payment.timeout_ms = parse("ORDERFLOW_PAYMENT_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_FULFILLMENT_PICK_MS") {
+            self.fulfillment.pick_ms = parse("ORDERFLOW_FULFILLMENT_PICK_MS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_FULFILLMENT_PACK_MS") {
+            self.fulfillment.pack_ms = parse("ORDERFLOW_FULFILLMENT_PACK_MS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS") {
+            self.inventory.watchdog_interval_secs = parse("ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS", v)?;
+        }
         // `key=value` pairs separated by commas, e.g. `socket.timeout.ms=5000,debug=broker`.
         if let Some(v) = get("ORDERFLOW_KAFKA") {
             for pair in v.split(',').filter(|p| !p.trim().is_empty()) {
@@ -287,6 +378,9 @@ mod example_file {
             (d.partitions, d.batch_max_records, d.batch_interval_ms)
         );
         assert_eq!(s.fraud, d.fraud);
+        assert_eq!(s.inventory, d.inventory);
+        assert_eq!(s.payment, d.payment);
+        assert_eq!(s.fulfillment, d.fulfillment);
         assert_eq!(s.guarantee, d.guarantee);
         Ok(())
     }

@@ -10,6 +10,9 @@
 //! - [`runtime`]: the consume-transform-produce loop — transactions or at-least-once
 //!   commits, state changelogs and restore, timers, dead letters, shutdown.
 //! - [`metrics`]: every metric name and label, and the `/metrics` + `/health` server.
+//! - [`status`]: an order's status, derived from its events.
+//! - [`gateway`]: the payment gateway's HTTP client, and a mock gateway server.
+//! - [`simulator`]: realistic traffic, and a carrier that scans shipped orders.
 //! - [`admin`]: topic provisioning.
 //! - [`cli`]: the `orderflow` command line, one module per subcommand.
 #![forbid(unsafe_code)]
@@ -18,7 +21,10 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod events;
+pub mod gateway;
 pub mod metrics;
 pub mod runtime;
+pub mod simulator;
 pub mod stages;
+pub mod status;
 pub mod topics;

@@ -1,6 +1,8 @@
 //! The `orderflow` command line: one module per subcommand; doc comments are the help.
 //! `anyhow` lives here, at the binary's edge, and nowhere in the library.
 
+mod gateway;
+mod load;
 mod run;
 mod topics;
 
@@ -31,6 +33,10 @@ pub enum Command {
     /// Provision topics.
     #[command(subcommand)]
     Topics(topics::TopicsCommand),
+    /// Run a mock payment gateway that behaves like a bank.
+    Gateway(gateway::GatewayArgs),
+    /// Publish realistic traffic and play the carrier for shipped orders.
+    Load(load::LoadArgs),
 }
 
 /// Entry point of the binary.
@@ -48,6 +54,8 @@ pub fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Run(args) => run::run(settings, args).await,
             Command::Topics(cmd) => topics::run(settings, cmd).await,
+            Command::Gateway(args) => gateway::run(args).await,
+            Command::Load(args) => load::run(settings, args).await,
         }
     })
 }

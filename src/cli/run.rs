@@ -8,7 +8,13 @@ use clap::Args;
 use crate::config::Settings;
 use crate::metrics::{self, Health, Metrics};
 use crate::runtime::{self, RuntimeError, clock::SystemClock};
-use crate::stages::{StageName, fraud::FraudStage};
+use crate::gateway::client::GatewayClient;
+use crate::stages::delivery::DeliveryStage;
+use crate::stages::fraud::FraudStage;
+use crate::stages::fulfillment::FulfillmentStage;
+use crate::stages::inventory::InventoryStage;
+use crate::stages::payment::PaymentStage;
+use crate::stages::StageName;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -35,10 +41,10 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("binding the HTTP endpoint {}", settings.http_addr))?;
     tracing::info!(%addr, "metrics on http://{addr}/metrics, health on http://{addr}/health/ready");
-    let handles: Vec<_> = stages
+    let handles = stages
         .iter()
         .map(|name| spawn_stage(*name, &settings, &metrics, shutdown.clone()))
-        .collect();
+        .collect::<anyhow::Result<Vec<_>>>()?;
     health.set_ready(true);
     let mut first_error: Option<RuntimeError> = None;
     for (name, handle) in stages.iter().zip(handles) {
@@ -67,15 +73,20 @@ fn spawn_stage(
     settings: &Settings,
     metrics: &Metrics,
     shutdown: tokio_util::sync::CancellationToken,
-) -> std::thread::JoinHandle<Result<(), RuntimeError>> {
+) -> anyhow::Result<std::thread::JoinHandle<Result<(), RuntimeError>>> {
     let clock = Arc::new(SystemClock);
-    match name {
-        StageName::Fraud => runtime::spawn(
-            FraudStage::new(settings.fraud.clone()),
-            settings.clone(),
-            metrics.clone(),
-            clock,
-            shutdown,
-        ),
-    }
+    let (s, m) = (settings.clone(), metrics.clone());
+    Ok(match name {
+        StageName::Fraud => runtime::spawn(FraudStage::new(s.fraud.clone()), s, m, clock, shutdown),
+        StageName::Inventory => runtime::spawn(InventoryStage::new(s.inventory.clone()), s, m, clock, shutdown),
+        StageName::Payment => {
+            let gateway = GatewayClient::new(&s.payment).context("building the payment gateway client")?;
+            let stage = PaymentStage::new(s.payment.clone());
+            runtime::spawn_with_effects(stage, s, m, clock, Some(Arc::new(gateway)), shutdown)
+        }
+        StageName::Fulfillment => {
+            runtime::spawn(FulfillmentStage::new(s.fulfillment.clone()), s, m, clock, shutdown)
+        }
+        StageName::Delivery => runtime::spawn(DeliveryStage::new(), s, m, clock, shutdown),
+    })
 }

@@ -17,6 +17,7 @@
 pub mod changelog;
 pub mod clock;
 pub mod disposition;
+pub mod effects;
 pub mod kafka;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -35,11 +36,13 @@ use crate::config::{Guarantee, Settings};
 use crate::events::codec::{Codec, DecodeHints};
 use crate::events::{Event, EventType};
 use crate::metrics::Metrics;
-use crate::stages::{Ctx, Input, Stage, Timer};
+use crate::events::Envelope;
+use crate::stages::{Ctx, Effect, EffectOutcome, Input, Stage, Timer};
 use crate::topics::{self, Topics};
 use changelog::{ChangelogRecord, PartitionState};
 use clock::Clock;
 use disposition::{Disposition, backoff, classify};
+use effects::EffectHandler;
 use kafka::{RebalanceEvent, RestoreError, WorkerContext};
 
 /// Header naming an event's type on every record OrderFlow produces.
@@ -82,6 +85,8 @@ pub enum RuntimeError {
     },
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    #[error("cannot start the runtime for external calls: {0}")]
+    EffectRuntime(std::io::Error),
     #[error("stage {0} stopped unexpectedly (thread panicked)")]
     Panicked(&'static str),
 }
@@ -95,6 +100,14 @@ struct Out {
     headers: OwnedHeaders,
 }
 
+/// A request made while handling one input or timer, with what its outcome's outputs
+/// inherit.
+struct PendingEffect {
+    partition: i32,
+    cause: Option<Envelope>,
+    effect: Effect,
+}
+
 /// Runs `stage` on its own thread until `shutdown` is cancelled.
 pub fn spawn<S: Stage>(
     stage: S,
@@ -103,14 +116,26 @@ pub fn spawn<S: Stage>(
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> std::thread::JoinHandle<Result<(), RuntimeError>> {
+    spawn_with_effects(stage, settings, metrics, clock, None, shutdown)
+}
+
+/// Like [`spawn`], for a stage whose requests (see [`Ctx::request`]) `effects` performs.
+pub fn spawn_with_effects<S: Stage>(
+    stage: S,
+    settings: Settings,
+    metrics: Metrics,
+    clock: Arc<dyn Clock>,
+    effects: Option<Arc<dyn EffectHandler>>,
+    shutdown: CancellationToken,
+) -> std::thread::JoinHandle<Result<(), RuntimeError>> {
     let name = stage.name();
     std::thread::Builder::new()
         .name(format!("stage-{name}"))
         .spawn(move || {
             let span = tracing::info_span!("stage", stage = name);
             let _g = span.enter();
-            let result =
-                Worker::new(stage, settings, metrics, clock).and_then(|mut w| w.run(&shutdown));
+            let result = Worker::new(stage, settings, metrics, clock, effects)
+                .and_then(|mut w| w.run(&shutdown));
             if let Err(e) = &result {
                 tracing::error!(error = %e, "stage worker stopped");
             }
@@ -141,6 +166,11 @@ struct Worker<S: Stage> {
     dlq: String,
     /// Consecutive failed batches, for backoff.
     failures: u32,
+    effects: Option<Arc<dyn EffectHandler>>,
+    /// Drives effect calls from this worker's thread.
+    effect_runtime: tokio::runtime::Runtime,
+    /// Requests made by the batch being processed.
+    pending_effects: Vec<PendingEffect>,
 }
 
 impl<S: Stage> Worker<S> {
@@ -149,6 +179,7 @@ impl<S: Stage> Worker<S> {
         settings: Settings,
         metrics: Metrics,
         clock: Arc<dyn Clock>,
+        effects: Option<Arc<dyn EffectHandler>>,
     ) -> Result<Self, RuntimeError> {
         let name = stage.name();
         let topics = settings.topics();
@@ -171,6 +202,12 @@ impl<S: Stage> Worker<S> {
             assigned: HashSet::new(),
             positions: HashMap::new(),
             failures: 0,
+            effects,
+            effect_runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(RuntimeError::EffectRuntime)?,
+            pending_effects: Vec::new(),
         };
         if w.settings.guarantee == Guarantee::ExactlyOnce {
             w.init_transactions()?;
@@ -323,6 +360,7 @@ impl<S: Stage> Worker<S> {
             self.process_record(m, now, &mut outs)?;
         }
         self.fire_timers(now, &mut outs);
+        self.perform_effects(now, &mut outs);
         self.prune_seen(now);
         let dirty = self.parts.values().any(PartitionState::has_changes);
         if batch.is_empty() && outs.is_empty() && !dirty {
@@ -386,7 +424,7 @@ impl<S: Stage> Worker<S> {
             .with_label_values(&[self.name])
             .observe(((now - env.occurred_at).max(0) as f64) / 1000.0);
         let mut produced = Vec::new();
-        let result = {
+        let (result, requested) = {
             let mut ctx = Ctx::new(
                 self.name,
                 now,
@@ -396,13 +434,9 @@ impl<S: Stage> Worker<S> {
                 &mut ps.timers,
                 &mut produced,
             );
-            self.stage.process(
-                &mut ctx,
-                Input {
-                    topic: base,
-                    event: &event,
-                },
-            )
+            let input = Input { topic: base, event: &event };
+            let r = self.stage.process(&mut ctx, input);
+            (r, ctx.take_effects())
         };
         match result
             .map_err(|e| (e.class(), e.to_string()))
@@ -411,6 +445,7 @@ impl<S: Stage> Worker<S> {
             Ok(encoded) => {
                 ps_mark_seen(&mut self.parts, p, &env.event_id, now);
                 outs.extend(encoded);
+                self.queue_effects(p, Some(&env), requested);
             }
             Err((class, message)) => self.dead_letter(m, class, &message, outs),
         }
@@ -531,7 +566,7 @@ impl<S: Stage> Worker<S> {
                 let ps = self.parts.get_mut(&p).expect("listed above");
                 ps.timers.remove(&timer.id);
                 let mut produced = Vec::new();
-                let result = {
+                let (result, requested) = {
                     let mut ctx = Ctx::new(
                         self.name,
                         now,
@@ -541,7 +576,8 @@ impl<S: Stage> Worker<S> {
                         &mut ps.timers,
                         &mut produced,
                     );
-                    self.stage.on_timer(&mut ctx, &timer)
+                    let r = self.stage.on_timer(&mut ctx, &timer);
+                    (r, ctx.take_effects())
                 };
                 self.metrics
                     .timers_fired
@@ -551,12 +587,73 @@ impl<S: Stage> Worker<S> {
                     .map_err(|e| (e.class(), e.to_string()))
                     .and_then(|()| self.encode_all(&produced, p))
                 {
-                    Ok(encoded) => outs.extend(encoded),
+                    Ok(encoded) => {
+                        outs.extend(encoded);
+                        self.queue_effects(p, timer.cause.as_ref(), requested);
+                    }
                     Err((class, message)) => {
                         tracing::error!(timer = %timer.id, error_class = class, error = %message, "timer failed; dropped");
                     }
                 }
             }
+        }
+    }
+
+    fn queue_effects(&mut self, partition: i32, cause: Option<&Envelope>, requested: Vec<Effect>) {
+        self.pending_effects.extend(requested.into_iter().map(|effect| PendingEffect {
+            partition,
+            cause: cause.cloned(),
+            effect,
+        }));
+    }
+
+    /// Performs the batch's requests concurrently, then hands each outcome back to the
+    /// stage in request order. A reaction may request again (a follow-up call); such
+    /// rounds are bounded.
+    fn perform_effects(&mut self, now: i64, outs: &mut Vec<Out>) {
+        const MAX_ROUNDS: usize = 4;
+        for _ in 0..MAX_ROUNDS {
+            let pending = std::mem::take(&mut self.pending_effects);
+            if pending.is_empty() {
+                return;
+            }
+            let outcomes: Vec<EffectOutcome> = match &self.effects {
+                Some(handler) => {
+                    let effects = pending.iter().map(|p| p.effect.clone()).collect();
+                    let concurrency = self.settings.payment.concurrency;
+                    self.effect_runtime
+                        .block_on(effects::perform_all(handler.clone(), effects, concurrency))
+                }
+                None => {
+                    tracing::error!(count = pending.len(), "stage requested external calls but none can be made");
+                    let error = "no handler for external calls is configured".to_owned();
+                    pending.iter().map(|_| EffectOutcome::Transient { error: error.clone() }).collect()
+                }
+            };
+            for (p, outcome) in pending.into_iter().zip(outcomes) {
+                let Some(ps) = self.parts.get_mut(&p.partition) else { continue };
+                let cause_id = format!("effect/{}/{}", p.effect.idempotency_key(), outcome.class());
+                let mut produced = Vec::new();
+                let (result, requested) = {
+                    let mut ctx =
+                        Ctx::new(self.name, now, cause_id, p.cause.clone(), &mut ps.state, &mut ps.timers, &mut produced);
+                    let r = self.stage.on_effect(&mut ctx, &p.effect, &outcome);
+                    (r, ctx.take_effects())
+                };
+                match result.map_err(|e| (e.class(), e.to_string())).and_then(|()| self.encode_all(&produced, p.partition)) {
+                    Ok(encoded) => {
+                        outs.extend(encoded);
+                        self.queue_effects(p.partition, p.cause.as_ref(), requested);
+                    }
+                    Err((class, message)) => {
+                        tracing::error!(key = p.effect.idempotency_key(), error_class = class, error = %message, "reaction to an external call failed; dropped");
+                    }
+                }
+            }
+        }
+        if !self.pending_effects.is_empty() {
+            tracing::error!(count = self.pending_effects.len(), "too many rounds of follow-up calls; dropped");
+            self.pending_effects.clear();
         }
     }
 

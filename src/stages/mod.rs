@@ -5,7 +5,11 @@
 //! timer), reads and writes its keyed state through [`Ctx`], and emits events; the
 //! runtime persists the state, produces the outputs and commits, together.
 
+pub mod delivery;
 pub mod fraud;
+pub mod fulfillment;
+pub mod inventory;
+pub mod payment;
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -17,14 +21,28 @@ use crate::events::{Envelope, Event, derive_id};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StageName {
     Fraud,
+    Inventory,
+    Payment,
+    Fulfillment,
+    Delivery,
 }
 
 impl StageName {
-    pub const ALL: &'static [StageName] = &[StageName::Fraud];
+    pub const ALL: &'static [StageName] = &[
+        StageName::Fraud,
+        StageName::Inventory,
+        StageName::Payment,
+        StageName::Fulfillment,
+        StageName::Delivery,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             StageName::Fraud => "fraud",
+            StageName::Inventory => "inventory",
+            StageName::Payment => "payment",
+            StageName::Fulfillment => "fulfillment",
+            StageName::Delivery => "delivery",
         }
     }
 }
@@ -57,6 +75,65 @@ impl StageError {
         match self {
             StageError::Unexpected { .. } => "unexpected",
             StageError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// A request to the outside world. A stage only asks; the runtime performs every request
+/// of a batch concurrently (bounded) after the stage has seen the batch, then hands each
+/// outcome back to [`Stage::on_effect`] before the batch commits. Requests carry an
+/// idempotency key, so performing one again after a crash or replay cannot act twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Effect {
+    /// Authorize a charge at the payment gateway.
+    Authorize {
+        /// The same on every attempt for one order: a timed-out attempt that did charge
+        /// is answered by the gateway, not charged again.
+        idempotency_key: String,
+        store_id: String,
+        order_id: String,
+        amount_cents: i64,
+        currency: String,
+        attempt: u32,
+    },
+    /// Refund an authorized charge.
+    Refund {
+        idempotency_key: String,
+        store_id: String,
+        order_id: String,
+        authorization_id: String,
+        amount_cents: i64,
+        currency: String,
+    },
+}
+
+impl Effect {
+    pub fn idempotency_key(&self) -> &str {
+        match self {
+            Effect::Authorize { idempotency_key, .. } | Effect::Refund { idempotency_key, .. } => idempotency_key,
+        }
+    }
+}
+
+/// How a request to the outside world ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EffectOutcome {
+    /// Done; `reference` is the other side's ID for it (authorization or refund ID).
+    Succeeded { reference: String },
+    /// Refused for good (a decline): asking again cannot help.
+    Rejected { reason: String },
+    /// Failed in a way that may pass (timeout, 5xx, connection refused).
+    Transient { error: String },
+}
+
+impl EffectOutcome {
+    /// Short class used in derived event IDs: a replay whose outcome differs (a transient
+    /// failure the first time, success the second) must not reuse the first one's IDs.
+    pub fn class(&self) -> &'static str {
+        match self {
+            EffectOutcome::Succeeded { .. } => "succeeded",
+            EffectOutcome::Rejected { .. } => "rejected",
+            EffectOutcome::Transient { .. } => "transient",
         }
     }
 }
@@ -116,6 +193,17 @@ pub trait Stage: Send + 'static {
     ) -> Result<(), StageError> {
         Ok(())
     }
+
+    /// Reacts to the outcome of a request this stage made with [`Ctx::request`]. The
+    /// context's cause is the input (or timer) that made the request.
+    fn on_effect(
+        &mut self,
+        _ctx: &mut Ctx<'_, Self::State>,
+        _effect: &Effect,
+        _outcome: &EffectOutcome,
+    ) -> Result<(), StageError> {
+        Ok(())
+    }
 }
 
 /// What a stage may touch while it handles one input or timer.
@@ -128,6 +216,7 @@ pub struct Ctx<'a, V> {
     cause_id: String,
     cause: Option<Envelope>,
     ordinal: u32,
+    effects: Vec<Effect>,
 }
 
 impl<'a, V: Clone> Ctx<'a, V> {
@@ -151,7 +240,24 @@ impl<'a, V: Clone> Ctx<'a, V> {
             cause_id,
             cause,
             ordinal: 0,
+            effects: Vec::new(),
         }
+    }
+
+    /// Asks the runtime to perform `effect` before this batch commits; its outcome comes
+    /// back through [`Stage::on_effect`].
+    pub fn request(&mut self, effect: Effect) {
+        self.effects.push(effect);
+    }
+
+    /// The requests made through this context (the runtime performs them).
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The envelope the outputs inherit, if any (a partition-wide timer has none).
+    pub fn cause(&self) -> Option<&Envelope> {
+        self.cause.as_ref()
     }
 
     /// Wall-clock milliseconds, from the runtime's clock (controllable in tests).

@@ -1,0 +1,1 @@
+//! `orderflow gateway`: a mock payment gateway (being written).

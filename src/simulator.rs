@@ -1,0 +1,1 @@
+//! Traffic simulator and carrier player behind `orderflow load` (being written).

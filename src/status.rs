@@ -1,0 +1,1 @@
+//! Order status derived from events (being written).
