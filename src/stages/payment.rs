@@ -1,30 +1,945 @@
-//! The payment stage (being written).
+//! Payment: authorizes each reserved order at the payment gateway, retries transient
+//! failures on a timer with exponential backoff and jitter, fails declined or exhausted
+//! orders (which drives the release of their stock), and refunds orders whose delivery
+//! failed.
+//!
+//! Invariants: an order is authorized at most once — every attempt carries the same
+//! idempotency key, so the gateway answers a repeated or replayed call instead of
+//! charging again — and an authorized order is refunded at most once. While an order
+//! waits for its retry, the partition keeps flowing: the wait is a timer, not a sleep.
 
-use super::{Ctx, Input, Stage, StageError};
+use serde::{Deserialize, Serialize};
+
+use super::{Ctx, Effect, EffectOutcome, Input, Stage, StageError, Timer};
+use crate::config::PaymentSettings;
+use crate::events::{
+    Event, PaymentAuthorized, PaymentFailed, PaymentFailureReason, PaymentRefunded,
+    PaymentRetrying, derive_id,
+};
+use crate::topics;
+
+/// How long a settled order's record is kept: long enough to refund a delivery that fails
+/// weeks later, and to recognize replays.
+const RETAIN_AUTHORIZED_MS: i64 = 30 * 24 * 3600 * 1000;
+const RETAIN_CLOSED_MS: i64 = 7 * 24 * 3600 * 1000;
 
 pub struct PaymentStage {
-    #[allow(dead_code)]
-    settings: crate::config::PaymentSettings,
+    settings: PaymentSettings,
 }
 
 impl PaymentStage {
-    pub fn new(settings: crate::config::PaymentSettings) -> Self {
+    pub fn new(settings: PaymentSettings) -> Self {
         PaymentStage { settings }
+    }
+
+    /// Delay before attempt `next` (2-based: the first retry is attempt 2):
+    /// min(cap, base · factor^(next−2)), jittered down by up to half. The jitter is a
+    /// hash of order and attempt, so a replay schedules the same instant.
+    pub fn retry_delay_ms(&self, order_key: &str, next: u32) -> i64 {
+        let s = &self.settings;
+        let exp = f64::from(next.saturating_sub(2));
+        let ceiling = (s.retry_base_ms as f64 * s.retry_factor.max(1.0).powf(exp))
+            .min(s.retry_cap_ms as f64)
+            .max(1.0) as i64;
+        let h = derive_id(order_key, "payment-jitter", next).as_u128();
+        let half = ceiling / 2;
+        half + (h % (ceiling - half + 1) as u128) as i64
+    }
+}
+
+/// Where an order's payment stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Attempt `attempt` is in flight or scheduled.
+    Authorizing,
+    Authorized {
+        authorization_id: String,
+    },
+    Refunding {
+        authorization_id: String,
+        attempt: u32,
+    },
+    Refunded {
+        refund_id: String,
+    },
+    /// Declined or attempts exhausted: the order is cancelled.
+    Failed,
+    /// The gateway refused the refund for good; an operator must look at it.
+    RefundRefused {
+        reason: String,
+    },
+}
+
+/// One order's payment, kept under `order/<store>/<order>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderPayment {
+    pub amount_cents: i64,
+    pub currency: String,
+    /// The attempt in flight or scheduled (1-based).
+    pub attempt: u32,
+    pub status: Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentState {
+    Order(OrderPayment),
+}
+
+/// Timer payloads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Due {
+    /// Make authorization attempt `attempt`.
+    Authorize { attempt: u32 },
+    /// Make refund attempt `attempt`.
+    Refund { attempt: u32 },
+    /// Forget the order.
+    Retire,
+}
+
+fn escape(part: &str) -> String {
+    part.replace('%', "%25").replace('/', "%2F")
+}
+
+/// State key of an order.
+pub fn order_key(store_id: &str, order_id: &str) -> String {
+    format!("order/{}/{}", escape(store_id), escape(order_id))
+}
+
+/// The idempotency key of an order's authorization: one per order, on every attempt.
+pub fn authorization_key(store_id: &str, order_id: &str) -> String {
+    format!(
+        "orderflow/authorize/{}/{}",
+        escape(store_id),
+        escape(order_id)
+    )
+}
+
+pub fn refund_key(store_id: &str, order_id: &str) -> String {
+    format!("orderflow/refund/{}/{}", escape(store_id), escape(order_id))
+}
+
+fn order_of(ctx: &Ctx<'_, PaymentState>) -> Option<(String, String)> {
+    let cause = ctx.cause()?;
+    Some((cause.store_id.clone(), cause.order_id.clone()?))
+}
+
+impl PaymentStage {
+    fn authorize(
+        &self,
+        ctx: &mut Ctx<'_, PaymentState>,
+        p: &OrderPayment,
+        store: &str,
+        order: &str,
+    ) {
+        ctx.request(Effect::Authorize {
+            idempotency_key: authorization_key(store, order),
+            store_id: store.to_owned(),
+            order_id: order.to_owned(),
+            amount_cents: p.amount_cents,
+            currency: p.currency.clone(),
+            attempt: p.attempt,
+        });
+    }
+
+    fn refund(
+        &self,
+        ctx: &mut Ctx<'_, PaymentState>,
+        p: &OrderPayment,
+        store: &str,
+        order: &str,
+        authorization_id: &str,
+    ) {
+        ctx.request(Effect::Refund {
+            idempotency_key: refund_key(store, order),
+            store_id: store.to_owned(),
+            order_id: order.to_owned(),
+            authorization_id: authorization_id.to_owned(),
+            amount_cents: p.amount_cents,
+            currency: p.currency.clone(),
+        });
+    }
+
+    fn schedule(ctx: &mut Ctx<'_, PaymentState>, key: &str, due_at: i64, due: &Due) {
+        let payload = serde_json::to_value(due).expect("timer payloads serialize");
+        ctx.schedule(format!("{key}/next"), due_at, payload);
+    }
+
+    fn on_authorization(
+        &self,
+        ctx: &mut Ctx<'_, PaymentState>,
+        key: &str,
+        mut p: OrderPayment,
+        attempt: u32,
+        outcome: &EffectOutcome,
+    ) {
+        let now = ctx.now();
+        match outcome {
+            EffectOutcome::Succeeded { reference } => {
+                let envelope = ctx.next_envelope();
+                ctx.emit(PaymentAuthorized {
+                    envelope,
+                    amount_cents: p.amount_cents,
+                    currency: p.currency.clone(),
+                    attempt: attempt as i32,
+                    authorization_id: reference.clone(),
+                });
+                p.status = Status::Authorized {
+                    authorization_id: reference.clone(),
+                };
+                Self::schedule(ctx, key, now + RETAIN_AUTHORIZED_MS, &Due::Retire);
+            }
+            EffectOutcome::Rejected { reason } => {
+                self.fail(
+                    ctx,
+                    key,
+                    &mut p,
+                    PaymentFailureReason::Declined,
+                    reason.clone(),
+                );
+            }
+            EffectOutcome::Transient { error } if attempt < self.settings.max_attempts => {
+                let next = attempt + 1;
+                let next_at = now + self.retry_delay_ms(key, next);
+                let envelope = ctx.next_envelope();
+                ctx.emit(PaymentRetrying {
+                    envelope,
+                    amount_cents: p.amount_cents,
+                    currency: p.currency.clone(),
+                    attempt: attempt as i32,
+                    next_attempt_at: next_at,
+                    error: error.clone(),
+                });
+                p.attempt = next;
+                Self::schedule(ctx, key, next_at, &Due::Authorize { attempt: next });
+            }
+            EffectOutcome::Transient { error } => {
+                let message = format!("gateway unavailable after {attempt} attempts: {error}");
+                self.fail(
+                    ctx,
+                    key,
+                    &mut p,
+                    PaymentFailureReason::GatewayUnavailable,
+                    message,
+                );
+            }
+        }
+        ctx.state.insert(key, PaymentState::Order(p));
+    }
+
+    fn fail(
+        &self,
+        ctx: &mut Ctx<'_, PaymentState>,
+        key: &str,
+        p: &mut OrderPayment,
+        reason: PaymentFailureReason,
+        message: String,
+    ) {
+        let envelope = ctx.next_envelope();
+        ctx.emit(PaymentFailed {
+            envelope,
+            amount_cents: p.amount_cents,
+            currency: p.currency.clone(),
+            attempts: p.attempt as i32,
+            reason,
+            message,
+        });
+        p.status = Status::Failed;
+        let now = ctx.now();
+        Self::schedule(ctx, key, now + RETAIN_CLOSED_MS, &Due::Retire);
+    }
+
+    fn on_refund(
+        &self,
+        ctx: &mut Ctx<'_, PaymentState>,
+        key: &str,
+        mut p: OrderPayment,
+        authorization_id: String,
+        attempt: u32,
+        outcome: &EffectOutcome,
+    ) {
+        let now = ctx.now();
+        match outcome {
+            EffectOutcome::Succeeded { reference } => {
+                let envelope = ctx.next_envelope();
+                ctx.emit(PaymentRefunded {
+                    envelope,
+                    amount_cents: p.amount_cents,
+                    currency: p.currency.clone(),
+                    refund_id: reference.clone(),
+                    reason: "delivery_failed".into(),
+                });
+                p.status = Status::Refunded {
+                    refund_id: reference.clone(),
+                };
+                Self::schedule(ctx, key, now + RETAIN_CLOSED_MS, &Due::Retire);
+            }
+            EffectOutcome::Rejected { reason } => {
+                tracing::error!(order_key = key, %reason, "the gateway refused a refund");
+                p.status = Status::RefundRefused {
+                    reason: reason.clone(),
+                };
+                Self::schedule(ctx, key, now + RETAIN_CLOSED_MS, &Due::Retire);
+            }
+            // A refund is owed: keep trying, at the cap once the backoff reaches it.
+            EffectOutcome::Transient { .. } => {
+                let next = attempt + 1;
+                let next_at = now + self.retry_delay_ms(key, next.min(64));
+                p.status = Status::Refunding {
+                    authorization_id,
+                    attempt: next,
+                };
+                Self::schedule(ctx, key, next_at, &Due::Refund { attempt: next });
+            }
+        }
+        ctx.state.insert(key, PaymentState::Order(p));
     }
 }
 
 impl Stage for PaymentStage {
-    type State = ();
+    type State = PaymentState;
 
     fn name(&self) -> &'static str {
         "payment"
     }
 
     fn inputs(&self) -> &'static [&'static str] {
-        &[]
+        &[topics::INVENTORY_UPDATED, topics::DELIVERY_UPDATED]
     }
 
-    fn process(&mut self, _ctx: &mut Ctx<'_, ()>, _input: Input<'_>) -> Result<(), StageError> {
+    fn process(
+        &mut self,
+        ctx: &mut Ctx<'_, PaymentState>,
+        input: Input<'_>,
+    ) -> Result<(), StageError> {
+        match input.event {
+            Event::StockReserved(r) => {
+                let order = r.envelope.order_id.as_deref().ok_or_else(|| {
+                    StageError::Invalid("StockReserved without an order_id".into())
+                })?;
+                if r.total_cents < 0 {
+                    return Err(StageError::Invalid(format!(
+                        "negative amount {}",
+                        r.total_cents
+                    )));
+                }
+                let store = r.envelope.store_id.as_str();
+                let key = order_key(store, order);
+                if ctx.state.contains(&key) {
+                    // The same reservation again (a replay with other event IDs): the
+                    // order is already being paid for.
+                    return Ok(());
+                }
+                let p = OrderPayment {
+                    amount_cents: r.total_cents,
+                    currency: r.currency.clone(),
+                    attempt: 1,
+                    status: Status::Authorizing,
+                };
+                self.authorize(ctx, &p, store, order);
+                ctx.state.insert(key, PaymentState::Order(p));
+                Ok(())
+            }
+            Event::DeliveryFailed(d) => {
+                let Some(order) = d.envelope.order_id.as_deref() else {
+                    return Err(StageError::Invalid(
+                        "DeliveryFailed without an order_id".into(),
+                    ));
+                };
+                let store = d.envelope.store_id.as_str();
+                let key = order_key(store, order);
+                let Some(PaymentState::Order(p)) = ctx.state.get(&key).cloned() else {
+                    return Ok(());
+                };
+                let Status::Authorized { authorization_id } = &p.status else {
+                    // Not charged, or already refunding or refunded.
+                    return Ok(());
+                };
+                let authorization_id = authorization_id.clone();
+                self.refund(ctx, &p, store, order, &authorization_id);
+                let p = OrderPayment {
+                    status: Status::Refunding {
+                        authorization_id,
+                        attempt: 1,
+                    },
+                    ..p
+                };
+                ctx.state.insert(key, PaymentState::Order(p));
+                Ok(())
+            }
+            // Every other event on these topics is someone else's business.
+            _ if input.topic == topics::INVENTORY_UPDATED
+                || input.topic == topics::DELIVERY_UPDATED =>
+            {
+                Ok(())
+            }
+            other => Err(StageError::Unexpected {
+                event_type: other.event_type().to_string(),
+                topic: input.topic.to_owned(),
+            }),
+        }
+    }
+
+    fn on_timer(
+        &mut self,
+        ctx: &mut Ctx<'_, PaymentState>,
+        timer: &Timer,
+    ) -> Result<(), StageError> {
+        let Some((store, order)) = order_of(ctx) else {
+            return Ok(());
+        };
+        let key = order_key(&store, &order);
+        let Ok(due) = serde_json::from_value::<Due>(timer.payload.clone()) else {
+            return Ok(());
+        };
+        let Some(PaymentState::Order(p)) = ctx.state.get(&key).cloned() else {
+            return Ok(());
+        };
+        match (due, &p.status) {
+            (Due::Authorize { attempt }, Status::Authorizing) if attempt == p.attempt => {
+                self.authorize(ctx, &p, &store, &order);
+            }
+            (
+                Due::Refund { attempt },
+                Status::Refunding {
+                    authorization_id,
+                    attempt: current,
+                },
+            ) if attempt == *current => {
+                let authorization_id = authorization_id.clone();
+                self.refund(ctx, &p, &store, &order, &authorization_id);
+            }
+            (Due::Retire, _) => {
+                ctx.state.remove(&key);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn on_effect(
+        &mut self,
+        ctx: &mut Ctx<'_, PaymentState>,
+        effect: &Effect,
+        outcome: &EffectOutcome,
+    ) -> Result<(), StageError> {
+        match effect {
+            Effect::Authorize {
+                store_id,
+                order_id,
+                attempt,
+                ..
+            } => {
+                let key = order_key(store_id, order_id);
+                if let Some(PaymentState::Order(p)) = ctx.state.get(&key).cloned()
+                    && p.status == Status::Authorizing
+                    && p.attempt == *attempt
+                {
+                    self.on_authorization(ctx, &key, p, *attempt, outcome);
+                }
+            }
+            Effect::Refund {
+                store_id, order_id, ..
+            } => {
+                let key = order_key(store_id, order_id);
+                if let Some(PaymentState::Order(p)) = ctx.state.get(&key).cloned()
+                    && let Status::Refunding {
+                        authorization_id,
+                        attempt,
+                    } = p.status.clone()
+                {
+                    self.on_refund(ctx, &key, p, authorization_id, attempt, outcome);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{
+        DeliveryFailed, Envelope, OrderLine, StockRejected, StockReserved, order_created_id,
+    };
+    use crate::stages::Store;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    const T0: i64 = 1_800_000_000_000;
+
+    fn settings() -> PaymentSettings {
+        PaymentSettings {
+            retry_base_ms: 1_000,
+            retry_factor: 2.0,
+            retry_cap_ms: 8_000,
+            max_attempts: 4,
+            ..PaymentSettings::default()
+        }
+    }
+
+    fn envelope(order: &str, cause: &str) -> Envelope {
+        Envelope {
+            event_id: derive_id(cause, "test", 0).to_string(),
+            order_id: Some(order.into()),
+            store_id: "s-1".into(),
+            correlation_id: order.into(),
+            causation_id: Some(order_created_id("s-1", order).to_string()),
+            occurred_at: T0,
+            schema_version: 1,
+        }
+    }
+
+    fn reserved(order: &str) -> Event {
+        Event::StockReserved(StockReserved {
+            envelope: envelope(order, &format!("reserved/{order}")),
+            customer_id: "c-1".into(),
+            currency: "USD".into(),
+            total_cents: 4_998,
+            items: vec![OrderLine {
+                sku: "SKU-1".into(),
+                quantity: 2,
+                unit_price_cents: 2_499,
+            }],
+        })
+    }
+
+    fn delivery_failed(order: &str) -> Event {
+        Event::DeliveryFailed(DeliveryFailed {
+            envelope: envelope(order, &format!("failed/{order}")),
+            reason: "address unknown".into(),
+        })
+    }
+
+    /// The stage, its partition's state and timers, and a clock.
+    struct Harness {
+        stage: PaymentStage,
+        state: Store<PaymentState>,
+        timers: Store<Timer>,
+        now: i64,
+    }
+
+    /// What one call produced.
+    #[derive(Debug, Default)]
+    struct Step {
+        out: Vec<Event>,
+        effects: Vec<Effect>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Harness {
+                stage: PaymentStage::new(settings()),
+                state: Store::default(),
+                timers: Store::default(),
+                now: T0,
+            }
+        }
+
+        fn input(&mut self, topic: &'static str, event: &Event) -> Result<Step, StageError> {
+            let mut out = Vec::new();
+            let env = event.envelope().clone();
+            let mut ctx = Ctx::new(
+                "payment",
+                self.now,
+                env.event_id.clone(),
+                Some(env),
+                &mut self.state,
+                &mut self.timers,
+                &mut out,
+            );
+            self.stage.process(&mut ctx, Input { topic, event })?;
+            let effects = ctx.take_effects();
+            Ok(Step { out, effects })
+        }
+
+        fn reserve(&mut self, order: &str) -> Result<Step, StageError> {
+            self.input(topics::INVENTORY_UPDATED, &reserved(order))
+        }
+
+        /// Hands the outcome of `effect` back, with the cause the runtime would give it.
+        fn outcome(&mut self, order: &str, effect: &Effect, outcome: EffectOutcome) -> Step {
+            let mut out = Vec::new();
+            let cause = envelope(order, &format!("reserved/{order}"));
+            let cause_id = format!("effect/{}/{}", effect.idempotency_key(), outcome.class());
+            let mut ctx = Ctx::new(
+                "payment",
+                self.now,
+                cause_id,
+                Some(cause),
+                &mut self.state,
+                &mut self.timers,
+                &mut out,
+            );
+            self.stage
+                .on_effect(&mut ctx, effect, &outcome)
+                .expect("reactions never fail");
+            let effects = ctx.take_effects();
+            Step { out, effects }
+        }
+
+        /// Advances the clock to the next due timer and fires it.
+        fn fire_next(&mut self) -> Option<(Timer, Step)> {
+            let timer = self
+                .timers
+                .iter()
+                .map(|(_, t)| t.clone())
+                .min_by_key(|t| t.due_at)?;
+            self.timers.remove(&timer.id);
+            self.now = self.now.max(timer.due_at);
+            let mut out = Vec::new();
+            let mut ctx = Ctx::new(
+                "payment",
+                self.now,
+                timer.firing_id(),
+                timer.cause.clone(),
+                &mut self.state,
+                &mut self.timers,
+                &mut out,
+            );
+            self.stage
+                .on_timer(&mut ctx, &timer)
+                .expect("timers never fail");
+            let effects = ctx.take_effects();
+            Some((timer, Step { out, effects }))
+        }
+
+        fn status(&self, order: &str) -> Option<Status> {
+            match self.state.get(&order_key("s-1", order)) {
+                Some(PaymentState::Order(p)) => Some(p.status.clone()),
+                None => None,
+            }
+        }
+    }
+
+    fn ok(reference: &str) -> EffectOutcome {
+        EffectOutcome::Succeeded {
+            reference: reference.into(),
+        }
+    }
+
+    fn transient() -> EffectOutcome {
+        EffectOutcome::Transient {
+            error: "503 Service Unavailable".into(),
+        }
+    }
+
+    #[test]
+    fn a_reservation_requests_one_authorization_with_the_orders_key() -> TestResult {
+        let mut h = Harness::new();
+        let step = h.reserve("o-1")?;
+        assert!(step.out.is_empty());
+        assert_eq!(
+            step.effects,
+            vec![Effect::Authorize {
+                idempotency_key: "orderflow/authorize/s-1/o-1".into(),
+                store_id: "s-1".into(),
+                order_id: "o-1".into(),
+                amount_cents: 4_998,
+                currency: "USD".into(),
+                attempt: 1,
+            }]
+        );
+        assert_eq!(h.status("o-1"), Some(Status::Authorizing));
+        Ok(())
+    }
+
+    #[test]
+    fn success_emits_payment_authorized() -> TestResult {
+        let mut h = Harness::new();
+        let effect = h.reserve("o-1")?.effects.remove(0);
+        let step = h.outcome("o-1", &effect, ok("auth-9"));
+        let [Event::PaymentAuthorized(a)] = step.out.as_slice() else {
+            panic!("expected PaymentAuthorized, got {:?}", step.out);
+        };
+        assert_eq!(
+            (
+                a.amount_cents,
+                a.currency.as_str(),
+                a.attempt,
+                a.authorization_id.as_str()
+            ),
+            (4_998, "USD", 1, "auth-9")
+        );
+        assert_eq!(a.envelope.order_id.as_deref(), Some("o-1"));
+        assert_eq!(
+            h.status("o-1"),
+            Some(Status::Authorized {
+                authorization_id: "auth-9".into()
+            })
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_decline_fails_at_once_without_retrying() -> TestResult {
+        let mut h = Harness::new();
+        let effect = h.reserve("o-1")?.effects.remove(0);
+        let step = h.outcome(
+            "o-1",
+            &effect,
+            EffectOutcome::Rejected {
+                reason: "insufficient funds".into(),
+            },
+        );
+        let [Event::PaymentFailed(f)] = step.out.as_slice() else {
+            panic!("expected PaymentFailed, got {:?}", step.out);
+        };
+        assert_eq!(
+            (f.reason, f.attempts, f.message.as_str()),
+            (PaymentFailureReason::Declined, 1, "insufficient funds")
+        );
+        assert!(step.effects.is_empty());
+        assert_eq!(h.status("o-1"), Some(Status::Failed));
+        // Only the retirement timer is left.
+        let (timer, fired) = h.fire_next().expect("a retirement timer");
+        assert_eq!(timer.due_at, T0 + RETAIN_CLOSED_MS);
+        assert!(fired.effects.is_empty() && fired.out.is_empty());
+        assert_eq!(h.status("o-1"), None);
+        Ok(())
+    }
+
+    #[test]
+    fn transient_failures_retry_with_backoff_then_succeed() -> TestResult {
+        let mut h = Harness::new();
+        let mut effect = h.reserve("o-1")?.effects.remove(0);
+        let key = order_key("s-1", "o-1");
+        let mut expected_due = T0;
+        for attempt in 1..=2u32 {
+            let step = h.outcome("o-1", &effect, transient());
+            let [Event::PaymentRetrying(r)] = step.out.as_slice() else {
+                panic!("expected PaymentRetrying, got {:?}", step.out);
+            };
+            assert_eq!(r.attempt, attempt as i32);
+            assert_eq!(r.error, "503 Service Unavailable");
+            expected_due = h.now + h.stage.retry_delay_ms(&key, attempt + 1);
+            assert_eq!(r.next_attempt_at, expected_due);
+            assert!(
+                step.effects.is_empty(),
+                "nothing is called until the timer fires"
+            );
+            let (timer, fired) = h.fire_next().expect("a retry timer");
+            assert_eq!(timer.due_at, expected_due);
+            let [
+                next @ Effect::Authorize {
+                    attempt: a,
+                    idempotency_key,
+                    ..
+                },
+            ] = fired.effects.as_slice()
+            else {
+                panic!("expected one authorization, got {:?}", fired.effects);
+            };
+            assert_eq!(*a, attempt + 1);
+            assert_eq!(
+                idempotency_key, "orderflow/authorize/s-1/o-1",
+                "the key is the same on every attempt"
+            );
+            effect = next.clone();
+        }
+        assert_eq!(h.now, expected_due);
+        let step = h.outcome("o-1", &effect, ok("auth-1"));
+        let [Event::PaymentAuthorized(a)] = step.out.as_slice() else {
+            panic!("expected PaymentAuthorized, got {:?}", step.out);
+        };
+        assert_eq!(a.attempt, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn exhausted_attempts_fail_as_gateway_unavailable() -> TestResult {
+        let mut h = Harness::new();
+        let mut effect = h.reserve("o-1")?.effects.remove(0);
+        for _ in 1..settings().max_attempts {
+            h.outcome("o-1", &effect, transient());
+            effect = h.fire_next().expect("a retry").1.effects.remove(0);
+        }
+        let step = h.outcome("o-1", &effect, transient());
+        let [Event::PaymentFailed(f)] = step.out.as_slice() else {
+            panic!("expected PaymentFailed, got {:?}", step.out);
+        };
+        assert_eq!(f.reason, PaymentFailureReason::GatewayUnavailable);
+        assert_eq!(f.attempts, 4);
+        assert!(
+            f.message
+                .starts_with("gateway unavailable after 4 attempts"),
+            "{}",
+            f.message
+        );
+        assert_eq!(h.status("o-1"), Some(Status::Failed));
+        Ok(())
+    }
+
+    #[test]
+    fn backoff_grows_by_the_factor_is_capped_and_jitter_is_deterministic() {
+        let stage = PaymentStage::new(settings());
+        for next in 2..=10u32 {
+            let ceiling = (1_000i64 << (next - 2)).min(8_000);
+            let d = stage.retry_delay_ms("order/s/o", next);
+            assert!(
+                d >= ceiling / 2 && d <= ceiling,
+                "attempt {next}: {d} not in [{}, {ceiling}]",
+                ceiling / 2
+            );
+            assert_eq!(
+                d,
+                stage.retry_delay_ms("order/s/o", next),
+                "same order and attempt, same delay"
+            );
+        }
+        let spread: std::collections::BTreeSet<i64> = (0..50)
+            .map(|i| stage.retry_delay_ms(&format!("order/s/o-{i}"), 4))
+            .collect();
+        assert!(spread.len() > 10, "jitter spreads orders apart: {spread:?}");
+    }
+
+    #[test]
+    fn a_replayed_reservation_does_not_authorize_again() -> TestResult {
+        let mut h = Harness::new();
+        let effect = h.reserve("o-1")?.effects.remove(0);
+        h.outcome("o-1", &effect, ok("auth-1"));
+        let again = h.reserve("o-1")?;
+        assert!(again.effects.is_empty() && again.out.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn stale_outcomes_and_timers_change_nothing() -> TestResult {
+        let mut h = Harness::new();
+        let first = h.reserve("o-1")?.effects.remove(0);
+        h.outcome("o-1", &first, transient());
+        // The outcome of attempt 1 arrives again (a replayed batch): attempt 2 is pending.
+        let stale = h.outcome("o-1", &first, ok("auth-late"));
+        assert!(stale.out.is_empty() && stale.effects.is_empty());
+        assert_eq!(h.status("o-1"), Some(Status::Authorizing));
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_delivery_refunds_an_authorized_order_once() -> TestResult {
+        let mut h = Harness::new();
+        let effect = h.reserve("o-1")?.effects.remove(0);
+        h.outcome("o-1", &effect, ok("auth-1"));
+        let step = h.input(topics::DELIVERY_UPDATED, &delivery_failed("o-1"))?;
+        let [
+            refund @ Effect::Refund {
+                idempotency_key,
+                authorization_id,
+                amount_cents,
+                ..
+            },
+        ] = step.effects.as_slice()
+        else {
+            panic!("expected one refund, got {:?}", step.effects);
+        };
+        assert_eq!(
+            (
+                idempotency_key.as_str(),
+                authorization_id.as_str(),
+                *amount_cents
+            ),
+            ("orderflow/refund/s-1/o-1", "auth-1", 4_998)
+        );
+        let refund = refund.clone();
+        // The failure again: no second refund.
+        assert!(
+            h.input(topics::DELIVERY_UPDATED, &delivery_failed("o-1"))?
+                .effects
+                .is_empty()
+        );
+        // A transient failure of the refund retries it; success emits PaymentRefunded.
+        let retry = h.outcome("o-1", &refund, transient());
+        assert!(retry.out.is_empty());
+        let (_, fired) = h.fire_next().expect("a refund retry");
+        let again = fired.effects.into_iter().next().expect("the refund again");
+        assert_eq!(again.idempotency_key(), "orderflow/refund/s-1/o-1");
+        let done = h.outcome("o-1", &again, ok("ref-7"));
+        let [Event::PaymentRefunded(r)] = done.out.as_slice() else {
+            panic!("expected PaymentRefunded, got {:?}", done.out);
+        };
+        assert_eq!(
+            (r.refund_id.as_str(), r.amount_cents, r.reason.as_str()),
+            ("ref-7", 4_998, "delivery_failed")
+        );
+        assert_eq!(
+            h.status("o-1"),
+            Some(Status::Refunded {
+                refund_id: "ref-7".into()
+            })
+        );
+        assert!(
+            h.input(topics::DELIVERY_UPDATED, &delivery_failed("o-1"))?
+                .effects
+                .is_empty()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_delivery_of_an_unpaid_order_refunds_nothing() -> TestResult {
+        let mut h = Harness::new();
+        assert!(
+            h.input(topics::DELIVERY_UPDATED, &delivery_failed("o-9"))?
+                .effects
+                .is_empty()
+        );
+        let effect = h.reserve("o-1")?.effects.remove(0);
+        h.outcome(
+            "o-1",
+            &effect,
+            EffectOutcome::Rejected {
+                reason: "declined".into(),
+            },
+        );
+        assert!(
+            h.input(topics::DELIVERY_UPDATED, &delivery_failed("o-1"))?
+                .effects
+                .is_empty()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn other_inventory_events_are_ignored_and_foreign_ones_unexpected() -> TestResult {
+        let mut h = Harness::new();
+        let rejected = Event::StockRejected(StockRejected {
+            envelope: envelope("o-2", "rej"),
+            short: vec![],
+            reason: "out_of_stock".into(),
+        });
+        let step = h.input(topics::INVENTORY_UPDATED, &rejected)?;
+        assert!(step.out.is_empty() && step.effects.is_empty());
+        let err = h.input(topics::ORDER_CREATED, &rejected).unwrap_err();
+        assert_eq!(err.class(), "unexpected");
+        assert!(h.status("o-2").is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn outputs_of_different_outcomes_have_different_ids() -> TestResult {
+        // A replay whose call fails transiently where the first call succeeded (or the
+        // reverse) must not reuse the first outputs' IDs for different events.
+        let mut a = Harness::new();
+        let mut b = Harness::new();
+        let effect = a.reserve("o-1")?.effects.remove(0);
+        b.reserve("o-1")?;
+        let authorized = a.outcome("o-1", &effect, ok("auth-1")).out;
+        let retrying = b.outcome("o-1", &effect, transient()).out;
+        assert_ne!(
+            authorized[0].envelope().event_id,
+            retrying[0].envelope().event_id
+        );
+        // The same outcome twice gives the same ID.
+        let mut c = Harness::new();
+        c.reserve("o-1")?;
+        assert_eq!(
+            c.outcome("o-1", &effect, ok("auth-1")).out[0]
+                .envelope()
+                .event_id,
+            authorized[0].envelope().event_id
+        );
         Ok(())
     }
 }
