@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::FraudSettings;
 use crate::events::{Event, OrderCreated, OrderScreened, ScreeningDecision};
-use crate::stages::{Ctx, Input, Stage, StageError, StageName, Store};
+use crate::stages::{Ctx, Input, Stage, StageError, StageName, Store, Timer};
 use crate::topics;
 
 /// The value of one key of the fraud stage's state.
@@ -26,7 +26,13 @@ use crate::topics;
 pub enum FraudState {
     /// Recent orders of one customer at one store, under [`velocity_key`].
     Velocity(VelocityWindow),
+    /// Under [`SWEEP_KEY`]: the partition's sweep timer is scheduled.
+    Sweep,
 }
+
+/// State key (and timer ID) of the partition's periodic sweep, which drops the windows of
+/// customers who stopped ordering so the state does not grow with every customer ever seen.
+pub const SWEEP_KEY: &str = "sweep";
 
 /// The orders of one (store, customer) that can still count towards a velocity decision.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,7 +222,7 @@ impl FraudStage {
         let key = velocity_key(store_id, customer_id);
         let mut window = match state.get(&key) {
             Some(FraudState::Velocity(w)) => w.clone(),
-            None => VelocityWindow::default(),
+            _ => VelocityWindow::default(),
         };
         let seen = window.observe(order_id, placed_at, self.window_ms);
         if seen.changed {
@@ -252,7 +258,57 @@ impl Stage for FraudStage {
         };
         let screened = self.screen(ctx, order)?;
         ctx.emit(screened);
+        if !ctx.state.contains(SWEEP_KEY) {
+            let due = ctx.now().saturating_add(self.sweep_interval_ms());
+            ctx.state.insert(SWEEP_KEY, FraudState::Sweep);
+            ctx.schedule(SWEEP_KEY, due, serde_json::Value::Null);
+        }
         Ok(())
+    }
+
+    /// Drops every window whose newest order is more than a window older than the
+    /// partition's newest order (event time): such a customer's past orders can no
+    /// longer count for anything but an order that late. Then sweeps again later.
+    fn on_timer(&mut self, ctx: &mut Ctx<'_, FraudState>, timer: &Timer) -> Result<(), StageError> {
+        if timer.id != SWEEP_KEY {
+            return Ok(());
+        }
+        let newest = |w: &VelocityWindow| w.orders.values().copied().max();
+        let watermark = ctx
+            .state
+            .iter()
+            .filter_map(|(_, v)| match v {
+                FraudState::Velocity(w) => newest(w),
+                FraudState::Sweep => None,
+            })
+            .max();
+        if let Some(watermark) = watermark {
+            let idle: Vec<String> = ctx
+                .state
+                .iter()
+                .filter(|(_, v)| match v {
+                    FraudState::Velocity(w) => {
+                        newest(w).is_none_or(|t| t < watermark.saturating_sub(self.window_ms))
+                    }
+                    FraudState::Sweep => false,
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in idle {
+                ctx.state.remove(&k);
+            }
+        }
+        let due = ctx.now().saturating_add(self.sweep_interval_ms());
+        ctx.schedule(SWEEP_KEY, due, serde_json::Value::Null);
+        Ok(())
+    }
+}
+
+impl FraudStage {
+    /// Sweeping once per window keeps at most about two windows of customers in state;
+    /// never more often than once a minute.
+    fn sweep_interval_ms(&self) -> i64 {
+        self.window_ms.max(60_000)
     }
 }
 
@@ -264,7 +320,6 @@ mod tests {
 
     use super::*;
     use crate::events::{Envelope, OrderLine, Picking, derive_id, order_created_id};
-    use crate::stages::Timer;
 
     type TestResult = Result<(), Box<dyn Error>>;
 
@@ -360,7 +415,7 @@ mod tests {
         fn window(&self, store: &str, customer: &str) -> Option<&BTreeMap<String, i64>> {
             match self.state.get(&velocity_key(store, customer)) {
                 Some(FraudState::Velocity(w)) => Some(&w.orders),
-                None => None,
+                _ => None,
             }
         }
     }
@@ -392,7 +447,8 @@ mod tests {
             h.window("s-1", "c-1"),
             Some(&window_of(&[("o-1", HOUR_MS)]))
         );
-        assert_eq!(h.state.len(), 1);
+        // The window and the sweep marker.
+        assert_eq!(h.state.len(), 2);
         Ok(())
     }
 
@@ -561,13 +617,54 @@ mod tests {
             ["velocity: 2 orders within 3600s exceeds 1"]
         );
 
-        assert_eq!(h.state.len(), 3);
+        // Three windows and the sweep marker.
+        assert_eq!(h.state.len(), 4);
         assert_eq!(
             h.window("s-1", "c-1"),
             Some(&window_of(&[("o-1", 0), ("o-4", 1_000)]))
         );
         assert_eq!(h.window("s-1", "c-2"), Some(&window_of(&[("o-2", 0)])));
         assert_eq!(h.window("s-2", "c-1"), Some(&window_of(&[("o-3", 0)])));
+        Ok(())
+    }
+
+    #[test]
+    fn the_sweep_drops_idle_windows_and_keeps_active_ones() -> TestResult {
+        let mut h = Harness::new(settings());
+        h.screen(&order("s-1", "idle", "o-1", 0))?;
+        h.screen(&order("s-1", "active", "o-2", HOUR_MS + 1))?;
+        h.screen(&order("s-1", "active", "o-3", 2 * HOUR_MS))?;
+        let [(_, timer)] = h.timers.iter().collect::<Vec<_>>()[..] else {
+            return Err("expected exactly one timer, the sweep".into());
+        };
+        let timer = timer.clone();
+        assert_eq!(
+            (timer.id.as_str(), timer.due_at),
+            (SWEEP_KEY, NOW + HOUR_MS)
+        );
+        h.timers.remove(&timer.id);
+
+        let mut out = Vec::new();
+        let mut ctx = Ctx::new(
+            "fraud",
+            timer.due_at,
+            timer.firing_id(),
+            timer.cause.clone(),
+            &mut h.state,
+            &mut h.timers,
+            &mut out,
+        );
+        h.stage.on_timer(&mut ctx, &timer)?;
+        assert!(out.is_empty());
+        // Newest order of the partition: 2 h. "idle" last ordered more than a window
+        // before that; "active" did not.
+        assert_eq!(h.window("s-1", "idle"), None);
+        assert_eq!(
+            h.window("s-1", "active"),
+            Some(&window_of(&[("o-2", HOUR_MS + 1), ("o-3", 2 * HOUR_MS)]))
+        );
+        let next: Vec<i64> = h.timers.iter().map(|(_, t)| t.due_at).collect();
+        assert_eq!(next, [NOW + 2 * HOUR_MS], "the sweep reschedules itself");
         Ok(())
     }
 
@@ -579,7 +676,8 @@ mod tests {
         });
         let first = order("s-1", "c-1", "o-1", 0);
         let once = h.screen(&first)?;
-        assert_eq!(h.state.changes().len(), 1);
+        // The window, and the sweep marker of the partition's first order.
+        assert_eq!(h.state.changes().len(), 2);
         h.state.commit();
 
         let again = h.screen(&first)?;
@@ -808,7 +906,7 @@ mod tests {
                     prior.iter().filter(|&(_, &t)| t >= oldest_kept).map(|(p, &t)| (p.clone(), t)).collect();
                 prop_assert_eq!(&window.orders, &expected_window);
                 for (other, state) in h.state.iter() {
-                    let FraudState::Velocity(w) = state;
+                    let FraudState::Velocity(w) = state else { continue };
                     let newest = seen[other].1;
                     prop_assert!(w.orders.values().all(|&t| newest - PROP_WINDOW_MS <= t && t <= newest));
                 }

@@ -165,6 +165,22 @@ impl TestEnv {
 
     /// Starts `orderflow run --stages fraud` as a separate process in this test's group.
     pub fn spawn_fraud_worker(&self, fraud: &FraudOpts) -> Worker {
+        let env = [
+            (
+                "ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS",
+                fraud.velocity_max_orders.to_string(),
+            ),
+            (
+                "ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS",
+                fraud.velocity_window_secs.to_string(),
+            ),
+        ];
+        self.spawn_worker(&["fraud"], &env)
+    }
+
+    /// Starts `orderflow run` for `stages` (every stage when empty) as a separate process
+    /// in this test's group, with `env` added to the worker's environment.
+    pub fn spawn_worker(&self, stages: &[&str], env: &[(&str, String)]) -> Worker {
         let n = {
             let mut n = self.spawned.lock().expect("spawn counter");
             *n += 1;
@@ -192,7 +208,10 @@ impl TestEnv {
         kafka.push(format!("client.id={instance}"));
 
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderflow"));
-        cmd.args(["run", "--stages", "fraud"]);
+        cmd.arg("run");
+        if !stages.is_empty() {
+            cmd.args(["--stages", &stages.join(",")]);
+        }
         // Only what this test says: no ORDERFLOW_* leaking in from the caller's shell.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("ORDERFLOW_") {
@@ -209,14 +228,7 @@ impl TestEnv {
                 "ORDERFLOW_BATCH_INTERVAL_MS",
                 self.settings.batch_interval_ms.to_string(),
             )
-            .env(
-                "ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS",
-                fraud.velocity_max_orders.to_string(),
-            )
-            .env(
-                "ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS",
-                fraud.velocity_window_secs.to_string(),
-            )
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("ORDERFLOW_KAFKA", kafka.join(","))
             .env(
                 "RUST_LOG",
