@@ -607,10 +607,8 @@ mod tests {
         }
 
         fn status(&self, order: &str) -> Option<Status> {
-            match self.state.get(&order_key("s-1", order)) {
-                Some(PaymentState::Order(p)) => Some(p.status.clone()),
-                None => None,
-            }
+            let PaymentState::Order(p) = self.state.get(&order_key("s-1", order))?;
+            Some(p.status.clone())
         }
     }
 
