@@ -169,6 +169,7 @@ fn refund_effect(key: &str, order: &str, authorization_id: &str, amount_cents: i
         authorization_id: authorization_id.into(),
         amount_cents,
         currency: "USD".into(),
+        attempt: 1,
     }
 }
 

@@ -89,6 +89,7 @@ impl EffectHandler for GatewayClient {
                 authorization_id,
                 amount_cents,
                 currency,
+                attempt: _,
             } => (
                 Kind::Refund,
                 to_body(RefundRequest {
@@ -398,6 +399,7 @@ mod tests {
                 authorization_id: "a".into(),
                 amount_cents: 1,
                 currency: "USD".into(),
+                attempt: 1,
             };
             let outcome = futures::executor::block_on(client.perform(effect));
             let e = transient(outcome);

@@ -632,7 +632,7 @@ impl<S: Stage> Worker<S> {
             };
             for (p, outcome) in pending.into_iter().zip(outcomes) {
                 let Some(ps) = self.parts.get_mut(&p.partition) else { continue };
-                let cause_id = format!("effect/{}/{}", p.effect.idempotency_key(), outcome.class());
+                let cause_id = format!("effect/{}/{}", p.effect.id(), outcome.class());
                 let mut produced = Vec::new();
                 let (result, requested) = {
                     let mut ctx =

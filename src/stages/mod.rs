@@ -104,13 +104,39 @@ pub enum Effect {
         authorization_id: String,
         amount_cents: i64,
         currency: String,
+        attempt: u32,
     },
 }
 
 impl Effect {
+    /// Identifies one attempt of one request. Outputs reacting to its outcome derive
+    /// their IDs from it: the idempotency key alone is the same on every attempt, and
+    /// two attempts' reactions (a retry notice, then a failure) must not share IDs.
+    pub fn id(&self) -> String {
+        match self {
+            Effect::Authorize {
+                idempotency_key,
+                attempt,
+                ..
+            }
+            | Effect::Refund {
+                idempotency_key,
+                attempt,
+                ..
+            } => {
+                format!("{idempotency_key}#{attempt}")
+            }
+        }
+    }
+
     pub fn idempotency_key(&self) -> &str {
         match self {
-            Effect::Authorize { idempotency_key, .. } | Effect::Refund { idempotency_key, .. } => idempotency_key,
+            Effect::Authorize {
+                idempotency_key, ..
+            }
+            | Effect::Refund {
+                idempotency_key, ..
+            } => idempotency_key,
         }
     }
 }

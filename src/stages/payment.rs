@@ -151,6 +151,7 @@ impl PaymentStage {
         store: &str,
         order: &str,
         authorization_id: &str,
+        attempt: u32,
     ) {
         ctx.request(Effect::Refund {
             idempotency_key: refund_key(store, order),
@@ -159,6 +160,7 @@ impl PaymentStage {
             authorization_id: authorization_id.to_owned(),
             amount_cents: p.amount_cents,
             currency: p.currency.clone(),
+            attempt,
         });
     }
 
@@ -358,7 +360,7 @@ impl Stage for PaymentStage {
                     return Ok(());
                 };
                 let authorization_id = authorization_id.clone();
-                self.refund(ctx, &p, store, order, &authorization_id);
+                self.refund(ctx, &p, store, order, &authorization_id, 1);
                 let p = OrderPayment {
                     status: Status::Refunding {
                         authorization_id,
@@ -409,7 +411,7 @@ impl Stage for PaymentStage {
                 },
             ) if attempt == *current => {
                 let authorization_id = authorization_id.clone();
-                self.refund(ctx, &p, &store, &order, &authorization_id);
+                self.refund(ctx, &p, &store, &order, &authorization_id, attempt);
             }
             (Due::Retire, _) => {
                 ctx.state.remove(&key);
@@ -441,7 +443,10 @@ impl Stage for PaymentStage {
                 }
             }
             Effect::Refund {
-                store_id, order_id, ..
+                store_id,
+                order_id,
+                attempt: requested,
+                ..
             } => {
                 let key = order_key(store_id, order_id);
                 if let Some(PaymentState::Order(p)) = ctx.state.get(&key).cloned()
@@ -449,6 +454,7 @@ impl Stage for PaymentStage {
                         authorization_id,
                         attempt,
                     } = p.status.clone()
+                    && attempt == *requested
                 {
                     self.on_refund(ctx, &key, p, authorization_id, attempt, outcome);
                 }
@@ -563,7 +569,7 @@ mod tests {
         fn outcome(&mut self, order: &str, effect: &Effect, outcome: EffectOutcome) -> Step {
             let mut out = Vec::new();
             let cause = envelope(order, &format!("reserved/{order}"));
-            let cause_id = format!("effect/{}/{}", effect.idempotency_key(), outcome.class());
+            let cause_id = format!("effect/{}/{}", effect.id(), outcome.class());
             let mut ctx = Ctx::new(
                 "payment",
                 self.now,
@@ -912,6 +918,32 @@ mod tests {
         let err = h.input(topics::ORDER_CREATED, &rejected).unwrap_err();
         assert_eq!(err.class(), "unexpected");
         assert!(h.status("o-2").is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn every_attempts_reaction_has_its_own_id() -> TestResult {
+        // Retry notices of successive attempts and the final failure all react to the same
+        // idempotency key with the same outcome class; consumers that deduplicate by event
+        // ID must still see each of them.
+        let mut h = Harness::new();
+        let mut effect = h.reserve("o-1")?.effects.remove(0);
+        let mut ids = Vec::new();
+        for _ in 1..settings().max_attempts {
+            ids.extend(
+                h.outcome("o-1", &effect, transient())
+                    .out
+                    .iter()
+                    .map(|e| e.envelope().event_id.clone()),
+            );
+            effect = h.fire_next().expect("a retry").1.effects.remove(0);
+        }
+        let last = h.outcome("o-1", &effect, transient()).out;
+        assert!(matches!(last.as_slice(), [Event::PaymentFailed(_)]));
+        ids.push(last[0].envelope().event_id.clone());
+        let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+        assert_eq!(ids.len(), settings().max_attempts as usize);
         Ok(())
     }
 

@@ -1,1 +1,0 @@
-//! Traffic simulator and carrier player behind `orderflow load` (being written).

@@ -1,0 +1,364 @@
+//! Realistic traffic for `orderflow load`, and a carrier that scans shipped orders.
+//!
+//! A run publishes, in order: stock for every (store, SKU) to `inventory.commands`
+//! (`StockRestocked`, and `ThresholdSet`), then orders to `order.created` per the producer
+//! contract, paced at a target rate. Stores and SKUs are Zipf-popular, the hottest SKUs
+//! are stocked thinly so they run out, a few fraudulent customers place bursts beyond the
+//! velocity limit and a few orders exceed the amount limit. Meanwhile a carrier
+//! ([`carrier::play_carrier`]) scans every order that becomes ready to ship, and a watch
+//! ([`outcomes::OutcomeWatch`]) reads how the run's orders end.
+//!
+//! Invariant: what is published is a pure function of the seed and the run ID
+//! ([`generate::Plan`]); only timestamps are taken from the clock. Every record is keyed
+//! by its store ID.
+//!
+//! - [`generate`]: the plan — catalog, stores, customers, orders, stock commands.
+//! - [`pacer`]: the token bucket that holds the rate without drift.
+//! - [`publish`]: a producer that keeps many records in flight.
+//! - [`carrier`]: the carrier player.
+//! - [`outcomes`]: the run's orders by outcome, from the lifecycle topics.
+
+pub mod carrier;
+pub mod generate;
+pub mod outcomes;
+pub mod pacer;
+pub mod publish;
+
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+
+pub use carrier::{CarrierConfig, CarrierReport, play_carrier, scan_event_id};
+pub use generate::{OrderDraft, OrderKind, Plan, PlanConfig, StockCommand};
+pub use outcomes::{OutcomeWatch, Outcomes};
+pub use pacer::Pacer;
+
+use crate::config::Settings;
+use crate::topics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("invalid load settings: {0}")]
+    Config(String),
+    #[error("cannot create a Kafka client: {0}")]
+    Client(KafkaError),
+    #[error("producing to {topic} failed: {source}")]
+    Produce { topic: String, source: KafkaError },
+    #[error("reading {topic} failed: {source}")]
+    Consume { topic: String, source: KafkaError },
+    #[error("cannot encode a {event_type}: {message}")]
+    Encode {
+        event_type: &'static str,
+        message: String,
+    },
+    #[error("a simulator task stopped unexpectedly: {0}")]
+    Task(String),
+}
+
+/// What to publish, and how fast.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadConfig {
+    pub plan: PlanConfig,
+    /// Orders per second; 0 publishes as fast as the broker takes them.
+    pub rate: f64,
+    /// Publish the stock commands before the orders.
+    pub stock: bool,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        LoadConfig {
+            plan: PlanConfig::default(),
+            rate: 100.0,
+            stock: true,
+        }
+    }
+}
+
+impl LoadConfig {
+    pub fn validate(&self) -> Result<(), SimError> {
+        let p = &self.plan;
+        let bad = |m: &str| Err(SimError::Config(m.to_owned()));
+        if p.stores == 0 {
+            return bad("--stores must be at least 1");
+        }
+        if p.skus == 0 {
+            return bad("--skus must be at least 1");
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            return bad("--rate must be a non-negative number");
+        }
+        if p.initial_stock <= 0 {
+            return bad("--initial-stock must be positive");
+        }
+        if p.low_stock_units < 0 {
+            return bad("low-stock units must not be negative");
+        }
+        if p.run_id.is_empty() || p.run_id.contains(char::is_whitespace) {
+            return bad("the run ID must be a non-empty word");
+        }
+        if !(p.skew >= 0.0 && p.skew.is_finite()) {
+            return bad("--skew must be a non-negative number");
+        }
+        Ok(())
+    }
+
+    /// What every order ID of this run starts with.
+    pub fn order_prefix(&self) -> String {
+        format!("o-{}-", self.plan.run_id)
+    }
+}
+
+/// What a load run published.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadReport {
+    pub orders: u64,
+    pub commands: u64,
+    /// Fraudulent and huge orders among `orders`.
+    pub fraud_orders: u64,
+    pub huge_orders: u64,
+    /// From the first order handed to the client to the last one acknowledged.
+    pub elapsed: Duration,
+    /// Publishing the stock commands (acknowledged) took this long.
+    pub stock_elapsed: Duration,
+    /// Stopped by the shutdown token before every order was published.
+    pub interrupted: bool,
+}
+
+impl LoadReport {
+    /// Orders per second achieved.
+    pub fn achieved_rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.orders as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+fn bar(len: u64, visible: bool, template: &str) -> ProgressBar {
+    let target = if visible {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(len), target);
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Publishes the stock commands, then the orders at `config.rate`; stops early (with
+/// what it published acknowledged) when `shutdown` is cancelled.
+pub async fn run_load(
+    settings: &Settings,
+    config: &LoadConfig,
+    show_progress: bool,
+    shutdown: &CancellationToken,
+) -> Result<LoadReport, SimError> {
+    config.validate()?;
+    let plan = Plan::new(config.plan.clone());
+    let t = settings.topics();
+    let mut publisher = publish::Publisher::new(publish::producer(settings, "load")?);
+    let mut report = LoadReport::default();
+
+    if config.stock {
+        let started = Instant::now();
+        let commands = plan.stock_commands();
+        let pb = bar(
+            commands.len() as u64,
+            show_progress,
+            "stock    [{bar:40}] {pos}/{len} commands {elapsed}",
+        );
+        let topic = t.name(topics::INVENTORY_COMMANDS);
+        let now = chrono::Utc::now().timestamp_millis();
+        for c in &commands {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            publisher
+                .send(&topic, &c.store_id, &c.to_json(now), &[])
+                .await?;
+            pb.inc(1);
+        }
+        // Stock first, acknowledged, then orders: so the first orders find it.
+        publisher.flush().await?;
+        pb.finish();
+        report.commands = publisher.acked();
+        report.stock_elapsed = started.elapsed();
+    }
+
+    let pb = bar(
+        config.plan.orders,
+        show_progress,
+        "orders   [{bar:40}] {pos}/{len} {per_sec} {elapsed}/{eta} left",
+    );
+    let topic = t.name(topics::ORDER_CREATED);
+    let mut pacer = Pacer::for_rate(config.rate);
+    let before = publisher.acked();
+    let started = Instant::now();
+    for o in plan.orders() {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                report.interrupted = true;
+                break;
+            }
+            _ = pacer.acquire() => {}
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        publisher
+            .send(&topic, &o.store_id, &o.to_json(now), &[])
+            .await?;
+        match o.kind {
+            OrderKind::Normal => {}
+            OrderKind::FraudBurst => report.fraud_orders += 1,
+            OrderKind::Huge => report.huge_orders += 1,
+        }
+        pb.inc(1);
+        if o.seq % 256 == 255 {
+            // Unpaced, nothing above need ever wait: let other tasks (the carrier) run.
+            tokio::task::yield_now().await;
+        }
+    }
+    publisher.flush().await?;
+    report.elapsed = started.elapsed();
+    report.orders = publisher.acked() - before;
+    pb.finish();
+    Ok(report)
+}
+
+/// A whole `orderflow load`: traffic, the carrier, and the watch on outcomes.
+#[derive(Debug, Clone)]
+pub struct SimulationConfig {
+    pub load: LoadConfig,
+    /// Play the carrier while the run lasts.
+    pub carrier: Option<CarrierConfig>,
+    /// After publishing, wait up to this long for the orders to settle (0: do not watch).
+    pub observe: Duration,
+    pub show_progress: bool,
+}
+
+/// The closing summary of a run.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub load: LoadReport,
+    pub carrier: Option<CarrierReport>,
+    pub outcomes: Option<Outcomes>,
+}
+
+/// Runs a simulation: starts the carrier, publishes, watches outcomes, stops the carrier.
+pub async fn simulate(
+    settings: &Settings,
+    config: &SimulationConfig,
+    shutdown: &CancellationToken,
+) -> Result<Summary, SimError> {
+    config.load.validate()?;
+    if let Some(c) = &config.carrier
+        && !(0.0..=1.0).contains(&c.delivery_failure_rate)
+    {
+        return Err(SimError::Config(
+            "--delivery-failure-rate must be between 0 and 1".into(),
+        ));
+    }
+    let watch = if config.observe > Duration::ZERO {
+        Some(OutcomeWatch::snapshot(settings).await?)
+    } else {
+        None
+    };
+    let carrier_stop = shutdown.child_token();
+    let carrier = config.carrier.clone().map(|c| {
+        let settings = settings.clone();
+        let stop = carrier_stop.clone();
+        tokio::spawn(async move { play_carrier(&settings, c, stop).await })
+    });
+
+    let result = async {
+        let load = run_load(settings, &config.load, config.show_progress, shutdown).await?;
+        let outcomes = match watch {
+            Some(w) if !shutdown.is_cancelled() => {
+                let pb = bar(
+                    load.orders,
+                    config.show_progress,
+                    "outcomes [{bar:40}] {pos}/{len} orders settled {elapsed}",
+                );
+                let o = w
+                    .observe(
+                        config.load.order_prefix(),
+                        load.orders,
+                        config.observe,
+                        shutdown.clone(),
+                        pb.clone(),
+                    )
+                    .await?;
+                pb.finish();
+                Some(o)
+            }
+            _ => None,
+        };
+        Ok::<_, SimError>((load, outcomes))
+    }
+    .await;
+
+    carrier_stop.cancel();
+    let carrier = match carrier {
+        Some(handle) => Some(handle.await.map_err(|e| SimError::Task(e.to_string()))??),
+        None => None,
+    };
+    let (load, outcomes) = result?;
+    Ok(Summary {
+        load,
+        carrier,
+        outcomes,
+    })
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = &self.load;
+        writeln!(
+            f,
+            "published {} orders ({} in fraud bursts, {} huge) in {:.1}s: {:.1} orders/s{}",
+            l.orders,
+            l.fraud_orders,
+            l.huge_orders,
+            l.elapsed.as_secs_f64(),
+            l.achieved_rate(),
+            if l.interrupted { " (interrupted)" } else { "" }
+        )?;
+        writeln!(
+            f,
+            "published {} inventory commands in {:.1}s",
+            l.commands,
+            l.stock_elapsed.as_secs_f64()
+        )?;
+        match &self.carrier {
+            Some(c) => writeln!(
+                f,
+                "carrier: {} scans for {} orders ({} delivered, {} failed)",
+                c.scans_published, c.orders_scanned, c.delivered, c.failed
+            )?,
+            None => writeln!(f, "carrier: not played")?,
+        }
+        if let Some(o) = &self.outcomes {
+            writeln!(
+                f,
+                "outcomes after {:.1}s: {} delivered, {} rejected ({} fraud, {} out of stock), {} cancelled, {} refunded, {} delivery failed awaiting refund, {} in flight",
+                o.waited.as_secs_f64(),
+                o.delivered,
+                o.rejected(),
+                o.rejected_fraud,
+                o.rejected_stock,
+                o.cancelled,
+                o.refunded,
+                o.delivery_failed,
+                o.in_flight
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,571 @@
+//! The whole order pipeline on the real broker: fraud, inventory, payment (against the
+//! mock gateway with transient errors, declines and a 5-second outage), fulfillment and
+//! delivery (with the simulated carrier), in two worker processes running every stage —
+//! once undisturbed and once with a worker SIGKILLed and restarted mid-run.
+//!
+//! Asserted with exact numbers: every order ends in a terminal state consistent with its
+//! events; per SKU, final stock = initial − reserved + released; the gateway charged no
+//! order twice and every authorized order exactly once; orders hit by the outage retried,
+//! some then succeeded and the exhausted ones failed and had their stock released; some
+//! SKUs ran out; nothing was dead-lettered.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{Collector, Outgoing, TestEnv, Worker, deadline};
+use orderflow::events::codec::{Codec, DecodeHints};
+use orderflow::events::{Event, EventType, PaymentFailureReason};
+use orderflow::gateway::server::{Gateway, GatewayConfig, LedgerStatus, serve_gateway};
+use orderflow::simulator::carrier::{CarrierConfig, play_carrier};
+use orderflow::status::{self, OrderStatus};
+use orderflow::topics;
+use tokio_util::sync::CancellationToken;
+
+const ORDERS: usize = 2_000;
+const STORES: usize = 20;
+const SKUS: usize = 10;
+/// SKU-0 starts with this little stock in every store, so it runs out.
+const SCARCE_UNITS: i32 = 5;
+const PLENTY_UNITS: i32 = 400;
+const ORDERS_PER_SECOND: f64 = 150.0;
+const OUTAGE: Duration = Duration::from_secs(5);
+/// One order in this many is far above the fraud amount limit.
+const HUGE_EVERY: usize = 97;
+
+/// These tests start four worker processes each on a two-core machine: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+#[test]
+fn every_order_reaches_a_consistent_end() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    run("e2e", false);
+}
+
+#[test]
+fn a_worker_killed_mid_run_changes_nothing_for_the_orders() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    run("e2e-kill", true);
+}
+
+fn sku(i: usize) -> String {
+    format!("SKU-{i}")
+}
+
+fn store(i: usize) -> String {
+    format!("store-{i:02}")
+}
+
+fn initial_units(sku_index: usize) -> i32 {
+    if sku_index < 2 {
+        SCARCE_UNITS
+    } else {
+        PLENTY_UNITS
+    }
+}
+
+/// A small deterministic generator, so a failure can be reproduced exactly.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Order `i` as its producer publishes it (JSON, the producer contract).
+fn order_json(i: usize) -> (String, String, Vec<u8>) {
+    let store_id = store(i % STORES);
+    let order_id = format!("o-{i:05}");
+    let lines = 1 + (mix(i as u64) % 2) as usize;
+    let items: Vec<serde_json::Value> = (0..lines)
+        .map(|l| {
+            let r = mix((i * 10 + l) as u64);
+            let price = if i.is_multiple_of(HUGE_EVERY) {
+                2_000_000
+            } else {
+                500 + (r % 4_500) as i64
+            };
+            serde_json::json!({
+                "sku": sku((r as usize / 7 + l) % SKUS),
+                "quantity": 1 + (r % 2),
+                "unit_price_cents": price,
+            })
+        })
+        .collect();
+    let json = serde_json::json!({
+        "order_id": order_id,
+        "store_id": store_id,
+        "customer_id": format!("c-{i}"),
+        "email": format!("c{i}@example.com"),
+        "currency": "USD",
+        "shipping_country": "US",
+        "items": items,
+        "placed_at": chrono::Utc::now().timestamp_millis(),
+    });
+    (store_id, order_id, serde_json::to_vec(&json).expect("JSON"))
+}
+
+/// Every lifecycle event of the run, deduplicated by event ID, per (store, order).
+struct Observed {
+    collectors: Vec<Collector>,
+    read: Vec<usize>,
+    codec: Codec,
+    ids: BTreeSet<String>,
+    by_order: HashMap<(String, String), Vec<Event>>,
+    /// Events about no order (stock levels, low stock).
+    other: Vec<Event>,
+    duplicates: usize,
+}
+
+const LIFECYCLE: &[&str] = &[
+    topics::ORDER_SCREENED,
+    topics::INVENTORY_UPDATED,
+    topics::INVENTORY_THRESHOLD_REACHED,
+    topics::PAYMENT_PROCESSED,
+    topics::FULFILLMENT_UPDATED,
+    topics::DELIVERY_UPDATED,
+];
+
+impl Observed {
+    fn new(env: &TestEnv) -> Self {
+        Observed {
+            collectors: LIFECYCLE.iter().map(|t| env.collector(t)).collect(),
+            read: vec![0; LIFECYCLE.len()],
+            codec: Codec::new(),
+            ids: BTreeSet::new(),
+            by_order: HashMap::new(),
+            other: Vec::new(),
+            duplicates: 0,
+        }
+    }
+
+    fn poll(&mut self) {
+        for (i, c) in self.collectors.iter_mut().enumerate() {
+            c.poll(Duration::from_millis(50));
+            for rec in &c.records[self.read[i]..] {
+                let value = rec.value.as_deref().expect("lifecycle records have values");
+                let event = self
+                    .codec
+                    .decode(value, DecodeHints::default())
+                    .unwrap_or_else(|e| panic!("undecodable record on {}: {e}", c.topic));
+                if !self.ids.insert(event.envelope().event_id.clone()) {
+                    self.duplicates += 1;
+                    continue;
+                }
+                match &event.envelope().order_id {
+                    Some(order) => self
+                        .by_order
+                        .entry((event.envelope().store_id.clone(), order.clone()))
+                        .or_default()
+                        .push(event),
+                    None => self.other.push(event),
+                }
+            }
+            self.read[i] = c.records.len();
+        }
+    }
+
+    /// The histories of up to `n` orders not yet in a terminal state.
+    fn stuck(&self, created: &HashMap<(String, String), Event>, n: usize) -> String {
+        created
+            .keys()
+            .filter(|k| {
+                !self
+                    .by_order
+                    .get(*k)
+                    .is_some_and(|evs| status::of(evs).is_some_and(|s| s.is_terminal()))
+            })
+            .take(n)
+            .map(|k| {
+                let evs: Vec<String> = self
+                    .by_order
+                    .get(k)
+                    .map(|evs| evs.iter().map(|e| e.event_type().to_string()).collect())
+                    .unwrap_or_default();
+                format!("{k:?}: {}", evs.join(" "))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn terminal(&self) -> usize {
+        self.by_order
+            .values()
+            .filter(|evs| status::of(evs).is_some_and(|s| s.is_terminal()))
+            .count()
+    }
+}
+
+/// Saga order of event types, for sorting one order's events read from several topics.
+fn rank(t: EventType) -> u8 {
+    use EventType::*;
+    match t {
+        OrderCreated => 0,
+        OrderScreened => 1,
+        StockReserved | StockRejected => 2,
+        PaymentRetrying => 3,
+        PaymentAuthorized | PaymentFailed => 4,
+        StockReleased => 5,
+        Picking => 6,
+        Packed => 7,
+        ReadyToShip => 8,
+        Shipped => 9,
+        InTransit => 10,
+        OutForDelivery => 11,
+        Delivered | DeliveryFailed => 12,
+        PaymentRefunded => 13,
+        _ => 14,
+    }
+}
+
+fn worker_env(gateway: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ORDERFLOW_GATEWAY_URL", format!("http://{gateway}")),
+        ("ORDERFLOW_PAYMENT_TIMEOUT_MS", "1000".into()),
+        ("ORDERFLOW_PAYMENT_RETRY_BASE_MS", "200".into()),
+        ("ORDERFLOW_PAYMENT_RETRY_CAP_MS", "1000".into()),
+        // 5 attempts span at most about 2.4 s of backoff: orders that start paying early
+        // in the 5 s outage exhaust them, orders that start late recover.
+        ("ORDERFLOW_PAYMENT_MAX_ATTEMPTS", "5".into()),
+        ("ORDERFLOW_FULFILLMENT_PICK_MS", "50".into()),
+        ("ORDERFLOW_FULFILLMENT_PACK_MS", "50".into()),
+        ("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", "1000".into()),
+    ]
+}
+
+fn run(name: &str, kill: bool) {
+    let env = TestEnv::new(name, 6);
+    for base in [
+        topics::INVENTORY_COMMANDS,
+        topics::INVENTORY_UPDATED,
+        topics::PAYMENT_PROCESSED,
+        topics::FULFILLMENT_UPDATED,
+        topics::CARRIER_UPDATES,
+        topics::DELIVERY_UPDATED,
+    ] {
+        common::wait_for_partitions(&env.topic(base), 6);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime for the gateway and the carrier");
+    let stop = CancellationToken::new();
+    let gateway = Gateway::new(GatewayConfig {
+        latency_ms: 2,
+        jitter_ms: 5,
+        decline_rate: 0.05,
+        transient_error_rate: 0.2,
+        seed: 11,
+        ..GatewayConfig::default()
+    })
+    .expect("a valid gateway config");
+    let (gateway_addr, _gateway_task) = rt
+        .block_on(serve_gateway("127.0.0.1:0", gateway.clone(), stop.clone()))
+        .expect("the gateway listens");
+    let carrier_settings = env.settings.clone();
+    let carrier_stop = stop.clone();
+    let carrier = rt.spawn(async move {
+        let config = CarrierConfig {
+            delivery_failure_rate: 0.05,
+            ..CarrierConfig::default()
+        };
+        play_carrier(&carrier_settings, config, carrier_stop).await
+    });
+
+    // Stock first, then the workers, then the orders.
+    let producer = env.producer();
+    let mut initial: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut commands = Vec::new();
+    for s in 0..STORES {
+        for k in 0..SKUS {
+            let units = initial_units(k);
+            initial.insert((store(s), sku(k)), i64::from(units));
+            let json = serde_json::json!({
+                "event_type": "StockRestocked", "store_id": store(s), "sku": sku(k), "quantity": units,
+            });
+            commands.push(Outgoing::new(
+                store(s),
+                serde_json::to_vec(&json).expect("JSON"),
+            ));
+        }
+    }
+    producer.send_all(&env.topic(topics::INVENTORY_COMMANDS), &commands);
+
+    let wenv = worker_env(&gateway_addr.to_string());
+    let mut workers: Vec<Worker> = vec![env.spawn_worker(&[], &wenv), env.spawn_worker(&[], &wenv)];
+    // The shelves are stocked before the shop opens: Kafka orders records within a
+    // partition, not across the inventory's input topics, so orders published alongside
+    // the restocks could be taken first.
+    let mut seen = Observed::new(&env);
+    let until = deadline(60);
+    loop {
+        seen.poll();
+        let stocked = seen
+            .other
+            .iter()
+            .filter(|e| matches!(e, Event::StockLevelChanged(c) if c.reason == "restock"))
+            .count();
+        if stocked == initial.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "[{name}] only {stocked} of {} restocks applied within 60 s",
+            initial.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let codec = Codec::new();
+    let mut created: HashMap<(String, String), Event> = HashMap::new();
+    let mut orders = Vec::new();
+    for i in 0..ORDERS {
+        let (store_id, order_id, json) = order_json(i);
+        let hints = DecodeHints {
+            topic_default: Some(EventType::OrderCreated),
+            ..DecodeHints::default()
+        };
+        created.insert(
+            (store_id.clone(), order_id),
+            codec.decode(&json, hints).expect("a valid order"),
+        );
+        orders.push(Outgoing::new(store_id, json));
+    }
+
+    // Orders in three parts: the outage starts after the first, the kill (if any) comes
+    // after the second.
+    let order_topic = env.topic(topics::ORDER_CREATED);
+    let (first, rest) = orders.split_at(ORDERS / 4);
+    let (second, third) = rest.split_at(ORDERS / 4);
+    producer.send_paced(&order_topic, first, Some(ORDERS_PER_SECOND));
+    gateway.set_outage(true);
+    let outage_started = Instant::now();
+    producer.send_paced(&order_topic, second, Some(ORDERS_PER_SECOND));
+    if kill {
+        workers[0].kill9();
+        eprintln!("[{name}] killed worker 1");
+    }
+    if let Some(left) = OUTAGE.checked_sub(outage_started.elapsed()) {
+        std::thread::sleep(left);
+    }
+    gateway.set_outage(false);
+    eprintln!("[{name}] outage over after {:?}", outage_started.elapsed());
+    if kill {
+        workers.push(env.spawn_worker(&[], &wenv));
+    }
+    producer.send_paced(&order_topic, third, Some(ORDERS_PER_SECOND));
+
+    let until = deadline(120);
+    loop {
+        seen.poll();
+        let done = seen.terminal();
+        if done == ORDERS {
+            break;
+        }
+        for w in &workers[usize::from(kill)..] {
+            w.assert_alive();
+        }
+        assert!(
+            Instant::now() < until,
+            "[{name}] only {done} of {ORDERS} orders reached a terminal state within 120 s; some that did not:\n{}",
+            seen.stuck(&created, 15)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "[{name}] all {ORDERS} orders terminal; {} duplicate records (same IDs)",
+        seen.duplicates
+    );
+
+    // Read back every SKU's stock: an adjustment by 0 is a count that confirms the level.
+    let probes: Vec<Outgoing> = initial
+        .keys()
+        .map(|(s, k)| {
+            let json = serde_json::json!({
+                "event_type": "StockAdjusted", "store_id": s, "sku": k, "delta": 0, "reason": "probe",
+            });
+            Outgoing::new(s.clone(), serde_json::to_vec(&json).expect("JSON"))
+        })
+        .collect();
+    producer.send_all(&env.topic(topics::INVENTORY_COMMANDS), &probes);
+    let mut level: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let until = deadline(60);
+    while level.len() < initial.len() {
+        assert!(
+            Instant::now() < until,
+            "[{name}] only {} stock probes answered",
+            level.len()
+        );
+        seen.poll();
+        for e in &seen.other {
+            if let Event::StockLevelChanged(c) = e
+                && c.reason == "probe"
+            {
+                level.insert(
+                    (c.envelope.store_id.clone(), c.sku.clone()),
+                    i64::from(c.available),
+                );
+            }
+        }
+    }
+    stop.cancel();
+    let report = rt
+        .block_on(carrier)
+        .expect("carrier task")
+        .expect("carrier");
+    eprintln!("[{name}] carrier: {report:?}");
+
+    // 1. Every order ended, consistently with its own events.
+    let mut ends: BTreeMap<String, usize> = BTreeMap::new();
+    let mut reserved: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut released: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let (mut retried_then_paid, mut exhausted, mut declined, mut out_of_stock) = (0, 0, 0, 0);
+    let mut authorized: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut refunded = BTreeSet::new();
+    for (key, order) in &created {
+        let mut events = vec![order.clone()];
+        events.extend(seen.by_order.get(key).cloned().unwrap_or_default());
+        events.sort_by_key(|e| (rank(e.event_type()), e.envelope().occurred_at));
+        let end = status::check_complete(&events)
+            .unwrap_or_else(|e| panic!("[{name}] order {key:?} is inconsistent: {e}\n{events:#?}"));
+        *ends.entry(format!("{end:?}")).or_default() += 1;
+        let retried = events
+            .iter()
+            .any(|e| e.event_type() == EventType::PaymentRetrying);
+        for e in &events {
+            match e {
+                Event::StockReserved(r) => {
+                    for l in &r.items {
+                        *reserved.entry((key.0.clone(), l.sku.clone())).or_default() +=
+                            i64::from(l.quantity);
+                    }
+                }
+                Event::StockReleased(r) => {
+                    for l in &r.items {
+                        *released.entry((key.0.clone(), l.sku.clone())).or_default() +=
+                            i64::from(l.quantity);
+                    }
+                }
+                Event::StockRejected(_) => out_of_stock += 1,
+                Event::PaymentAuthorized(a) => {
+                    authorized.insert(key.clone(), a.authorization_id.clone());
+                    if retried {
+                        retried_then_paid += 1;
+                    }
+                }
+                Event::PaymentFailed(f) => {
+                    match f.reason {
+                        PaymentFailureReason::GatewayUnavailable => exhausted += 1,
+                        PaymentFailureReason::Declined => declined += 1,
+                    }
+                    assert!(
+                        events
+                            .iter()
+                            .any(|e| e.event_type() == EventType::StockReleased),
+                        "[{name}] order {key:?} failed payment without releasing its stock"
+                    );
+                }
+                Event::PaymentRefunded(_) => {
+                    refunded.insert(key.clone());
+                }
+                _ => {}
+            }
+        }
+        if end == OrderStatus::Cancelled {
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e.event_type() == EventType::PaymentFailed)
+            );
+        }
+    }
+    eprintln!(
+        "[{name}] ends {ends:?}; retried then paid {retried_then_paid}, exhausted {exhausted}, declined {declined}, out of stock {out_of_stock}, refunded {}",
+        refunded.len()
+    );
+
+    // 2. Stock balances per SKU, and nothing went negative.
+    for (key, start) in &initial {
+        let expected = start - reserved.get(key).copied().unwrap_or(0)
+            + released.get(key).copied().unwrap_or(0);
+        assert_eq!(
+            level[key],
+            expected,
+            "[{name}] stock of {key:?}: initial {start}, reserved {:?}, released {:?}",
+            reserved.get(key),
+            released.get(key)
+        );
+        assert!(level[key] >= 0);
+    }
+
+    // 3. The gateway charged no order twice, and every authorized order exactly once.
+    let mut charges: BTreeMap<(String, String), Vec<_>> = BTreeMap::new();
+    for entry in gateway.ledger() {
+        if matches!(
+            entry.status,
+            LedgerStatus::Authorized | LedgerStatus::Refunded
+        ) {
+            charges
+                .entry((entry.store_id.clone(), entry.order_id.clone()))
+                .or_default()
+                .push(entry);
+        }
+    }
+    for (key, entries) in &charges {
+        assert_eq!(
+            entries.len(),
+            1,
+            "[{name}] order {key:?} was charged {} times",
+            entries.len()
+        );
+        assert_eq!(
+            authorized.get(key),
+            entries[0].authorization_id.as_ref(),
+            "[{name}] order {key:?}: the charge is not the authorization the pipeline recorded"
+        );
+        assert_eq!(
+            entries[0].status == LedgerStatus::Refunded,
+            refunded.contains(key),
+            "[{name}] order {key:?}: ledger and events disagree about the refund"
+        );
+    }
+    assert_eq!(
+        charges.len(),
+        authorized.len(),
+        "[{name}] an authorized order has no charge"
+    );
+
+    // 4. The run exercised what it claims to.
+    assert!(
+        retried_then_paid > 0,
+        "[{name}] no order retried and then paid"
+    );
+    assert!(
+        exhausted > 0,
+        "[{name}] no order exhausted its attempts during the 5 s outage"
+    );
+    assert!(declined > 0, "[{name}] no order was declined");
+    assert!(out_of_stock > 0, "[{name}] no SKU ran out");
+    assert!(ends.get("Rejected(Fraud)").copied().unwrap_or(0) >= ORDERS / HUGE_EVERY);
+    assert!(
+        ends.get("Delivered").copied().unwrap_or(0) > ORDERS / 2,
+        "[{name}] ends {ends:?}"
+    );
+    assert!(
+        !refunded.is_empty(),
+        "[{name}] no failed delivery was refunded"
+    );
+
+    // 5. Nothing was dead-lettered.
+    let dlq = common::read_topic(&env.settings.brokers, &env.topic(topics::DLQ));
+    assert!(
+        dlq.is_empty(),
+        "[{name}] {} dead letters: {:?}",
+        dlq.len(),
+        dlq.first()
+    );
+    drop(workers);
+}
