@@ -423,6 +423,7 @@ fn run(name: &str, kill: bool) {
     let mut reserved: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut released: BTreeMap<(String, String), i64> = BTreeMap::new();
     let (mut retried_then_paid, mut exhausted, mut declined, mut out_of_stock) = (0, 0, 0, 0);
+    let mut outage_then_paid = 0;
     let mut authorized: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut refunded = BTreeSet::new();
     for (key, order) in &created {
@@ -435,6 +436,9 @@ fn run(name: &str, kill: bool) {
         let retried = events
             .iter()
             .any(|e| e.event_type() == EventType::PaymentRetrying);
+        let hit_by_outage = events
+            .iter()
+            .any(|e| matches!(e, Event::PaymentRetrying(r) if r.error.contains("gateway outage")));
         for e in &events {
             match e {
                 Event::StockReserved(r) => {
@@ -454,6 +458,9 @@ fn run(name: &str, kill: bool) {
                     authorized.insert(key.clone(), a.authorization_id.clone());
                     if retried {
                         retried_then_paid += 1;
+                    }
+                    if hit_by_outage {
+                        outage_then_paid += 1;
                     }
                 }
                 Event::PaymentFailed(f) => {
@@ -483,7 +490,7 @@ fn run(name: &str, kill: bool) {
         }
     }
     eprintln!(
-        "[{name}] ends {ends:?}; retried then paid {retried_then_paid}, exhausted {exhausted}, declined {declined}, out of stock {out_of_stock}, refunded {}",
+        "[{name}] ends {ends:?}; retried then paid {retried_then_paid} ({outage_then_paid} after outage errors), exhausted {exhausted}, declined {declined}, out of stock {out_of_stock}, refunded {}",
         refunded.len()
     );
 
