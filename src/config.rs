@@ -84,7 +84,10 @@ pub struct InventorySettings {
 
 impl Default for InventorySettings {
     fn default() -> Self {
-        InventorySettings { watchdog_interval_secs: 300, default_low_stock_threshold: 0 }
+        InventorySettings {
+            watchdog_interval_secs: 300,
+            default_low_stock_threshold: 0,
+        }
     }
 }
 
@@ -130,7 +133,10 @@ pub struct FulfillmentSettings {
 
 impl Default for FulfillmentSettings {
     fn default() -> Self {
-        FulfillmentSettings { pick_ms: 1_000, pack_ms: 1_000 }
+        FulfillmentSettings {
+            pick_ms: 1_000,
+            pack_ms: 1_000,
+        }
     }
 }
 
@@ -295,7 +301,8 @@ impl Settings {
             self.fulfillment.pack_ms = parse("ORDERFLOW_FULFILLMENT_PACK_MS", v)?;
         }
         if let Some(v) = get("ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS") {
-            self.inventory.watchdog_interval_secs = parse("ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS", v)?;
+            self.inventory.watchdog_interval_secs =
+                parse("ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS", v)?;
         }
         // `key=value` pairs separated by commas, e.g. `socket.timeout.ms=5000,debug=broker`.
         if let Some(v) = get("ORDERFLOW_KAFKA") {

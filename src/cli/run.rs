@@ -6,15 +6,15 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::config::Settings;
+use crate::gateway::client::GatewayClient;
 use crate::metrics::{self, Health, Metrics};
 use crate::runtime::{self, RuntimeError, clock::SystemClock};
-use crate::gateway::client::GatewayClient;
+use crate::stages::StageName;
 use crate::stages::delivery::DeliveryStage;
 use crate::stages::fraud::FraudStage;
 use crate::stages::fulfillment::FulfillmentStage;
 use crate::stages::inventory::InventoryStage;
 use crate::stages::payment::PaymentStage;
-use crate::stages::StageName;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -78,15 +78,26 @@ fn spawn_stage(
     let (s, m) = (settings.clone(), metrics.clone());
     Ok(match name {
         StageName::Fraud => runtime::spawn(FraudStage::new(s.fraud.clone()), s, m, clock, shutdown),
-        StageName::Inventory => runtime::spawn(InventoryStage::new(s.inventory.clone()), s, m, clock, shutdown),
+        StageName::Inventory => runtime::spawn(
+            InventoryStage::new(s.inventory.clone()),
+            s,
+            m,
+            clock,
+            shutdown,
+        ),
         StageName::Payment => {
-            let gateway = GatewayClient::new(&s.payment).context("building the payment gateway client")?;
+            let gateway =
+                GatewayClient::new(&s.payment).context("building the payment gateway client")?;
             let stage = PaymentStage::new(s.payment.clone());
             runtime::spawn_with_effects(stage, s, m, clock, Some(Arc::new(gateway)), shutdown)
         }
-        StageName::Fulfillment => {
-            runtime::spawn(FulfillmentStage::new(s.fulfillment.clone()), s, m, clock, shutdown)
-        }
+        StageName::Fulfillment => runtime::spawn(
+            FulfillmentStage::new(s.fulfillment.clone()),
+            s,
+            m,
+            clock,
+            shutdown,
+        ),
         StageName::Delivery => runtime::spawn(DeliveryStage::new(), s, m, clock, shutdown),
     })
 }

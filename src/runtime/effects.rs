@@ -17,7 +17,11 @@ pub trait EffectHandler: Send + Sync + 'static {
 }
 
 /// Runs `effects` with at most `concurrency` in flight; outcomes in request order.
-pub async fn perform_all(handler: Arc<dyn EffectHandler>, effects: Vec<Effect>, concurrency: usize) -> Vec<EffectOutcome> {
+pub async fn perform_all(
+    handler: Arc<dyn EffectHandler>,
+    effects: Vec<Effect>,
+    concurrency: usize,
+) -> Vec<EffectOutcome> {
     futures::stream::iter(effects.into_iter().map(|e| handler.perform(e)))
         .buffered(concurrency.max(1))
         .collect()
@@ -44,12 +48,19 @@ mod tests {
             Box::pin(async move {
                 let now = me.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                 me.max_in_flight.fetch_max(now, Ordering::SeqCst);
-                let Effect::Authorize { attempt, idempotency_key, .. } = effect else {
+                let Effect::Authorize {
+                    attempt,
+                    idempotency_key,
+                    ..
+                } = effect
+                else {
                     unreachable!("only authorizations here")
                 };
                 tokio::time::sleep(Duration::from_millis(50 / u64::from(attempt))).await;
                 me.in_flight.fetch_sub(1, Ordering::SeqCst);
-                EffectOutcome::Succeeded { reference: idempotency_key }
+                EffectOutcome::Succeeded {
+                    reference: idempotency_key,
+                }
             })
         }
     }
@@ -68,8 +79,10 @@ mod tests {
     #[tokio::test]
     async fn outcomes_keep_request_order_and_concurrency_is_bounded() {
         let max = Arc::new(AtomicUsize::new(0));
-        let handler: Arc<dyn EffectHandler> =
-            Arc::new(Arc::new(Slow { in_flight: AtomicUsize::new(0), max_in_flight: max.clone() }));
+        let handler: Arc<dyn EffectHandler> = Arc::new(Arc::new(Slow {
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: max.clone(),
+        }));
         let outcomes = perform_all(handler, (1..=10).map(authorize).collect(), 4).await;
         let refs: Vec<_> = outcomes
             .iter()

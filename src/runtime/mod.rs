@@ -33,10 +33,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Guarantee, Settings};
+use crate::events::Envelope;
 use crate::events::codec::{Codec, DecodeHints};
 use crate::events::{Event, EventType};
 use crate::metrics::Metrics;
-use crate::events::Envelope;
 use crate::stages::{Ctx, Effect, EffectOutcome, Input, Stage, Timer};
 use crate::topics::{self, Topics};
 use changelog::{ChangelogRecord, PartitionState};
@@ -434,7 +434,10 @@ impl<S: Stage> Worker<S> {
                 &mut ps.timers,
                 &mut produced,
             );
-            let input = Input { topic: base, event: &event };
+            let input = Input {
+                topic: base,
+                event: &event,
+            };
             let r = self.stage.process(&mut ctx, input);
             (r, ctx.take_effects())
         };
@@ -600,11 +603,12 @@ impl<S: Stage> Worker<S> {
     }
 
     fn queue_effects(&mut self, partition: i32, cause: Option<&Envelope>, requested: Vec<Effect>) {
-        self.pending_effects.extend(requested.into_iter().map(|effect| PendingEffect {
-            partition,
-            cause: cause.cloned(),
-            effect,
-        }));
+        self.pending_effects
+            .extend(requested.into_iter().map(|effect| PendingEffect {
+                partition,
+                cause: cause.cloned(),
+                effect,
+            }));
     }
 
     /// Performs the batch's requests concurrently, then hands each outcome back to the
@@ -621,26 +625,49 @@ impl<S: Stage> Worker<S> {
                 Some(handler) => {
                     let effects = pending.iter().map(|p| p.effect.clone()).collect();
                     let concurrency = self.settings.payment.concurrency;
-                    self.effect_runtime
-                        .block_on(effects::perform_all(handler.clone(), effects, concurrency))
+                    self.effect_runtime.block_on(effects::perform_all(
+                        handler.clone(),
+                        effects,
+                        concurrency,
+                    ))
                 }
                 None => {
-                    tracing::error!(count = pending.len(), "stage requested external calls but none can be made");
+                    tracing::error!(
+                        count = pending.len(),
+                        "stage requested external calls but none can be made"
+                    );
                     let error = "no handler for external calls is configured".to_owned();
-                    pending.iter().map(|_| EffectOutcome::Transient { error: error.clone() }).collect()
+                    pending
+                        .iter()
+                        .map(|_| EffectOutcome::Transient {
+                            error: error.clone(),
+                        })
+                        .collect()
                 }
             };
             for (p, outcome) in pending.into_iter().zip(outcomes) {
-                let Some(ps) = self.parts.get_mut(&p.partition) else { continue };
+                let Some(ps) = self.parts.get_mut(&p.partition) else {
+                    continue;
+                };
                 let cause_id = format!("effect/{}/{}", p.effect.id(), outcome.class());
                 let mut produced = Vec::new();
                 let (result, requested) = {
-                    let mut ctx =
-                        Ctx::new(self.name, now, cause_id, p.cause.clone(), &mut ps.state, &mut ps.timers, &mut produced);
+                    let mut ctx = Ctx::new(
+                        self.name,
+                        now,
+                        cause_id,
+                        p.cause.clone(),
+                        &mut ps.state,
+                        &mut ps.timers,
+                        &mut produced,
+                    );
                     let r = self.stage.on_effect(&mut ctx, &p.effect, &outcome);
                     (r, ctx.take_effects())
                 };
-                match result.map_err(|e| (e.class(), e.to_string())).and_then(|()| self.encode_all(&produced, p.partition)) {
+                match result
+                    .map_err(|e| (e.class(), e.to_string()))
+                    .and_then(|()| self.encode_all(&produced, p.partition))
+                {
                     Ok(encoded) => {
                         outs.extend(encoded);
                         self.queue_effects(p.partition, p.cause.as_ref(), requested);
@@ -652,7 +679,10 @@ impl<S: Stage> Worker<S> {
             }
         }
         if !self.pending_effects.is_empty() {
-            tracing::error!(count = self.pending_effects.len(), "too many rounds of follow-up calls; dropped");
+            tracing::error!(
+                count = self.pending_effects.len(),
+                "too many rounds of follow-up calls; dropped"
+            );
             self.pending_effects.clear();
         }
     }
