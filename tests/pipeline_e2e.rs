@@ -4,10 +4,10 @@
 //! once undisturbed and once with a worker SIGKILLed and restarted mid-run.
 //!
 //! Asserted with exact numbers: every order ends in a terminal state consistent with its
-//! events; per SKU, final stock = initial − reserved + released; the gateway charged no
-//! order twice and every authorized order exactly once; orders hit by the outage retried,
-//! some then succeeded and the exhausted ones failed and had their stock released; some
-//! SKUs ran out; nothing was dead-lettered.
+//! events; per SKU, final stock = initial + restocks − reserved + released; the gateway
+//! charged no order twice and every authorized order exactly once; orders hit by the
+//! outage retried, some then succeeded and the exhausted ones failed and had their stock
+//! released; some SKUs ran out; nothing was dead-lettered.
 
 mod common;
 
@@ -30,6 +30,8 @@ const SKUS: usize = 10;
 /// SKU-0 starts with this little stock in every store, so it runs out.
 const SCARCE_UNITS: i32 = 5;
 const PLENTY_UNITS: i32 = 400;
+/// Units of the scarce SKU delivered to every other store during the run.
+const MIDRUN_UNITS: i32 = 4;
 const ORDERS_PER_SECOND: f64 = 150.0;
 const OUTAGE: Duration = Duration::from_secs(5);
 /// One order in this many is far above the fraud amount limit.
@@ -356,6 +358,20 @@ fn run(name: &str, kill: bool) {
     if kill {
         workers.push(env.spawn_worker(&[], &wenv));
     }
+    // Mid-run deliveries of the scarce SKU to half the stores.
+    let mut restocked: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut deliveries = Vec::new();
+    for st in (0..STORES).step_by(2) {
+        restocked.insert((store(st), sku(0)), i64::from(MIDRUN_UNITS));
+        let json = serde_json::json!({
+            "event_type": "StockRestocked", "store_id": store(st), "sku": sku(0), "quantity": MIDRUN_UNITS,
+        });
+        deliveries.push(Outgoing::new(
+            store(st),
+            serde_json::to_vec(&json).expect("JSON"),
+        ));
+    }
+    producer.send_all(&env.topic(topics::INVENTORY_COMMANDS), &deliveries);
     producer.send_paced(&order_topic, third, Some(ORDERS_PER_SECOND));
 
     let until = deadline(120);
@@ -496,7 +512,8 @@ fn run(name: &str, kill: bool) {
 
     // 2. Stock balances per SKU, and nothing went negative.
     for (key, start) in &initial {
-        let expected = start - reserved.get(key).copied().unwrap_or(0)
+        let expected = start + restocked.get(key).copied().unwrap_or(0)
+            - reserved.get(key).copied().unwrap_or(0)
             + released.get(key).copied().unwrap_or(0);
         assert_eq!(
             level[key],

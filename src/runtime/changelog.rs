@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use serde::{Serialize, de::DeserializeOwned};
 
+use super::effects::RecordedOutcome;
 use crate::stages::{Store, Timer};
 
 pub const SEQ_HEADER: &str = "orderflow.seq";
@@ -23,6 +24,7 @@ const ABORT_PREFIX: &str = "abort/";
 const STATE_PREFIX: &str = "s/";
 const SEEN_PREFIX: &str = "d/";
 const TIMER_PREFIX: &str = "t/";
+const OUTCOME_PREFIX: &str = "e/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangelogError {
@@ -50,6 +52,8 @@ pub struct PartitionState<V> {
     /// Input event IDs already processed, with the wall-clock time they were seen.
     pub seen: Store<i64>,
     pub timers: Store<Timer>,
+    /// Outcomes of external calls the stage has not reacted to yet, by call ID.
+    pub outcomes: Store<RecordedOutcome>,
     /// Sequence number of the next batch written to the changelog.
     pub next_seq: u64,
     /// Batches whose entries may be in the changelog without a commit marker; each gets
@@ -65,6 +69,7 @@ impl<V> Default for PartitionState<V> {
             state: Store::default(),
             seen: Store::default(),
             timers: Store::default(),
+            outcomes: Store::default(),
             next_seq: 1,
             pending_aborts: BTreeSet::new(),
             last_prune: 0,
@@ -77,6 +82,7 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
         self.state.has_changes()
             || self.seen.has_changes()
             || self.timers.has_changes()
+            || self.outcomes.has_changes()
             || !self.pending_aborts.is_empty()
     }
 
@@ -119,6 +125,13 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
                 seq,
             });
         }
+        for (k, v) in self.outcomes.changes() {
+            out.push(ChangelogRecord {
+                key: format!("{OUTCOME_PREFIX}{k}"),
+                value: v.as_ref().map(|v| json(v)),
+                seq,
+            });
+        }
         out.push(ChangelogRecord {
             key: COMMIT_KEY.into(),
             value: Some(seq.to_string().into_bytes()),
@@ -132,6 +145,7 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
         self.state.commit();
         self.seen.commit();
         self.timers.commit();
+        self.outcomes.commit();
         self.pending_aborts.clear();
         self.next_seq += 1;
     }
@@ -156,6 +170,7 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
         self.state.rollback();
         self.seen.rollback();
         self.timers.rollback();
+        self.outcomes.rollback();
     }
 
     fn mark_repair(&mut self, key: &str) {
@@ -165,6 +180,8 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
             self.seen.mark_dirty(k.to_owned());
         } else if let Some(k) = key.strip_prefix(TIMER_PREFIX) {
             self.timers.mark_dirty(k.to_owned());
+        } else if let Some(k) = key.strip_prefix(OUTCOME_PREFIX) {
+            self.outcomes.mark_dirty(k.to_owned());
         }
     }
 
@@ -275,6 +292,14 @@ impl Restorer {
                     .transpose()
                     .map_err(bad)?;
                 ps.timers.load(k.to_owned(), v);
+            } else if let Some(k) = r.key.strip_prefix(OUTCOME_PREFIX) {
+                let v = r
+                    .value
+                    .as_deref()
+                    .map(serde_json::from_slice)
+                    .transpose()
+                    .map_err(bad)?;
+                ps.outcomes.load(k.to_owned(), v);
             } else {
                 return Err(ChangelogError::UnknownKey(r.key));
             }
@@ -395,6 +420,37 @@ mod tests {
         ps.committed();
         log.extend(next);
         assert_eq!(replay(&log)?.state.get("a"), Some(&1));
+        Ok(())
+    }
+
+    #[test]
+    fn recorded_outcomes_survive_a_restore_until_reacted_to() -> Result<(), ChangelogError> {
+        use crate::stages::{Effect, EffectOutcome};
+        let mut ps = Ps::default();
+        let effect = Effect::Authorize {
+            idempotency_key: "k".into(),
+            store_id: "s".into(),
+            order_id: "o".into(),
+            amount_cents: 1,
+            currency: "USD".into(),
+            attempt: 2,
+        };
+        let outcome = RecordedOutcome {
+            order: 7,
+            cause: None,
+            effect: effect.clone(),
+            outcome: EffectOutcome::Succeeded {
+                reference: "a-1".into(),
+            },
+        };
+        ps.outcomes.insert(effect.id(), outcome.clone());
+        let mut log = ps.pending_records();
+        ps.committed();
+        assert_eq!(replay(&log)?.outcomes.get("k#2"), Some(&outcome));
+        ps.outcomes.remove("k#2");
+        log.extend(ps.pending_records());
+        ps.committed();
+        assert!(replay(&log)?.outcomes.is_empty());
         Ok(())
     }
 

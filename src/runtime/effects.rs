@@ -9,7 +9,25 @@ use std::sync::Arc;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
+use serde::{Deserialize, Serialize};
+
+use crate::events::Envelope;
 use crate::stages::{Effect, EffectOutcome};
+
+/// An external call's outcome, kept in the partition's state until the stage has reacted
+/// to it. Under `at_least_once` the reaction's outputs become visible before the state
+/// that records them; were the call made again after a crash, it could answer otherwise
+/// (a transient failure, then a success) and the two reactions would contradict each
+/// other. So the outcome is committed with the batch that made the call, and the stage
+/// reacts in the next batch, to the recorded outcome, as often as a replay needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedOutcome {
+    /// Reactions happen in the order the calls were made.
+    pub order: u64,
+    pub cause: Option<Envelope>,
+    pub effect: Effect,
+    pub outcome: EffectOutcome,
+}
 
 /// Performs effects; the payment gateway client is one.
 pub trait EffectHandler: Send + Sync + 'static {

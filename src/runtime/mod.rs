@@ -42,7 +42,7 @@ use crate::topics::{self, Topics};
 use changelog::{ChangelogRecord, PartitionState};
 use clock::Clock;
 use disposition::{Disposition, backoff, classify};
-use effects::EffectHandler;
+use effects::{EffectHandler, RecordedOutcome};
 use kafka::{RebalanceEvent, RestoreError, WorkerContext};
 
 /// Header naming an event's type on every record OrderFlow produces.
@@ -360,7 +360,8 @@ impl<S: Stage> Worker<S> {
             self.process_record(m, now, &mut outs)?;
         }
         self.fire_timers(now, &mut outs);
-        self.perform_effects(now, &mut outs);
+        self.react_to_outcomes(now, &mut outs);
+        self.perform_effects(now);
         self.prune_seen(now);
         let dirty = self.parts.values().any(PartitionState::has_changes);
         if batch.is_empty() && outs.is_empty() && !dirty {
@@ -611,79 +612,99 @@ impl<S: Stage> Worker<S> {
             }));
     }
 
-    /// Performs the batch's requests concurrently, then hands each outcome back to the
-    /// stage in request order. A reaction may request again (a follow-up call); such
-    /// rounds are bounded.
-    fn perform_effects(&mut self, now: i64, outs: &mut Vec<Out>) {
-        const MAX_ROUNDS: usize = 4;
-        for _ in 0..MAX_ROUNDS {
-            let pending = std::mem::take(&mut self.pending_effects);
-            if pending.is_empty() {
-                return;
+    /// Lets the stage react to the outcomes recorded by earlier batches, in the order the
+    /// calls were made, and forgets them (in the same commit as the reaction's outputs).
+    fn react_to_outcomes(&mut self, now: i64, outs: &mut Vec<Out>) {
+        let partitions: Vec<i32> = self.parts.keys().copied().collect();
+        for p in partitions {
+            let ps = self.parts.get_mut(&p).expect("listed above");
+            if ps.outcomes.is_empty() {
+                continue;
             }
-            let outcomes: Vec<EffectOutcome> = match &self.effects {
-                Some(handler) => {
-                    let effects = pending.iter().map(|p| p.effect.clone()).collect();
-                    let concurrency = self.settings.payment.concurrency;
-                    self.effect_runtime.block_on(effects::perform_all(
-                        handler.clone(),
-                        effects,
-                        concurrency,
-                    ))
-                }
-                None => {
-                    tracing::error!(
-                        count = pending.len(),
-                        "stage requested external calls but none can be made"
-                    );
-                    let error = "no handler for external calls is configured".to_owned();
-                    pending
-                        .iter()
-                        .map(|_| EffectOutcome::Transient {
-                            error: error.clone(),
-                        })
-                        .collect()
-                }
-            };
-            for (p, outcome) in pending.into_iter().zip(outcomes) {
-                let Some(ps) = self.parts.get_mut(&p.partition) else {
-                    continue;
-                };
-                let cause_id = format!("effect/{}/{}", p.effect.id(), outcome.class());
+            let mut recorded: Vec<(String, RecordedOutcome)> = ps
+                .outcomes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            recorded.sort_by(|a, b| (a.1.order, &a.0).cmp(&(b.1.order, &b.0)));
+            for (id, r) in recorded {
+                let ps = self.parts.get_mut(&p).expect("listed above");
+                ps.outcomes.remove(&id);
+                let cause_id = format!("effect/{id}/{}", r.outcome.class());
                 let mut produced = Vec::new();
                 let (result, requested) = {
                     let mut ctx = Ctx::new(
                         self.name,
                         now,
                         cause_id,
-                        p.cause.clone(),
+                        r.cause.clone(),
                         &mut ps.state,
                         &mut ps.timers,
                         &mut produced,
                     );
-                    let r = self.stage.on_effect(&mut ctx, &p.effect, &outcome);
-                    (r, ctx.take_effects())
+                    let result = self.stage.on_effect(&mut ctx, &r.effect, &r.outcome);
+                    (result, ctx.take_effects())
                 };
                 match result
                     .map_err(|e| (e.class(), e.to_string()))
-                    .and_then(|()| self.encode_all(&produced, p.partition))
+                    .and_then(|()| self.encode_all(&produced, p))
                 {
                     Ok(encoded) => {
                         outs.extend(encoded);
-                        self.queue_effects(p.partition, p.cause.as_ref(), requested);
+                        self.queue_effects(p, r.cause.as_ref(), requested);
                     }
                     Err((class, message)) => {
-                        tracing::error!(key = p.effect.idempotency_key(), error_class = class, error = %message, "reaction to an external call failed; dropped");
+                        tracing::error!(call = %id, error_class = class, error = %message, "reaction to an external call failed; dropped");
                     }
                 }
             }
         }
-        if !self.pending_effects.is_empty() {
-            tracing::error!(
-                count = self.pending_effects.len(),
-                "too many rounds of follow-up calls; dropped"
-            );
-            self.pending_effects.clear();
+    }
+
+    /// Performs the batch's requests concurrently and records each outcome in its
+    /// partition's state; the stage reacts in the next batch (see [`RecordedOutcome`]).
+    fn perform_effects(&mut self, now: i64) {
+        let pending = std::mem::take(&mut self.pending_effects);
+        if pending.is_empty() {
+            return;
+        }
+        let outcomes: Vec<EffectOutcome> = match &self.effects {
+            Some(handler) => {
+                let effects = pending.iter().map(|p| p.effect.clone()).collect();
+                let concurrency = self.settings.payment.concurrency;
+                self.effect_runtime.block_on(effects::perform_all(
+                    handler.clone(),
+                    effects,
+                    concurrency,
+                ))
+            }
+            None => {
+                tracing::error!(
+                    count = pending.len(),
+                    "stage requested external calls but none can be made"
+                );
+                let error = "no handler for external calls is configured".to_owned();
+                pending
+                    .iter()
+                    .map(|_| EffectOutcome::Transient {
+                        error: error.clone(),
+                    })
+                    .collect()
+            }
+        };
+        // Wall-clock milliseconds and the position in the batch order the reactions.
+        let base = u64::try_from(now).unwrap_or(0).saturating_mul(1_000);
+        for (i, (p, outcome)) in pending.into_iter().zip(outcomes).enumerate() {
+            let Some(ps) = self.parts.get_mut(&p.partition) else {
+                continue;
+            };
+            let recorded = RecordedOutcome {
+                order: base + i as u64,
+                cause: p.cause,
+                effect: p.effect,
+                outcome,
+            };
+            ps.outcomes.insert(recorded.effect.id(), recorded);
         }
     }
 

@@ -80,9 +80,11 @@ impl StageError {
 }
 
 /// A request to the outside world. A stage only asks; the runtime performs every request
-/// of a batch concurrently (bounded) after the stage has seen the batch, then hands each
-/// outcome back to [`Stage::on_effect`] before the batch commits. Requests carry an
-/// idempotency key, so performing one again after a crash or replay cannot act twice.
+/// of a batch concurrently (bounded) after the stage has seen the batch, records each
+/// outcome in the partition's state with that batch, and hands it back to
+/// [`Stage::on_effect`] in the next batch — so a replay after a crash reacts to the same
+/// outcome instead of asking again. Requests carry an idempotency key, so performing one
+/// again (a crash before the outcome was recorded) cannot act twice.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Effect {
     /// Authorize a charge at the payment gateway.
