@@ -212,6 +212,18 @@ mod erased {
     }
 }
 
+/// A changelog value as the type its key's prefix says; a tombstone is `None`.
+fn decode<T: DeserializeOwned>(r: &ChangelogRecord) -> Result<Option<T>, ChangelogError> {
+    r.value
+        .as_deref()
+        .map(serde_json::from_slice)
+        .transpose()
+        .map_err(|e| ChangelogError::Value {
+            key: r.key.clone(),
+            message: e.to_string(),
+        })
+}
+
 /// Rebuilds a partition's state from its changelog, read in log order.
 #[derive(Debug, Default)]
 pub struct Restorer {
@@ -264,42 +276,14 @@ impl Restorer {
                 repair.push(r.key);
                 continue;
             }
-            let bad = |e: serde_json::Error| ChangelogError::Value {
-                key: r.key.clone(),
-                message: e.to_string(),
-            };
             if let Some(k) = r.key.strip_prefix(STATE_PREFIX) {
-                let v = r
-                    .value
-                    .as_deref()
-                    .map(serde_json::from_slice)
-                    .transpose()
-                    .map_err(bad)?;
-                ps.state.load(k.to_owned(), v);
+                ps.state.load(k.to_owned(), decode(&r)?);
             } else if let Some(k) = r.key.strip_prefix(SEEN_PREFIX) {
-                let v = r
-                    .value
-                    .as_deref()
-                    .map(serde_json::from_slice)
-                    .transpose()
-                    .map_err(bad)?;
-                ps.seen.load(k.to_owned(), v);
+                ps.seen.load(k.to_owned(), decode(&r)?);
             } else if let Some(k) = r.key.strip_prefix(TIMER_PREFIX) {
-                let v = r
-                    .value
-                    .as_deref()
-                    .map(serde_json::from_slice)
-                    .transpose()
-                    .map_err(bad)?;
-                ps.timers.load(k.to_owned(), v);
+                ps.timers.load(k.to_owned(), decode(&r)?);
             } else if let Some(k) = r.key.strip_prefix(OUTCOME_PREFIX) {
-                let v = r
-                    .value
-                    .as_deref()
-                    .map(serde_json::from_slice)
-                    .transpose()
-                    .map_err(bad)?;
-                ps.outcomes.load(k.to_owned(), v);
+                ps.outcomes.load(k.to_owned(), decode(&r)?);
             } else {
                 return Err(ChangelogError::UnknownKey(r.key));
             }

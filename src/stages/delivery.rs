@@ -272,20 +272,24 @@ impl Tracking {
     }
 }
 
-fn escape(id: &str) -> String {
-    id.replace('%', "%25").replace('/', "%2F")
-}
-
 /// The state key of one order: `order/{store_id}/{order_id}`, with `%` and `/` inside
 /// either ID percent-escaped so that two different pairs never share a key.
 pub fn order_key(store_id: &str, order_id: &str) -> String {
-    format!("order/{}/{}", escape(store_id), escape(order_id))
+    format!(
+        "order/{}/{}",
+        super::key_part(store_id),
+        super::key_part(order_id)
+    )
 }
 
 /// The ID of an order's retirement timer: `retire/{store_id}/{order_id}` (escaped as in
 /// [`order_key`]).
 pub fn retire_timer_id(store_id: &str, order_id: &str) -> String {
-    format!("retire/{}/{}", escape(store_id), escape(order_id))
+    format!(
+        "retire/{}/{}",
+        super::key_part(store_id),
+        super::key_part(order_id)
+    )
 }
 
 /// A retirement timer's payload: the record it retires.

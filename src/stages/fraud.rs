@@ -95,10 +95,11 @@ impl VelocityWindow {
 /// `c` and store `a` with customer `b/c` never share a window; IDs without them appear
 /// verbatim.
 pub fn velocity_key(store_id: &str, customer_id: &str) -> String {
-    fn escape(id: &str) -> String {
-        id.replace('%', "%25").replace('/', "%2F")
-    }
-    format!("velocity/{}/{}", escape(store_id), escape(customer_id))
+    format!(
+        "velocity/{}/{}",
+        super::key_part(store_id),
+        super::key_part(customer_id)
+    )
 }
 
 /// Screens orders against the rules of [`FraudSettings`].

@@ -101,14 +101,14 @@ struct TimerPayload {
     step: Step,
 }
 
-fn escape(id: &str) -> String {
-    id.replace('%', "%25").replace('/', "%2F")
-}
-
 /// The state key of one order: `order/{store_id}/{order_id}`, with `%` and `/` inside
 /// either ID percent-escaped so that two different pairs never share a key.
 pub fn order_key(store_id: &str, order_id: &str) -> String {
-    format!("order/{}/{}", escape(store_id), escape(order_id))
+    format!(
+        "order/{}/{}",
+        super::key_part(store_id),
+        super::key_part(order_id)
+    )
 }
 
 /// The ID of an order's timer for one step: `{step}/{store_id}/{order_id}` (escaped as in
@@ -117,8 +117,8 @@ pub fn timer_id(step: Step, store_id: &str, order_id: &str) -> String {
     format!(
         "{}/{}/{}",
         step.as_str(),
-        escape(store_id),
-        escape(order_id)
+        super::key_part(store_id),
+        super::key_part(order_id)
     )
 }
 

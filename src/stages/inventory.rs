@@ -114,12 +114,6 @@ pub struct WatchdogSchedule {
     pub due_at: i64,
 }
 
-/// `%` and `/` are percent-escaped in every key part (as `fraud::velocity_key` does), so
-/// keys split unambiguously on `/` and IDs without them appear verbatim.
-fn escape(part: &str) -> String {
-    part.replace('%', "%25").replace('/', "%2F")
-}
-
 fn unescape(part: &str) -> String {
     // Every `%` of an escaped part starts `%25` or `%2F`, so replacing `%2F` first can
     // only match a whole escaped `/`.
@@ -128,7 +122,11 @@ fn unescape(part: &str) -> String {
 
 /// The state key of one SKU's stock: `stock/{store_id}/{sku}`.
 pub fn stock_key(store_id: &str, sku: &str) -> String {
-    format!("stock/{}/{}", escape(store_id), escape(sku))
+    format!(
+        "stock/{}/{}",
+        super::key_part(store_id),
+        super::key_part(sku)
+    )
 }
 
 /// The (store, SKU) of a [`stock_key`].
@@ -139,7 +137,11 @@ fn parse_stock_key(key: &str) -> Option<(String, String)> {
 
 /// The state key of one order's reservation or closed marker: `order/{store_id}/{order_id}`.
 pub fn order_key(store_id: &str, order_id: &str) -> String {
-    format!("order/{}/{}", escape(store_id), escape(order_id))
+    format!(
+        "order/{}/{}",
+        super::key_part(store_id),
+        super::key_part(order_id)
+    )
 }
 
 /// The timer retiring an order's closed marker: `retire/{store_id}/{order_id}`, the order
@@ -147,13 +149,13 @@ pub fn order_key(store_id: &str, order_id: &str) -> String {
 fn retire_timer_id(store_id: &str, order_id: &str) -> String {
     format!(
         "{RETIRE_TIMER_PREFIX}{}/{}",
-        escape(store_id),
-        escape(order_id)
+        super::key_part(store_id),
+        super::key_part(order_id)
     )
 }
 
 fn watchdog_timer_id(store_id: &str) -> String {
-    format!("{WATCHDOG_TIMER_PREFIX}{}", escape(store_id))
+    format!("{WATCHDOG_TIMER_PREFIX}{}", super::key_part(store_id))
 }
 
 /// Reserves, replenishes and releases stock; see the module documentation.

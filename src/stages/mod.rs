@@ -17,6 +17,12 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::events::{Envelope, Event, derive_id};
 
+/// One part of a state key or timer ID (a store, order, customer or SKU ID) with `%` and
+/// `/` escaped, so that keys built by joining parts with `/` can never collide.
+pub fn key_part(id: &str) -> String {
+    id.replace('%', "%25").replace('/', "%2F")
+}
+
 /// The closed set of stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StageName {

@@ -99,26 +99,30 @@ enum Due {
     Retire,
 }
 
-fn escape(part: &str) -> String {
-    part.replace('%', "%25").replace('/', "%2F")
-}
-
 /// State key of an order.
 pub fn order_key(store_id: &str, order_id: &str) -> String {
-    format!("order/{}/{}", escape(store_id), escape(order_id))
+    format!(
+        "order/{}/{}",
+        super::key_part(store_id),
+        super::key_part(order_id)
+    )
 }
 
 /// The idempotency key of an order's authorization: one per order, on every attempt.
 pub fn authorization_key(store_id: &str, order_id: &str) -> String {
     format!(
         "orderflow/authorize/{}/{}",
-        escape(store_id),
-        escape(order_id)
+        super::key_part(store_id),
+        super::key_part(order_id)
     )
 }
 
 pub fn refund_key(store_id: &str, order_id: &str) -> String {
-    format!("orderflow/refund/{}/{}", escape(store_id), escape(order_id))
+    format!(
+        "orderflow/refund/{}/{}",
+        super::key_part(store_id),
+        super::key_part(order_id)
+    )
 }
 
 fn order_of(ctx: &Ctx<'_, PaymentState>) -> Option<(String, String)> {
