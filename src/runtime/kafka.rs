@@ -112,7 +112,7 @@ pub fn producer(settings: &Settings, stage: &str) -> Result<FutureProducer, Kafk
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
+        .set("linger.ms", "1")
         .set(
             "client.id",
             format!("orderflow-{stage}-{}", settings.instance_id),
