@@ -145,7 +145,7 @@ impl Metrics {
             restore_seconds: histogram(
                 &r,
                 "orderflow_state_restore_seconds",
-                "Time to restore a partition's state from its changelog",
+                "Time to restore the state of newly assigned partitions from the changelog",
                 &["stage"],
                 s(),
             ),

@@ -4,6 +4,7 @@
 //! Invariant: rebalance callbacks only record what happened; the worker loop acts on it
 //! between polls, when no batch is half-processed.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -156,21 +157,25 @@ pub enum RestoreError {
 
 const STALL: Duration = Duration::from_secs(60);
 
-/// Reads changelog partition `partition` from its beginning to its end (the last stable
-/// offset under `read_committed`) and rebuilds the partition's state.
+/// Reads the changelog partitions `partitions` from their beginning to their end (the
+/// last stable offset under `read_committed`) with one consumer, and rebuilds each
+/// partition's state.
 pub fn restore<V>(
     settings: &Settings,
     topic: &str,
-    partition: i32,
-) -> Result<PartitionState<V>, RestoreError>
+    partitions: &[i32],
+) -> Result<Vec<(i32, PartitionState<V>)>, RestoreError>
 where
     V: serde::Serialize + serde::de::DeserializeOwned + Clone,
 {
-    let kafka = |source| RestoreError::Kafka {
-        topic: topic.to_owned(),
-        partition,
-        source,
+    let kafka = |partition: i32| {
+        move |source| RestoreError::Kafka {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        }
     };
+    let first = partitions.first().copied().unwrap_or(0);
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &settings.brokers)
         .set("group.id", format!("{}.restore", settings.group_prefix))
@@ -178,52 +183,71 @@ where
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");
     apply_pass_through(&mut c, settings);
-    let consumer: BaseConsumer = c.create().map_err(kafka)?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(kafka)?;
-    let mut restorer = Restorer::default();
-    if high > low {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Beginning)
-            .map_err(kafka)?;
-        consumer.assign(&tpl).map_err(kafka)?;
-        let mut last_progress = Instant::now();
-        loop {
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
-                    last_progress = Instant::now();
-                    let seq = m
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == SEQ_HEADER).and_then(|h| h.value))
-                        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
-                    let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                    restorer.push(&key, m.payload(), seq).map_err(|source| {
-                        RestoreError::Corrupt {
-                            topic: topic.to_owned(),
-                            partition,
-                            source,
-                        }
-                    })?;
-                    if m.offset() + 1 >= high {
-                        break;
-                    }
-                }
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(e)) => return Err(kafka(e)),
-                None if last_progress.elapsed() > STALL => {
-                    return Err(RestoreError::Stalled {
-                        topic: topic.to_owned(),
-                        partition,
-                    });
-                }
-                None => {}
-            }
+    let consumer: BaseConsumer = c.create().map_err(kafka(first))?;
+    let mut restorers: HashMap<i32, Restorer> = HashMap::new();
+    // End offset of each partition that has anything to read.
+    let mut reading: HashMap<i32, i64> = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in partitions {
+        restorers.insert(p, Restorer::default());
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(kafka(p))?;
+        if high > low {
+            reading.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .map_err(kafka(p))?;
         }
     }
-    restorer.finish().map_err(|source| RestoreError::Corrupt {
-        topic: topic.to_owned(),
-        partition,
-        source,
-    })
+    if !reading.is_empty() {
+        consumer.assign(&tpl).map_err(kafka(first))?;
+    }
+    let mut last_progress = Instant::now();
+    while !reading.is_empty() {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                last_progress = Instant::now();
+                let p = m.partition();
+                let seq = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == SEQ_HEADER).and_then(|h| h.value))
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                if let Some(r) = restorers.get_mut(&p) {
+                    r.push(&key, m.payload(), seq)
+                        .map_err(|source| RestoreError::Corrupt {
+                            topic: topic.to_owned(),
+                            partition: p,
+                            source,
+                        })?;
+                }
+                if reading.get(&p).is_some_and(|high| m.offset() + 1 >= *high) {
+                    reading.remove(&p);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                reading.remove(&p);
+            }
+            Some(Err(e)) => return Err(kafka(first)(e)),
+            None if last_progress.elapsed() > STALL => {
+                let partition = reading.keys().copied().min().unwrap_or(first);
+                return Err(RestoreError::Stalled {
+                    topic: topic.to_owned(),
+                    partition,
+                });
+            }
+            None => {}
+        }
+    }
+    let mut restored: Vec<(i32, PartitionState<V>)> = Vec::with_capacity(partitions.len());
+    for &p in partitions {
+        let r = restorers.remove(&p).unwrap_or_default();
+        let ps = r.finish().map_err(|source| RestoreError::Corrupt {
+            topic: topic.to_owned(),
+            partition: p,
+            source,
+        })?;
+        restored.push((p, ps));
+    }
+    Ok(restored)
 }

@@ -307,6 +307,7 @@ impl<S: Stage> Worker<S> {
                     self.assigned.extend(tps);
                     let owned: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
                     let mut parked = std::mem::take(&mut self.parked);
+                    let mut missing: Vec<i32> = Vec::new();
                     for p in owned {
                         if self.parts.contains_key(&p) {
                             continue;
@@ -315,9 +316,11 @@ impl<S: Stage> Worker<S> {
                             Some(ps) => {
                                 self.parts.insert(p, ps);
                             }
-                            None => self.restore(p)?,
+                            None => missing.push(p),
                         }
                     }
+                    missing.sort_unstable();
+                    self.restore(&missing)?;
                     tracing::info!(partitions = ?self.parts.keys().collect::<Vec<_>>(), "assignment");
                 }
             }
@@ -329,23 +332,34 @@ impl<S: Stage> Worker<S> {
         Ok(())
     }
 
-    fn restore(&mut self, partition: i32) -> Result<(), RuntimeError> {
+    /// Restores the state of `partitions` (one read of the changelog for all of them).
+    fn restore(&mut self, partitions: &[i32]) -> Result<(), RuntimeError> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
         let started = Instant::now();
-        let ps = kafka::restore::<S::State>(&self.settings, &self.changelog, partition)?;
+        let restored = kafka::restore::<S::State>(&self.settings, &self.changelog, partitions)?;
         self.metrics
             .restore_seconds
             .with_label_values(&[self.name])
             .observe(started.elapsed().as_secs_f64());
+        for (partition, ps) in restored {
+            tracing::info!(
+                partition,
+                keys = ps.state.len(),
+                seen = ps.seen.len(),
+                timers = ps.timers.len(),
+                pending_outcomes = ps.outcomes.len(),
+                cut_off_batches = ps.pending_aborts.len(),
+                "state restored"
+            );
+            self.parts.insert(partition, ps);
+        }
         tracing::info!(
-            partition,
-            keys = ps.state.len(),
-            seen = ps.seen.len(),
-            timers = ps.timers.len(),
-            cut_off_batches = ps.pending_aborts.len(),
+            partitions = partitions.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "state restored"
+            "restore finished"
         );
-        self.parts.insert(partition, ps);
         Ok(())
     }
 
@@ -410,7 +424,7 @@ impl<S: Stage> Worker<S> {
         let p = m.partition();
         if !self.parts.contains_key(&p) {
             // Assignment callbacks precede records, so this is a safety net only.
-            self.restore(p)?;
+            self.restore(&[p])?;
         }
         let ps = self.parts.get_mut(&p).expect("restored above");
         if ps.seen.contains(&env.event_id) {
