@@ -1,7 +1,8 @@
 //! Performing the requests stages make of the outside world.
 //!
-//! Invariant: every request of a batch is performed before the batch commits, requests
-//! run concurrently up to a bound, and outcomes go back to the stage in request order, so
+//! Invariant: every request of a batch is performed before the batch commits and its
+//! outcome is committed with it; requests run concurrently up to a bound, and the stage
+//! reacts to the outcomes in the next batch, in request order, so
 //! the stage's reaction (and its output IDs) does not depend on which call finished first.
 
 use std::sync::Arc;

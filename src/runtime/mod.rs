@@ -1,8 +1,9 @@
 //! The stage runtime: a consume-transform-produce loop generic over a [`Stage`].
 //!
 //! Each cycle polls a batch (up to `batch_max_records`, or `batch_interval_ms`), acts on
-//! rebalances between polls, runs the stage over every record and due timer, then commits
-//! outputs, state and input offsets together:
+//! rebalances between polls, runs the stage over every record, due timer and recorded
+//! outcome of an earlier external call, performs the batch's new external calls (recording
+//! their outcomes in state), then commits outputs, state and input offsets together:
 //!
 //! - `exactly_once`: in one Kafka transaction (outputs, changelog entries, DLQ records and
 //!   `send_offsets_to_transaction` with the consumer's group metadata);
