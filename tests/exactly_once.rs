@@ -298,6 +298,9 @@ impl TxnProbe {
             .set("bootstrap.servers", mock.bootstrap_servers())
             .set("transactional.id", "probe")
             .set("enable.idempotence", "true")
+            // A topic-level error (e.g. authorization) stays cached until the next
+            // metadata refresh; refresh quickly so that recovery is observable in time.
+            .set("topic.metadata.refresh.interval.ms", "200")
             .create()
             .expect("a transactional producer");
         let consumer: BaseConsumer = ClientConfig::new()
@@ -388,7 +391,7 @@ fn classify_case(
                 .abort_transaction(TxnProbe::TIMEOUT)
                 .map_err(|e| format!("{case}: abort failed: {}", describe(&e)))?;
             let mut last = None;
-            for _ in 0..3 {
+            for _ in 0..10 {
                 match probe.transaction(TxnProbe::TIMEOUT) {
                     Ok(()) => return Ok(format!("{case}: {} -> {got:?}", describe(&error))),
                     Err(e) if classify(&e) == Disposition::AbortAndRewind => {
@@ -399,6 +402,7 @@ fn classify_case(
                                 format!("{case}: second abort failed: {}", describe(&e))
                             })?;
                         last = Some(describe(&e));
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                     Err(e) => return Err(format!("{case}: after abort: {}", describe(&e))),
                 }

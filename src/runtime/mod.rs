@@ -365,6 +365,7 @@ impl<S: Stage> Worker<S> {
     }
 
     fn process_and_commit(&mut self, batch: Vec<OwnedMessage>) -> Result<(), RuntimeError> {
+        let batch = in_time_order(batch);
         let now = self.clock.now_ms();
         let mut outs = Vec::new();
         let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
@@ -1008,10 +1009,94 @@ fn ps_mark_seen<V: serde::Serialize + serde::de::DeserializeOwned + Clone>(
     }
 }
 
+/// Orders a batch so that, per partition number, the records of co-partitioned input
+/// topics interleave by timestamp (a stage with several inputs then sees, say, a restock
+/// before a later order although the two came from different topics), while every
+/// topic-partition keeps its own order.
+fn in_time_order(batch: Vec<OwnedMessage>) -> Vec<OwnedMessage> {
+    let keys: Vec<(i32, String, i64)> = batch
+        .iter()
+        .map(|m| {
+            (
+                m.partition(),
+                m.topic().to_owned(),
+                m.timestamp().to_millis().unwrap_or(0),
+            )
+        })
+        .collect();
+    let order = merge_order(&keys);
+    let mut slots: Vec<Option<OwnedMessage>> = batch.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .map(|i| slots[i].take().expect("each index once"))
+        .collect()
+}
+
+/// The merge of [`in_time_order`] over (partition, topic, timestamp) in arrival order:
+/// indexes into `records`. Per partition, repeatedly takes the head of the topic queue
+/// with the earliest timestamp (ties: the earlier arrival).
+fn merge_order(records: &[(i32, String, i64)]) -> Vec<usize> {
+    let mut queues: BTreeMap<i32, BTreeMap<&str, std::collections::VecDeque<usize>>> =
+        BTreeMap::new();
+    for (i, (p, t, _)) in records.iter().enumerate() {
+        queues
+            .entry(*p)
+            .or_default()
+            .entry(t.as_str())
+            .or_default()
+            .push_back(i);
+    }
+    let mut out = Vec::with_capacity(records.len());
+    for topics in queues.values_mut() {
+        loop {
+            let next = topics
+                .values()
+                .filter_map(|q| q.front().copied())
+                .min_by_key(|&i| (records[i].2, i));
+            let Some(i) = next else { break };
+            topics
+                .get_mut(records[i].1.as_str())
+                .and_then(|q| q.pop_front());
+            out.push(i);
+        }
+    }
+    out
+}
+
 fn header(m: &OwnedMessage, key: &str) -> Option<String> {
     let h = m.headers()?;
     h.iter()
         .find(|h| h.key == key)
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_order;
+
+    fn r(p: i32, t: &str, ts: i64) -> (i32, String, i64) {
+        (p, t.to_owned(), ts)
+    }
+
+    #[test]
+    fn inputs_interleave_by_time_per_partition_and_keep_their_own_order() {
+        let records = vec![
+            r(0, "orders", 30),   // 0
+            r(0, "orders", 10),   // 1: out of time order within its topic-partition
+            r(0, "commands", 5),  // 2
+            r(1, "orders", 1),    // 3
+            r(0, "commands", 40), // 4
+            r(0, "orders", 35),   // 5
+        ];
+        // Partition 0: commands@5, then orders in their own order (30 before 10, as they
+        // arrived), orders@35, commands@40. Partition 1 alone.
+        assert_eq!(merge_order(&records), vec![2, 0, 1, 5, 4, 3]);
+    }
+
+    #[test]
+    fn equal_timestamps_keep_arrival_order() {
+        let records = vec![r(0, "b", 7), r(0, "a", 7), r(0, "b", 7)];
+        assert_eq!(merge_order(&records), vec![0, 1, 2]);
+    }
 }
