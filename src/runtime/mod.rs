@@ -1014,17 +1014,23 @@ fn ps_mark_seen<V: serde::Serialize + serde::de::DeserializeOwned + Clone>(
 /// before a later order although the two came from different topics), while every
 /// topic-partition keeps its own order.
 fn in_time_order(batch: Vec<OwnedMessage>) -> Vec<OwnedMessage> {
-    let keys: Vec<(i32, String, i64)> = batch
-        .iter()
-        .map(|m| {
-            (
-                m.partition(),
-                m.topic().to_owned(),
-                m.timestamp().to_millis().unwrap_or(0),
-            )
-        })
-        .collect();
-    let order = merge_order(&keys);
+    let single_topic = batch.windows(2).all(|w| w[0].topic() == w[1].topic());
+    if single_topic {
+        return batch;
+    }
+    let order = {
+        let keys: Vec<(i32, &str, i64)> = batch
+            .iter()
+            .map(|m| {
+                (
+                    m.partition(),
+                    m.topic(),
+                    m.timestamp().to_millis().unwrap_or(0),
+                )
+            })
+            .collect();
+        merge_order(&keys)
+    };
     let mut slots: Vec<Option<OwnedMessage>> = batch.into_iter().map(Some).collect();
     order
         .into_iter()
@@ -1035,14 +1041,14 @@ fn in_time_order(batch: Vec<OwnedMessage>) -> Vec<OwnedMessage> {
 /// The merge of [`in_time_order`] over (partition, topic, timestamp) in arrival order:
 /// indexes into `records`. Per partition, repeatedly takes the head of the topic queue
 /// with the earliest timestamp (ties: the earlier arrival).
-fn merge_order(records: &[(i32, String, i64)]) -> Vec<usize> {
+fn merge_order(records: &[(i32, &str, i64)]) -> Vec<usize> {
     let mut queues: BTreeMap<i32, BTreeMap<&str, std::collections::VecDeque<usize>>> =
         BTreeMap::new();
     for (i, (p, t, _)) in records.iter().enumerate() {
         queues
             .entry(*p)
             .or_default()
-            .entry(t.as_str())
+            .entry(*t)
             .or_default()
             .push_back(i);
     }
@@ -1054,9 +1060,7 @@ fn merge_order(records: &[(i32, String, i64)]) -> Vec<usize> {
                 .filter_map(|q| q.front().copied())
                 .min_by_key(|&i| (records[i].2, i));
             let Some(i) = next else { break };
-            topics
-                .get_mut(records[i].1.as_str())
-                .and_then(|q| q.pop_front());
+            topics.get_mut(records[i].1).and_then(|q| q.pop_front());
             out.push(i);
         }
     }
@@ -1075,8 +1079,8 @@ fn header(m: &OwnedMessage, key: &str) -> Option<String> {
 mod tests {
     use super::merge_order;
 
-    fn r(p: i32, t: &str, ts: i64) -> (i32, String, i64) {
-        (p, t.to_owned(), ts)
+    fn r(p: i32, t: &'static str, ts: i64) -> (i32, &'static str, i64) {
+        (p, t, ts)
     }
 
     #[test]
