@@ -61,8 +61,14 @@ pub struct Settings {
     pub batch_max_records: usize,
     /// ...or when this much time has passed since it started.
     pub batch_interval_ms: u64,
-    /// How long processed input event IDs are remembered for deduplication, in event time.
-    pub dedup_retention_secs: u64,
+    /// Input event IDs remembered per partition to drop the same event arriving again at
+    /// another offset (an upstream re-send after a crash, a producer retry). Replays of
+    /// the same offsets are recognized by position, without this window.
+    pub dedup_window_records: usize,
+    /// Largest record a stage produces (key, value and headers), below the broker's and
+    /// the producer's `message.max.bytes`: a larger output dead-letters its input, and a
+    /// dead letter is truncated to fit.
+    pub max_record_bytes: usize,
     /// Address of the metrics and health endpoint; port 0 picks a free port.
     pub http_addr: String,
     /// librdkafka properties passed through to every client (after OrderFlow's own).
@@ -177,7 +183,8 @@ impl Default for Settings {
             replication_factor: 1,
             batch_max_records: 500,
             batch_interval_ms: 100,
-            dedup_retention_secs: 7 * 24 * 3600,
+            dedup_window_records: 100_000,
+            max_record_bytes: 900_000,
             http_addr: "127.0.0.1:9464".into(),
             kafka: BTreeMap::new(),
             fraud: FraudSettings::default(),
@@ -272,6 +279,12 @@ impl Settings {
         }
         if let Some(v) = get("ORDERFLOW_BATCH_INTERVAL_MS") {
             self.batch_interval_ms = parse("ORDERFLOW_BATCH_INTERVAL_MS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_DEDUP_WINDOW_RECORDS") {
+            self.dedup_window_records = parse("ORDERFLOW_DEDUP_WINDOW_RECORDS", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_MAX_RECORD_BYTES") {
+            self.max_record_bytes = parse("ORDERFLOW_MAX_RECORD_BYTES", v)?;
         }
         if let Some(v) = get("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS") {
             self.fraud.velocity_max_orders = parse("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", v)?;

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub batch_records: HistogramVec,
     pub commit_seconds: HistogramVec,
     pub aborts: IntCounterVec,
+    pub fenced: IntCounterVec,
     pub producer_rebuilds: IntCounterVec,
     pub retries: IntCounterVec,
     pub rebalances: IntCounterVec,
@@ -122,6 +123,12 @@ impl Metrics {
                 &r,
                 "orderflow_batch_aborts_total",
                 "Batches aborted and rewound",
+                &["stage"],
+            ),
+            fenced: counter(
+                &r,
+                "orderflow_changelog_fenced_total",
+                "Batches withheld because another writer appended to the partition's changelog",
                 &["stage"],
             ),
             producer_rebuilds: counter(

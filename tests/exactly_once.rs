@@ -424,6 +424,9 @@ fn classify_case(
             }
         }
         Disposition::Retry => Err(format!("{case}: use retry_case")),
+        Disposition::Permanent => Err(format!(
+            "{case}: a permanent record error is not a transaction error"
+        )),
     }
 }
 

@@ -1,30 +1,53 @@
 //! A partition's state and its changelog: how state is written at commit and rebuilt on
 //! assignment.
 //!
-//! Every batch that changes state writes its entries (tagged with the batch's sequence
-//! number in the `orderflow.seq` header) and then one `commit` marker. A batch counts only
-//! if its marker was written: without transactions (`at_least_once`) a crash can cut a
-//! batch's entries short, and restoring half a batch would apply an input's effects
-//! partially. The next owner writes an `abort/<seq>` record for every cut-off batch it
-//! finds and rewrites the committed values of the keys that batch touched, so that the
-//! newest record of every key is committed again before compaction can matter.
+//! A batch writes, to the changelog partition of its input partition, every changed key
+//! (`s/` stage state, `t/` timers, `e/` recorded call outcomes, `p/` input positions), the
+//! event IDs it processed (`d/<seq>`, the dedup window), under `at_least_once` its outputs
+//! (`x/<seq>/<n>`, the outbox), and last a commit marker `commit/<gen>` whose value is the
+//! batch's sequence number. Every record carries the batch's sequence number and the
+//! writer's generation in headers.
 //!
-//! Invariant: the restored state equals the state after the last committed batch.
+//! - **Cut-off batches.** Without transactions a crash can cut a batch short. Records after
+//!   the last commit marker in log order are left out on restore, and the next owner
+//!   rewrites those keys with their committed values in its first batch, so that the
+//!   newest record of every key is a committed one again (compaction stays safe). No abort
+//!   record is needed: once the rewrite is durable the cut-off records are superseded.
+//! - **One writer.** Under `at_least_once` a new owner appends a claim `claim/<gen>` (a
+//!   fresh random generation) before it reads the partition, and reads up to its claim.
+//!   Records after a claim whose generation is not that claim's were written by a fenced
+//!   writer (a member expelled from the group, late records of an old producer): restore
+//!   ignores them and the owner rewrites their keys. The owner knows the offset of every
+//!   record it writes, so a batch whose records do not directly follow its previous write
+//!   reveals a foreign writer: the batch's outputs are withheld and the partition is
+//!   restored again.
+//! - **Outbox.** Under `at_least_once` a batch's outputs are in the changelog batch, and
+//!   are sent only once the batch is durable; a new owner re-sends the outbox of committed
+//!   batches before anything else. So every output visible downstream was decided by a
+//!   committed batch, and a replay can only re-send it, never decide again.
+//!
+//! Invariant: the restored state equals the state after the last committed batch of the
+//! current writer's history, and every record that disagrees with it is rewritten before
+//! the next commit.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::effects::RecordedOutcome;
+use super::outbox::{self, Out};
 use crate::stages::{Store, Timer};
 
 pub const SEQ_HEADER: &str = "orderflow.seq";
-const COMMIT_KEY: &str = "commit";
-const ABORT_PREFIX: &str = "abort/";
+pub const GEN_HEADER: &str = "orderflow.gen";
+const COMMIT_PREFIX: &str = "commit/";
+const CLAIM_PREFIX: &str = "claim/";
 const STATE_PREFIX: &str = "s/";
-const SEEN_PREFIX: &str = "d/";
 const TIMER_PREFIX: &str = "t/";
 const OUTCOME_PREFIX: &str = "e/";
+const POSITION_PREFIX: &str = "p/";
+const SEEN_PREFIX: &str = "d/";
+const OUTBOX_PREFIX: &str = "x/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangelogError {
@@ -45,405 +68,474 @@ pub struct ChangelogRecord {
     pub seq: u64,
 }
 
+/// The claim record a new owner appends before reading a partition.
+pub fn claim_record(generation: u64, writer: &str) -> ChangelogRecord {
+    ChangelogRecord {
+        key: format!("{CLAIM_PREFIX}{generation}"),
+        value: Some(writer.as_bytes().to_vec()),
+        seq: 0,
+    }
+}
+
+/// Event IDs as 128-bit values: UUIDs as they are, any other string by its UUIDv5.
+pub fn id_bits(event_id: &str) -> u128 {
+    match uuid::Uuid::parse_str(event_id) {
+        Ok(u) => u.as_u128(),
+        Err(_) => uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, event_id.as_bytes()).as_u128(),
+    }
+}
+
+/// The input event IDs a partition processed most recently, at most `capacity` of them
+/// (plus one batch). Replays of input are recognized by position (see
+/// [`PartitionState::positions`]); this window catches the same event arriving again at
+/// another offset — an upstream worker re-sending its outbox after a crash, a producer
+/// retrying — which happens within a few batches of the original.
+#[derive(Debug)]
+pub struct SeenWindow {
+    set: HashSet<u128>,
+    /// Committed batches' IDs, oldest first.
+    batches: VecDeque<(u64, Vec<u128>)>,
+    total: usize,
+    /// IDs of the batch being processed.
+    pending: Vec<u128>,
+    capacity: usize,
+}
+
+impl SeenWindow {
+    pub fn new(capacity: usize) -> Self {
+        SeenWindow {
+            set: HashSet::new(),
+            batches: VecDeque::new(),
+            total: 0,
+            pending: Vec::new(),
+            capacity,
+        }
+    }
+
+    pub fn contains(&self, id: u128) -> bool {
+        self.set.contains(&id)
+    }
+
+    pub fn insert(&mut self, id: u128) {
+        if self.set.insert(id) {
+            self.pending.push(id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    fn has_changes(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Sequence numbers of the committed batches that drop out when the pending one is
+    /// added.
+    fn evicted(&self) -> Vec<u64> {
+        let mut total = self.total + self.pending.len();
+        let mut out = Vec::new();
+        for (seq, ids) in &self.batches {
+            if total <= self.capacity {
+                break;
+            }
+            total -= ids.len();
+            out.push(*seq);
+        }
+        out
+    }
+
+    fn commit(&mut self, seq: u64) {
+        for _ in self.evicted() {
+            let (_, ids) = self.batches.pop_front().expect("evicted batches exist");
+            self.total -= ids.len();
+            for id in ids {
+                self.set.remove(&id);
+            }
+        }
+        if !self.pending.is_empty() {
+            let ids = std::mem::take(&mut self.pending);
+            self.total += ids.len();
+            self.batches.push_back((seq, ids));
+        }
+    }
+
+    fn rollback(&mut self) {
+        for id in self.pending.drain(..) {
+            self.set.remove(&id);
+        }
+    }
+
+    fn load(&mut self, seq: u64, bytes: &[u8]) {
+        let ids: Vec<u128> = bytes
+            .chunks_exact(16)
+            .map(|c| u128::from_be_bytes(c.try_into().expect("16 bytes")))
+            .collect();
+        self.total += ids.len();
+        self.set.extend(ids.iter().copied());
+        self.batches.push_back((seq, ids));
+    }
+}
+
+fn encode_ids(ids: &[u128]) -> Vec<u8> {
+    ids.iter().flat_map(|id| id.to_be_bytes()).collect()
+}
+
 /// Everything a stage keeps per partition, plus what the runtime keeps beside it.
 #[derive(Debug)]
 pub struct PartitionState<V> {
     pub state: Store<V>,
-    /// Input event IDs already processed, with the wall-clock time they were seen.
-    pub seen: Store<i64>,
     pub timers: Store<Timer>,
     /// Outcomes of external calls the stage has not reacted to yet, by call ID.
     pub outcomes: Store<RecordedOutcome>,
-    /// Sequence number of the next batch written to the changelog.
+    /// Per input topic (prefix-free name), the offset of the first input this state does
+    /// not reflect: inputs below it were processed, whatever the group's committed offset
+    /// says, and are never processed again.
+    pub positions: Store<i64>,
+    pub seen: SeenWindow,
+    /// Outputs of committed batches not yet acknowledged by the broker, by batch, with
+    /// the number of changelog records they take.
+    pub outbox: BTreeMap<u64, (Vec<Out>, usize)>,
+    /// Outbox keys whose outputs were acknowledged: tombstoned at the next commit.
+    sent: Vec<String>,
+    /// Keys to rewrite with these values at the next commit (a cut-off batch's or a
+    /// fenced writer's records).
+    repairs: BTreeMap<String, Option<Vec<u8>>>,
+    /// Claims and commit markers of earlier writers: tombstoned once this writer has
+    /// committed a batch of its own.
+    retired: Vec<String>,
+    /// Sequence number of the next batch.
     pub next_seq: u64,
-    /// Batches whose entries may be in the changelog without a commit marker; each gets
-    /// an abort record before the next commit.
-    pub pending_aborts: BTreeSet<u64>,
-    /// When the dedup memory was last pruned.
-    pub last_prune: i64,
+    /// This writer's generation (0 under `exactly_once`, where transactions fence).
+    pub generation: u64,
+    /// Whether this writer has committed a batch since its claim.
+    committed_once: bool,
+    /// Offset of the last changelog record known to be in the partition; this writer's
+    /// next record must directly follow it (`at_least_once`).
+    pub log_end: Option<i64>,
 }
 
-impl<V> Default for PartitionState<V> {
-    fn default() -> Self {
+impl<V> PartitionState<V> {
+    pub fn new(dedup_window: usize) -> Self {
         PartitionState {
             state: Store::default(),
-            seen: Store::default(),
             timers: Store::default(),
             outcomes: Store::default(),
+            positions: Store::default(),
+            seen: SeenWindow::new(dedup_window),
+            outbox: BTreeMap::new(),
+            sent: Vec::new(),
+            repairs: BTreeMap::new(),
+            retired: Vec::new(),
             next_seq: 1,
-            pending_aborts: BTreeSet::new(),
-            last_prune: 0,
+            generation: 0,
+            committed_once: false,
+            log_end: None,
         }
     }
+}
+
+/// The records of one batch for one partition, and what the batch must remember once
+/// they are durable.
+#[derive(Debug, Default)]
+pub struct BatchRecords {
+    pub records: Vec<ChangelogRecord>,
+    pub seq: u64,
+    /// How many outbox records the batch writes.
+    chunks: usize,
 }
 
 impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
     pub fn has_changes(&self) -> bool {
         self.state.has_changes()
-            || self.seen.has_changes()
             || self.timers.has_changes()
             || self.outcomes.has_changes()
-            || !self.pending_aborts.is_empty()
+            || self.positions.has_changes()
+            || self.seen.has_changes()
+            || !self.sent.is_empty()
+            || !self.repairs.is_empty()
+            || (self.committed_once && !self.retired.is_empty())
     }
 
-    /// The records this batch must write, in order: aborts, entries, then the commit
-    /// marker. Empty when nothing changed. Changes nothing: call [`Self::committed`] once
-    /// the records are durable, or [`Self::failed`].
-    pub fn pending_records(&self) -> Vec<ChangelogRecord> {
-        if !self.has_changes() {
-            return Vec::new();
-        }
+    /// The records this batch must write, in order — repairs, entries, the outbox (the
+    /// batch's `outputs`, under `at_least_once`), the commit marker — or nothing when
+    /// nothing changed. Changes nothing: call [`Self::committed`] once they are durable,
+    /// or [`Self::rollback`].
+    pub fn pending_records(&self, outputs: &[Out]) -> BatchRecords {
         let seq = self.next_seq;
+        if !self.has_changes() && outputs.is_empty() {
+            return BatchRecords {
+                records: Vec::new(),
+                seq,
+                chunks: 0,
+            };
+        }
+        let rec = |key: String, value: Option<Vec<u8>>| ChangelogRecord { key, value, seq };
         let mut out: Vec<ChangelogRecord> = self
-            .pending_aborts
+            .repairs
             .iter()
-            .map(|s| ChangelogRecord {
-                key: format!("{ABORT_PREFIX}{s}"),
-                value: Some(Vec::new()),
-                seq: *s,
-            })
+            .map(|(k, v)| rec(k.clone(), v.clone()))
             .collect();
-        let json = |v: &dyn erased::Json| v.to_json();
-        for (k, v) in self.state.changes() {
-            out.push(ChangelogRecord {
-                key: format!("{STATE_PREFIX}{k}"),
-                value: v.as_ref().map(|v| json(v)),
-                seq,
-            });
+        push_changes(&mut out, STATE_PREFIX, &self.state, seq);
+        push_changes(&mut out, TIMER_PREFIX, &self.timers, seq);
+        push_changes(&mut out, OUTCOME_PREFIX, &self.outcomes, seq);
+        push_changes(&mut out, POSITION_PREFIX, &self.positions, seq);
+        if self.seen.has_changes() {
+            out.push(rec(
+                format!("{SEEN_PREFIX}{seq}"),
+                Some(encode_ids(&self.seen.pending)),
+            ));
         }
-        for (k, v) in self.seen.changes() {
-            out.push(ChangelogRecord {
-                key: format!("{SEEN_PREFIX}{k}"),
-                value: v.as_ref().map(|v| json(v)),
-                seq,
-            });
+        for old in self.seen.evicted() {
+            out.push(rec(format!("{SEEN_PREFIX}{old}"), None));
         }
-        for (k, v) in self.timers.changes() {
-            out.push(ChangelogRecord {
-                key: format!("{TIMER_PREFIX}{k}"),
-                value: v.as_ref().map(|v| json(v)),
-                seq,
-            });
+        for key in &self.sent {
+            out.push(rec(key.clone(), None));
         }
-        for (k, v) in self.outcomes.changes() {
-            out.push(ChangelogRecord {
-                key: format!("{OUTCOME_PREFIX}{k}"),
-                value: v.as_ref().map(|v| json(v)),
-                seq,
-            });
+        let chunks = outbox::chunks(outputs);
+        let chunk_count = chunks.len();
+        for (n, chunk) in chunks.into_iter().enumerate() {
+            out.push(rec(format!("{OUTBOX_PREFIX}{seq}/{n}"), Some(chunk)));
         }
-        out.push(ChangelogRecord {
-            key: COMMIT_KEY.into(),
-            value: Some(seq.to_string().into_bytes()),
+        if self.committed_once {
+            for key in &self.retired {
+                out.push(rec(key.clone(), None));
+            }
+        }
+        out.push(rec(
+            format!("{COMMIT_PREFIX}{}", self.generation),
+            Some(seq.to_string().into_bytes()),
+        ));
+        BatchRecords {
+            records: out,
             seq,
-        });
-        out
+            chunks: chunk_count,
+        }
     }
 
-    /// The records of the last `pending_records` are durable.
-    pub fn committed(&mut self) {
+    /// The records of the last `pending_records` are durable; `outputs` (under
+    /// `at_least_once`) wait in the outbox until they are acknowledged.
+    pub fn committed(&mut self, batch: &BatchRecords, outputs: Vec<Out>) {
         self.state.commit();
-        self.seen.commit();
         self.timers.commit();
         self.outcomes.commit();
-        self.pending_aborts.clear();
-        self.next_seq += 1;
+        self.positions.commit();
+        self.seen.commit(batch.seq);
+        self.sent.clear();
+        self.repairs.clear();
+        if self.committed_once {
+            self.retired.clear();
+        }
+        self.committed_once = true;
+        if !outputs.is_empty() {
+            self.outbox.insert(batch.seq, (outputs, batch.chunks));
+        }
+        self.next_seq = batch.seq + 1;
     }
 
-    /// Writing `records` failed part-way (or its outcome is unknown): the batch is
-    /// aborted. State rolls back to the last commit; the touched keys are rewritten at
-    /// the next commit, after an abort record for this batch.
-    pub fn failed(&mut self, records: &[ChangelogRecord]) {
-        self.rollback();
-        if records.is_empty() {
-            return;
-        }
-        self.pending_aborts.insert(self.next_seq);
-        self.next_seq += 1;
-        for r in records {
-            self.mark_repair(&r.key);
-        }
-    }
-
-    /// Forgets every change since the last commit (a batch that was never written).
+    /// Forgets every change since the last commit.
     pub fn rollback(&mut self) {
         self.state.rollback();
-        self.seen.rollback();
         self.timers.rollback();
         self.outcomes.rollback();
+        self.positions.rollback();
+        self.seen.rollback();
     }
 
-    fn mark_repair(&mut self, key: &str) {
-        if let Some(k) = key.strip_prefix(STATE_PREFIX) {
-            self.state.mark_dirty(k.to_owned());
-        } else if let Some(k) = key.strip_prefix(SEEN_PREFIX) {
-            self.seen.mark_dirty(k.to_owned());
-        } else if let Some(k) = key.strip_prefix(TIMER_PREFIX) {
-            self.timers.mark_dirty(k.to_owned());
-        } else if let Some(k) = key.strip_prefix(OUTCOME_PREFIX) {
-            self.outcomes.mark_dirty(k.to_owned());
-        }
-    }
-
-    /// Drops dedup entries seen before `before` (wall-clock ms); returns how many.
-    pub fn prune_seen(&mut self, before: i64) -> usize {
-        let old: Vec<String> = self
-            .seen
-            .iter()
-            .filter(|(_, at)| **at < before)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &old {
-            self.seen.remove(k);
-        }
-        old.len()
-    }
-}
-
-/// Small helper so the three stores share one JSON encoder.
-mod erased {
-    pub trait Json {
-        fn to_json(&self) -> Vec<u8>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Vec<u8> {
-            serde_json::to_vec(self).expect("state values serialize to JSON")
+    /// The outbox's outputs were acknowledged: their records go at the next commit.
+    pub fn outbox_sent(&mut self) {
+        for (seq, (_, chunks)) in std::mem::take(&mut self.outbox) {
+            for n in 0..chunks {
+                self.sent.push(format!("{OUTBOX_PREFIX}{seq}/{n}"));
+            }
         }
     }
 }
 
-/// A changelog value as the type its key's prefix says; a tombstone is `None`.
-fn decode<T: DeserializeOwned>(r: &ChangelogRecord) -> Result<Option<T>, ChangelogError> {
-    r.value
-        .as_deref()
-        .map(serde_json::from_slice)
-        .transpose()
-        .map_err(|e| ChangelogError::Value {
-            key: r.key.clone(),
-            message: e.to_string(),
-        })
+fn push_changes<T: Serialize + Clone>(
+    out: &mut Vec<ChangelogRecord>,
+    prefix: &str,
+    store: &Store<T>,
+    seq: u64,
+) {
+    for (k, v) in store.changes() {
+        out.push(ChangelogRecord {
+            key: format!("{prefix}{k}"),
+            value: v
+                .as_ref()
+                .map(|v| serde_json::to_vec(v).expect("state values serialize to JSON")),
+            seq,
+        });
+    }
 }
 
-/// Rebuilds a partition's state from its changelog, read in log order.
+fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, ChangelogError> {
+    serde_json::from_slice(value).map_err(|e| ChangelogError::Value {
+        key: key.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// A record as read back: its key, value, and the batch and writer it belongs to.
+struct Entry {
+    key: String,
+    value: Option<Vec<u8>>,
+}
+
+/// Rebuilds a partition's state from its changelog, read in log order, keeping only the
+/// newest committed value of each key and the records since the last commit marker.
 #[derive(Debug, Default)]
 pub struct Restorer {
-    entries: Vec<ChangelogRecord>,
-    max_commit: u64,
-    aborted: HashSet<u64>,
+    committed: HashMap<String, Vec<u8>>,
+    /// Records of the current writer since its last commit marker.
+    tail: Vec<(String, Option<Vec<u8>>)>,
+    /// Records of fenced writers, by key.
+    stale: HashSet<String>,
+    /// The generation of the newest claim read so far.
+    current: Option<u64>,
     max_seq: u64,
+    /// Offset of the last record read.
+    pub last_offset: Option<i64>,
 }
 
 impl Restorer {
+    /// Takes the next record of the partition, in log order.
     pub fn push(
         &mut self,
+        offset: i64,
         key: &str,
         value: Option<&[u8]>,
         seq: Option<u64>,
+        generation: Option<u64>,
     ) -> Result<(), ChangelogError> {
+        self.last_offset = Some(offset);
+        if let Some(g) = key.strip_prefix(CLAIM_PREFIX) {
+            let g: u64 = g
+                .parse()
+                .map_err(|_| ChangelogError::UnknownKey(key.to_owned()))?;
+            if value.is_some() {
+                // A claim ends whatever its predecessor had not committed.
+                self.stale.extend(self.tail.drain(..).map(|(k, _)| k));
+                self.current = Some(g);
+            }
+            self.apply(Entry {
+                key: key.to_owned(),
+                value: value.map(<[u8]>::to_vec),
+            });
+            return Ok(());
+        }
         let seq = seq.ok_or_else(|| ChangelogError::MissingSeq {
             key: key.to_owned(),
         })?;
         self.max_seq = self.max_seq.max(seq);
-        if key == COMMIT_KEY {
-            self.max_commit = self.max_commit.max(seq);
-        } else if let Some(s) = key.strip_prefix(ABORT_PREFIX) {
-            let s = s
-                .parse()
-                .map_err(|_| ChangelogError::UnknownKey(key.to_owned()))?;
-            self.aborted.insert(s);
-        } else {
-            self.entries.push(ChangelogRecord {
+        if let (Some(current), Some(g)) = (self.current, generation)
+            && g != current
+        {
+            self.stale.insert(key.to_owned());
+            return Ok(());
+        }
+        if key.starts_with(COMMIT_PREFIX) {
+            for (k, v) in std::mem::take(&mut self.tail) {
+                self.apply(Entry { key: k, value: v });
+            }
+            self.apply(Entry {
                 key: key.to_owned(),
                 value: value.map(<[u8]>::to_vec),
-                seq,
             });
+        } else {
+            self.tail.push((key.to_owned(), value.map(<[u8]>::to_vec)));
         }
         Ok(())
     }
 
-    /// The committed state. Entries of batches without a commit marker are left out; their
-    /// batches are queued for abort and their keys for rewriting.
+    fn apply(&mut self, e: Entry) {
+        // A committed record supersedes whatever a cut-off batch or a fenced writer left.
+        self.stale.remove(&e.key);
+        match e.value {
+            Some(v) => {
+                self.committed.insert(e.key, v);
+            }
+            None => {
+                self.committed.remove(&e.key);
+            }
+        }
+    }
+
+    /// The committed state, for a writer of generation `generation` (0: no claims). Keys
+    /// of cut-off batches and fenced writers are queued for rewriting; earlier writers'
+    /// claims and markers for retirement.
     pub fn finish<V: Serialize + DeserializeOwned + Clone>(
         self,
+        partition: i32,
+        generation: u64,
+        dedup_window: usize,
     ) -> Result<PartitionState<V>, ChangelogError> {
-        let mut ps = PartitionState::<V>::default();
-        let mut repair = Vec::new();
-        for r in self.entries {
-            if r.seq > self.max_commit || self.aborted.contains(&r.seq) {
-                if !self.aborted.contains(&r.seq) {
-                    ps.pending_aborts.insert(r.seq);
+        let mut ps = PartitionState::<V>::new(dedup_window);
+        let mut repair: HashSet<String> = self.stale;
+        repair.extend(self.tail.into_iter().map(|(k, _)| k));
+        let mut seen: BTreeMap<u64, &[u8]> = BTreeMap::new();
+        let mut outbox: BTreeMap<(u64, u64), &[u8]> = BTreeMap::new();
+        for (key, value) in &self.committed {
+            if let Some(k) = key.strip_prefix(STATE_PREFIX) {
+                ps.state.load(k.to_owned(), Some(decode(key, value)?));
+            } else if let Some(k) = key.strip_prefix(TIMER_PREFIX) {
+                ps.timers.load(k.to_owned(), Some(decode(key, value)?));
+            } else if let Some(k) = key.strip_prefix(OUTCOME_PREFIX) {
+                ps.outcomes.load(k.to_owned(), Some(decode(key, value)?));
+            } else if let Some(k) = key.strip_prefix(POSITION_PREFIX) {
+                ps.positions.load(k.to_owned(), Some(decode(key, value)?));
+            } else if let Some(s) = key.strip_prefix(SEEN_PREFIX) {
+                seen.insert(parse_u64(key, s)?, value);
+            } else if let Some(rest) = key.strip_prefix(OUTBOX_PREFIX) {
+                let (s, n) = rest
+                    .split_once('/')
+                    .ok_or_else(|| ChangelogError::UnknownKey(key.clone()))?;
+                outbox.insert((parse_u64(key, s)?, parse_u64(key, n)?), value);
+            } else if let Some(g) = key.strip_prefix(COMMIT_PREFIX) {
+                if parse_u64(key, g)? != generation {
+                    ps.retired.push(key.clone());
                 }
-                repair.push(r.key);
-                continue;
-            }
-            if let Some(k) = r.key.strip_prefix(STATE_PREFIX) {
-                ps.state.load(k.to_owned(), decode(&r)?);
-            } else if let Some(k) = r.key.strip_prefix(SEEN_PREFIX) {
-                ps.seen.load(k.to_owned(), decode(&r)?);
-            } else if let Some(k) = r.key.strip_prefix(TIMER_PREFIX) {
-                ps.timers.load(k.to_owned(), decode(&r)?);
-            } else if let Some(k) = r.key.strip_prefix(OUTCOME_PREFIX) {
-                ps.outcomes.load(k.to_owned(), decode(&r)?);
+            } else if let Some(g) = key.strip_prefix(CLAIM_PREFIX) {
+                if parse_u64(key, g)? != generation {
+                    ps.retired.push(key.clone());
+                }
             } else {
-                return Err(ChangelogError::UnknownKey(r.key));
+                return Err(ChangelogError::UnknownKey(key.clone()));
             }
+        }
+        ps.retired.sort();
+        for (seq, ids) in seen {
+            ps.seen.load(seq, ids);
+        }
+        for ((seq, n), chunk) in outbox {
+            let outs =
+                outbox::decode(chunk, partition).map_err(|message| ChangelogError::Value {
+                    key: format!("{OUTBOX_PREFIX}{seq}"),
+                    message,
+                })?;
+            let entry = ps.outbox.entry(seq).or_default();
+            entry.0.extend(outs);
+            entry.1 = entry.1.max(n as usize + 1);
         }
         for key in repair {
-            ps.mark_repair(&key);
+            let value = self.committed.get(&key).cloned();
+            ps.repairs.insert(key, value);
         }
-        ps.next_seq = self.max_seq.max(self.max_commit) + 1;
+        ps.generation = generation;
+        ps.next_seq = self.max_seq + 1;
+        ps.log_end = self.last_offset;
         Ok(ps)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    type Ps = PartitionState<i64>;
-
-    fn replay(records: &[ChangelogRecord]) -> Result<Ps, ChangelogError> {
-        let mut r = Restorer::default();
-        for rec in records {
-            r.push(&rec.key, rec.value.as_deref(), Some(rec.seq))?;
-        }
-        r.finish()
-    }
-
-    #[test]
-    fn committed_batches_restore() -> Result<(), ChangelogError> {
-        let mut ps = Ps::default();
-        ps.state.insert("a", 1);
-        ps.seen.insert("e1", 100);
-        let mut log = ps.pending_records();
-        ps.committed();
-        ps.state.insert("a", 2);
-        ps.state.remove("a");
-        ps.state.insert("b", 3);
-        log.extend(ps.pending_records());
-        ps.committed();
-        let back = replay(&log)?;
-        assert_eq!(back.state.get("a"), None);
-        assert_eq!(back.state.get("b"), Some(&3));
-        assert_eq!(back.seen.get("e1"), Some(&100));
-        assert_eq!(back.next_seq, 3);
-        assert!(back.pending_aborts.is_empty());
-        Ok(())
-    }
-
-    #[test]
-    fn a_batch_cut_off_before_its_marker_is_discarded_then_repaired() -> Result<(), ChangelogError>
-    {
-        let mut ps = Ps::default();
-        ps.state.insert("stock", 10);
-        let mut log = ps.pending_records();
-        ps.committed();
-        ps.state.insert("stock", 7);
-        ps.state.insert("reservation", 3);
-        ps.seen.insert("e2", 5);
-        let batch = ps.pending_records();
-        // Crash after one entry of the second batch reached the log.
-        let cut = batch.iter().find(|r| r.key == "s/stock").unwrap().clone();
-        log.push(cut.clone());
-        let mut back = replay(&log)?;
-        assert_eq!(back.state.get("stock"), Some(&10));
-        assert_eq!(back.state.get("reservation"), None);
-        assert_eq!(back.pending_aborts, BTreeSet::from([2]));
-        // The next batch aborts seq 2 and rewrites the cut-off key with its committed value.
-        let repair = back.pending_records();
-        assert_eq!(repair[0].key, "abort/2");
-        assert!(
-            repair
-                .iter()
-                .any(|r| r.key == cut.key && r.value == Some(b"10".to_vec()))
-        );
-        back.committed();
-        log.extend(repair);
-        let again = replay(&log)?;
-        assert_eq!(again.state.get("stock"), Some(&10));
-        assert!(again.pending_aborts.is_empty());
-        assert_eq!(again.next_seq, 4);
-        Ok(())
-    }
-
-    #[test]
-    fn compaction_of_old_markers_keeps_committed_entries() -> Result<(), ChangelogError> {
-        let mut ps = Ps::default();
-        let mut log = Vec::new();
-        for i in 0..5 {
-            ps.state.insert(format!("k{i}"), i);
-            log.extend(ps.pending_records());
-            ps.committed();
-        }
-        // Compaction keeps only the newest `commit` record.
-        let last_commit = log.iter().rposition(|r| r.key == COMMIT_KEY).unwrap();
-        let compacted: Vec<_> = log
-            .iter()
-            .enumerate()
-            .filter(|(i, r)| r.key != COMMIT_KEY || *i == last_commit)
-            .map(|(_, r)| r.clone())
-            .collect();
-        let back = replay(&compacted)?;
-        assert_eq!(back.state.len(), 5);
-        Ok(())
-    }
-
-    #[test]
-    fn failed_write_aborts_and_rewrites_on_the_next_commit() -> Result<(), ChangelogError> {
-        let mut ps = Ps::default();
-        ps.state.insert("a", 1);
-        let mut log = ps.pending_records();
-        ps.committed();
-        ps.state.insert("a", 2);
-        let attempt = ps.pending_records();
-        log.extend(attempt.iter().cloned()); // written, but the outcome was an error
-        ps.failed(&attempt);
-        assert_eq!(ps.state.get("a"), Some(&1));
-        let next = ps.pending_records();
-        assert_eq!(next[0].key, "abort/2");
-        ps.committed();
-        log.extend(next);
-        assert_eq!(replay(&log)?.state.get("a"), Some(&1));
-        Ok(())
-    }
-
-    #[test]
-    fn recorded_outcomes_survive_a_restore_until_reacted_to() -> Result<(), ChangelogError> {
-        use crate::stages::{Effect, EffectOutcome};
-        let mut ps = Ps::default();
-        let effect = Effect::Authorize {
-            idempotency_key: "k".into(),
-            store_id: "s".into(),
-            order_id: "o".into(),
-            amount_cents: 1,
-            currency: "USD".into(),
-            attempt: 2,
-        };
-        let outcome = RecordedOutcome {
-            order: 7,
-            cause: None,
-            effect: effect.clone(),
-            outcome: EffectOutcome::Succeeded {
-                reference: "a-1".into(),
-            },
-        };
-        ps.outcomes.insert(effect.id(), outcome.clone());
-        let mut log = ps.pending_records();
-        ps.committed();
-        assert_eq!(replay(&log)?.outcomes.get("k#2"), Some(&outcome));
-        ps.outcomes.remove("k#2");
-        log.extend(ps.pending_records());
-        ps.committed();
-        assert!(replay(&log)?.outcomes.is_empty());
-        Ok(())
-    }
-
-    #[test]
-    fn records_without_seq_are_rejected() {
-        let mut r = Restorer::default();
-        assert!(matches!(
-            r.push("s/x", Some(b"1"), None),
-            Err(ChangelogError::MissingSeq { .. })
-        ));
-    }
+fn parse_u64(key: &str, s: &str) -> Result<u64, ChangelogError> {
+    s.parse()
+        .map_err(|_| ChangelogError::UnknownKey(key.to_owned()))
 }
+
+#[cfg(test)]
+mod tests;

@@ -15,6 +15,9 @@ pub enum Disposition {
     /// The producer is unusable (fenced, fatal idempotence error): build a new one, then
     /// abort and rewind.
     RebuildProducer,
+    /// This record can never be written as it is (too large for the broker): retrying
+    /// cannot help, so it is dead-lettered (cut to fit) instead of blocking its partition.
+    Permanent,
 }
 
 pub fn classify(err: &KafkaError) -> Disposition {
@@ -32,6 +35,7 @@ pub fn classify(err: &KafkaError) -> Disposition {
         }
         other => match other.rdkafka_error_code() {
             Some(code) if is_fatal_code(code) => Disposition::RebuildProducer,
+            Some(code) if is_permanent_code(code) => Disposition::Permanent,
             _ => Disposition::AbortAndRewind,
         },
     }
@@ -47,6 +51,16 @@ fn is_fatal_code(code: RDKafkaErrorCode) -> bool {
             | RDKafkaErrorCode::OutOfOrderSequenceNumber
             | RDKafkaErrorCode::UnknownProducerId
             | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+    )
+}
+
+/// Errors about one record that no retry can change.
+fn is_permanent_code(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidRecord
     )
 }
 
@@ -69,6 +83,8 @@ mod tests {
         assert_eq!(classify(&fenced), Disposition::RebuildProducer);
         let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
         assert_eq!(classify(&timeout), Disposition::AbortAndRewind);
+        let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert_eq!(classify(&too_large), Disposition::Permanent);
     }
 
     #[test]

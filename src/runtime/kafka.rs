@@ -1,22 +1,17 @@
-//! Building Kafka clients for a stage worker, observing rebalances, and reading a
-//! changelog partition back.
+//! Building Kafka clients for a stage worker, and observing rebalances.
 //!
 //! Invariant: rebalance callbacks only record what happened; the worker loop acts on it
 //! between polls, when no batch is half-processed.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
+use rdkafka::TopicPartitionList;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureProducer;
-use rdkafka::{Offset, TopicPartitionList};
 
-use super::changelog::{ChangelogError, PartitionState, Restorer, SEQ_HEADER};
 use crate::config::{Guarantee, Settings};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,123 +126,8 @@ pub fn transactional_id(settings: &Settings, stage: &str) -> String {
     format!("{}.{stage}.{}", settings.group_prefix, settings.instance_id)
 }
 
-fn apply_pass_through(c: &mut ClientConfig, settings: &Settings) {
+pub fn apply_pass_through(c: &mut ClientConfig, settings: &Settings) {
     for (k, v) in &settings.kafka {
         c.set(k, v);
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    #[error("reading changelog {topic}[{partition}] failed: {source}")]
-    Kafka {
-        topic: String,
-        partition: i32,
-        source: KafkaError,
-    },
-    #[error("changelog {topic}[{partition}] is corrupt: {source}")]
-    Corrupt {
-        topic: String,
-        partition: i32,
-        source: ChangelogError,
-    },
-    #[error("restoring {topic}[{partition}] made no progress for {0:?}", STALL)]
-    Stalled { topic: String, partition: i32 },
-}
-
-const STALL: Duration = Duration::from_secs(60);
-
-/// Reads the changelog partitions `partitions` from their beginning to their end (the
-/// last stable offset under `read_committed`) with one consumer, and rebuilds each
-/// partition's state.
-pub fn restore<V>(
-    settings: &Settings,
-    topic: &str,
-    partitions: &[i32],
-) -> Result<Vec<(i32, PartitionState<V>)>, RestoreError>
-where
-    V: serde::Serialize + serde::de::DeserializeOwned + Clone,
-{
-    let kafka = |partition: i32| {
-        move |source| RestoreError::Kafka {
-            topic: topic.to_owned(),
-            partition,
-            source,
-        }
-    };
-    let first = partitions.first().copied().unwrap_or(0);
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.brokers)
-        .set("group.id", format!("{}.restore", settings.group_prefix))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed");
-    apply_pass_through(&mut c, settings);
-    let consumer: BaseConsumer = c.create().map_err(kafka(first))?;
-    let mut restorers: HashMap<i32, Restorer> = HashMap::new();
-    // End offset of each partition that has anything to read.
-    let mut reading: HashMap<i32, i64> = HashMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for &p in partitions {
-        restorers.insert(p, Restorer::default());
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .map_err(kafka(p))?;
-        if high > low {
-            reading.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .map_err(kafka(p))?;
-        }
-    }
-    if !reading.is_empty() {
-        consumer.assign(&tpl).map_err(kafka(first))?;
-    }
-    let mut last_progress = Instant::now();
-    while !reading.is_empty() {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                last_progress = Instant::now();
-                let p = m.partition();
-                let seq = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == SEQ_HEADER).and_then(|h| h.value))
-                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
-                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                if let Some(r) = restorers.get_mut(&p) {
-                    r.push(&key, m.payload(), seq)
-                        .map_err(|source| RestoreError::Corrupt {
-                            topic: topic.to_owned(),
-                            partition: p,
-                            source,
-                        })?;
-                }
-                if reading.get(&p).is_some_and(|high| m.offset() + 1 >= *high) {
-                    reading.remove(&p);
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                reading.remove(&p);
-            }
-            Some(Err(e)) => return Err(kafka(first)(e)),
-            None if last_progress.elapsed() > STALL => {
-                let partition = reading.keys().copied().min().unwrap_or(first);
-                return Err(RestoreError::Stalled {
-                    topic: topic.to_owned(),
-                    partition,
-                });
-            }
-            None => {}
-        }
-    }
-    let mut restored: Vec<(i32, PartitionState<V>)> = Vec::with_capacity(partitions.len());
-    for &p in partitions {
-        let r = restorers.remove(&p).unwrap_or_default();
-        let ps = r.finish().map_err(|source| RestoreError::Corrupt {
-            topic: topic.to_owned(),
-            partition: p,
-            source,
-        })?;
-        restored.push((p, ps));
-    }
-    Ok(restored)
 }

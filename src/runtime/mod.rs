@@ -2,49 +2,62 @@
 //!
 //! Each cycle polls a batch (up to `batch_max_records`, or `batch_interval_ms`), acts on
 //! rebalances between polls, runs the stage over every record, due timer and recorded
-//! outcome of an earlier external call, performs the batch's new external calls (recording
-//! their outcomes in state), then commits outputs, state and input offsets together:
+//! outcome of an earlier external call ([`dispatch`]), performs the batch's new external
+//! calls (recording their outcomes in state), then commits ([`commit`]):
 //!
-//! - `exactly_once`: in one Kafka transaction (outputs, changelog entries, DLQ records and
-//!   `send_offsets_to_transaction` with the consumer's group metadata);
-//! - `at_least_once`: outputs acknowledged, then the changelog batch and its commit marker,
-//!   then the input offsets. A crash anywhere replays inputs whose effects are either
-//!   absent (redone with the same deterministic IDs) or recorded in state (skipped as
-//!   duplicates).
+//! - `exactly_once`: outputs, changelog entries, DLQ records and the input offsets in one
+//!   Kafka transaction (`send_offsets_to_transaction` with the consumer's group metadata);
+//! - `at_least_once`: the changelog batch first — state, input positions, the dedup window
+//!   and the batch's outputs (the outbox) — then, once it is durable and this worker is
+//!   still the partition's only writer, the outputs; the group offsets last, as a hint.
+//!
+//! Either way the state records, per input partition, the offset of the first input it
+//! does not reflect; a partition's consumer is positioned there when its state is
+//! restored, so an input is never processed twice, and every output that becomes visible
+//! was decided by a committed batch: a replay re-sends it, byte for byte, never decides
+//! again (see [`changelog`]).
+//!
+//! State is restored on a thread of its own ([`restore`]) while the loop keeps polling;
+//! the partitions being restored are paused.
 //!
 //! Invariant: in-memory state always equals the state of the last committed batch when a
-//! poll happens; a failed batch is rolled back and its inputs rewound before the next.
+//! poll happens; a batch that fails is rolled back (or its partitions restored from the
+//! changelog) and its inputs read again from the state's positions.
 
 pub mod changelog;
 pub mod clock;
+mod commit;
+pub mod crash;
+mod dispatch;
 pub mod disposition;
 pub mod effects;
 pub mod kafka;
+pub mod outbox;
+pub mod restore;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Guarantee, Settings};
-use crate::events::Envelope;
-use crate::events::codec::{Codec, DecodeHints};
-use crate::events::{Event, EventType};
+use crate::events::codec::Codec;
 use crate::metrics::Metrics;
-use crate::stages::{Ctx, Effect, EffectOutcome, Input, Stage, Timer};
+use crate::stages::Stage;
 use crate::topics::{self, Topics};
-use changelog::{ChangelogRecord, PartitionState};
+use changelog::PartitionState;
 use clock::Clock;
-use disposition::{Disposition, backoff, classify};
-use effects::{EffectHandler, RecordedOutcome};
-use kafka::{RebalanceEvent, RestoreError, WorkerContext};
+use dispatch::PendingEffect;
+use effects::EffectHandler;
+use kafka::{RebalanceEvent, WorkerContext};
+use restore::{RestoreError, Restored};
 
 /// Header naming an event's type on every record OrderFlow produces.
 pub const EVENT_TYPE_HEADER: &str = "event-type";
@@ -57,12 +70,11 @@ pub mod dlq_headers {
     pub const STAGE: &str = "orderflow.stage";
     pub const ERROR_CLASS: &str = "orderflow.error.class";
     pub const ERROR_MESSAGE: &str = "orderflow.error.message";
+    /// Present when the value was cut to fit the broker's limit: the original's size.
+    pub const TRUNCATED: &str = "orderflow.truncated.original-bytes";
+    /// On a dead letter of an output the broker refused: the topic it was meant for.
+    pub const TARGET_TOPIC: &str = "orderflow.target.topic";
 }
-
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
-const PRUNE_EVERY_MS: i64 = 60_000;
-/// How often a failing commit is retried in place before the batch is abandoned.
-const MAX_IN_PLACE_RETRIES: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -92,23 +104,6 @@ pub enum RuntimeError {
     Panicked(&'static str),
 }
 
-/// One record to produce.
-struct Out {
-    topic: String,
-    partition: i32,
-    key: Vec<u8>,
-    payload: Option<Vec<u8>>,
-    headers: OwnedHeaders,
-}
-
-/// A request made while handling one input or timer, with what its outcome's outputs
-/// inherit.
-struct PendingEffect {
-    partition: i32,
-    cause: Option<Envelope>,
-    effect: Effect,
-}
-
 /// Runs `stage` on its own thread until `shutdown` is cancelled.
 pub fn spawn<S: Stage>(
     stage: S,
@@ -120,7 +115,8 @@ pub fn spawn<S: Stage>(
     spawn_with_effects(stage, settings, metrics, clock, None, shutdown)
 }
 
-/// Like [`spawn`], for a stage whose requests (see [`Ctx::request`]) `effects` performs.
+/// Like [`spawn`], for a stage whose requests (see [`crate::stages::Ctx::request`])
+/// `effects` performs.
 pub fn spawn_with_effects<S: Stage>(
     stage: S,
     settings: Settings,
@@ -155,14 +151,23 @@ struct Worker<S: Stage> {
     clock: Arc<dyn Clock>,
     consumer: BaseConsumer<WorkerContext>,
     producer: FutureProducer,
-    /// State per assigned partition number (shared by all co-partitioned input topics).
+    /// State per assigned and restored partition number (shared by all co-partitioned
+    /// input topics).
     parts: BTreeMap<i32, PartitionState<S::State>>,
     /// State of revoked partitions, kept until the next assignment says whether this
-    /// worker gets them back (no one else can own them in between); never processed.
+    /// worker gets them back; reused only if nobody wrote their changelog meanwhile.
     parked: BTreeMap<i32, PartitionState<S::State>>,
+    /// Partitions whose state is being restored, with the restore job's number; their
+    /// input is paused.
+    restoring: BTreeMap<i32, u64>,
+    /// Partitions to restore again (a failed batch, a fenced write, a failed seek) once
+    /// the current cycle is over.
+    to_restore: BTreeSet<i32>,
+    next_job: u64,
+    restored_tx: mpsc::Sender<Restored<S::State>>,
+    restored_rx: mpsc::Receiver<Restored<S::State>>,
+    /// Input topic-partitions currently assigned.
     assigned: HashSet<(String, i32)>,
-    /// Offset to rewind to (the first not yet committed) per input topic-partition.
-    positions: HashMap<(String, i32), i64>,
     changelog: String,
     dlq: String,
     /// Consecutive failed batches, for backoff.
@@ -186,6 +191,7 @@ impl<S: Stage> Worker<S> {
         let topics = settings.topics();
         let consumer = kafka::consumer(&settings, name).map_err(RuntimeError::Client)?;
         let producer = kafka::producer(&settings, name).map_err(RuntimeError::Client)?;
+        let (restored_tx, restored_rx) = mpsc::channel();
         let w = Worker {
             changelog: topics.changelog(name),
             dlq: topics.name(topics::DLQ),
@@ -200,8 +206,12 @@ impl<S: Stage> Worker<S> {
             producer,
             parts: BTreeMap::new(),
             parked: BTreeMap::new(),
+            restoring: BTreeMap::new(),
+            to_restore: BTreeSet::new(),
+            next_job: 0,
+            restored_tx,
+            restored_rx,
             assigned: HashSet::new(),
-            positions: HashMap::new(),
             failures: 0,
             effects,
             effect_runtime: tokio::runtime::Builder::new_current_thread()
@@ -232,16 +242,24 @@ impl<S: Stage> Worker<S> {
             })?;
         tracing::info!(inputs = ?inputs, guarantee = %self.settings.guarantee, "stage started");
         while !shutdown.is_cancelled() {
+            self.install_restored()?;
+            if !self.send_outboxes() {
+                // The outputs of committed batches go first; nothing new until they are out.
+                self.consumer.poll(Duration::ZERO);
+                self.apply_rebalances(&mut Vec::new())?;
+                continue;
+            }
             let batch = self.poll_batch(shutdown)?;
             self.process_and_commit(batch)?;
+            self.restore_again();
         }
         tracing::info!("stage stopped");
         Ok(())
     }
 
-    /// Collects up to a batch of records. Rebalances are acted on between polls: records
-    /// of revoked partitions are dropped unprocessed (their new owner reads them from the
-    /// committed offsets), newly assigned partitions are restored before any processing.
+    /// Collects up to a batch of records of restored partitions. Rebalances are acted on
+    /// between polls: records of revoked partitions are dropped unprocessed, newly
+    /// assigned partitions are paused until their state is restored.
     fn poll_batch(
         &mut self,
         shutdown: &CancellationToken,
@@ -260,7 +278,9 @@ impl<S: Stage> Worker<S> {
                 .consumer
                 .poll(remaining.min(Duration::from_millis(100)))
             {
-                Some(Ok(m)) => batch.push(m.detach()),
+                // A partition still restoring reads from its restored position later.
+                Some(Ok(m)) if self.parts.contains_key(&m.partition()) => batch.push(m.detach()),
+                Some(Ok(_)) => {}
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
             }
@@ -268,6 +288,17 @@ impl<S: Stage> Worker<S> {
         }
         self.apply_rebalances(&mut batch)?;
         Ok(batch)
+    }
+
+    /// Input topic-partitions of the partition numbers `partitions`.
+    fn input_tpl(&self, partitions: &[i32]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &self.assigned {
+            if partitions.contains(p) {
+                tpl.add_partition(t, *p);
+            }
+        }
+        tpl
     }
 
     fn apply_rebalances(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<(), RuntimeError> {
@@ -283,10 +314,11 @@ impl<S: Stage> Worker<S> {
                         .inc();
                     for tp in tps {
                         batch.retain(|m| !(m.topic() == tp.0 && m.partition() == tp.1));
-                        self.positions.remove(&tp);
                         self.assigned.remove(&tp);
                     }
                     let owned: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
+                    self.restoring.retain(|p, _| owned.contains(p));
+                    self.to_restore.retain(|p| owned.contains(p));
                     let revoked: Vec<i32> = self
                         .parts
                         .keys()
@@ -295,7 +327,9 @@ impl<S: Stage> Worker<S> {
                         .collect();
                     for p in revoked {
                         let ps = self.parts.remove(&p).expect("listed above");
-                        if !lost {
+                        // Only a writer that knows where its log ends can tell later
+                        // whether anybody wrote since.
+                        if !lost && ps.log_end.is_some() {
                             self.parked.insert(p, ps);
                         }
                     }
@@ -306,23 +340,27 @@ impl<S: Stage> Worker<S> {
                         .with_label_values(&[self.name, "assign"])
                         .inc();
                     self.assigned.extend(tps);
-                    let owned: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
+                    let owned: BTreeSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
                     let mut parked = std::mem::take(&mut self.parked);
                     let mut missing: Vec<i32> = Vec::new();
                     for p in owned {
-                        if self.parts.contains_key(&p) {
+                        if self.parts.contains_key(&p) || self.restoring.contains_key(&p) {
                             continue;
                         }
                         match parked.remove(&p) {
-                            Some(ps) => {
+                            Some(ps) if self.untouched_since(p, &ps) => {
                                 self.parts.insert(p, ps);
+                                self.position_inputs(p);
                             }
-                            None => missing.push(p),
+                            _ => missing.push(p),
                         }
                     }
-                    missing.sort_unstable();
-                    self.restore(&missing)?;
-                    tracing::info!(partitions = ?self.parts.keys().collect::<Vec<_>>(), "assignment");
+                    self.start_restore(missing);
+                    tracing::info!(
+                        partitions = ?self.parts.keys().collect::<Vec<_>>(),
+                        restoring = ?self.restoring.keys().collect::<Vec<_>>(),
+                        "assignment"
+                    );
                 }
             }
         }
@@ -333,680 +371,154 @@ impl<S: Stage> Worker<S> {
         Ok(())
     }
 
-    /// Restores the state of `partitions` (one read of the changelog for all of them).
-    fn restore(&mut self, partitions: &[i32]) -> Result<(), RuntimeError> {
-        if partitions.is_empty() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let restored = kafka::restore::<S::State>(&self.settings, &self.changelog, partitions)?;
-        self.metrics
-            .restore_seconds
-            .with_label_values(&[self.name])
-            .observe(started.elapsed().as_secs_f64());
-        for (partition, ps) in restored {
-            tracing::info!(
-                partition,
-                keys = ps.state.len(),
-                seen = ps.seen.len(),
-                timers = ps.timers.len(),
-                pending_outcomes = ps.outcomes.len(),
-                cut_off_batches = ps.pending_aborts.len(),
-                "state restored"
-            );
-            self.parts.insert(partition, ps);
-        }
-        tracing::info!(
-            partitions = partitions.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "restore finished"
-        );
-        Ok(())
-    }
-
-    fn process_and_commit(&mut self, batch: Vec<OwnedMessage>) -> Result<(), RuntimeError> {
-        let batch = in_time_order(batch);
-        let now = self.clock.now_ms();
-        let mut outs = Vec::new();
-        let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
-        for m in &batch {
-            let tp = (m.topic().to_owned(), m.partition());
-            self.positions.entry(tp.clone()).or_insert(m.offset());
-            offsets.insert(tp, m.offset() + 1);
-            self.process_record(m, now, &mut outs)?;
-        }
-        self.fire_timers(now, &mut outs);
-        self.react_to_outcomes(now, &mut outs);
-        self.perform_effects(now);
-        self.prune_seen(now);
-        let dirty = self.parts.values().any(PartitionState::has_changes);
-        if batch.is_empty() && outs.is_empty() && !dirty {
-            return Ok(());
-        }
-        self.commit(outs, offsets, batch.len())
-    }
-
-    fn process_record(
-        &mut self,
-        m: &OwnedMessage,
-        now: i64,
-        outs: &mut Vec<Out>,
-    ) -> Result<(), RuntimeError> {
-        self.metrics
-            .records_in
-            .with_label_values(&[self.name])
-            .inc();
-        let base = self.topics.base(m.topic()).unwrap_or(m.topic());
-        let Some(payload) = m.payload() else {
-            self.dead_letter(m, "decode", "record has no value", outs);
-            return Ok(());
+    /// Whether nobody wrote partition `p`'s changelog since this worker's last write.
+    fn untouched_since(&self, p: i32, ps: &PartitionState<S::State>) -> bool {
+        let Some(end) = ps.log_end else {
+            return false;
         };
-        let header_type = header(m, EVENT_TYPE_HEADER);
-        let hints = DecodeHints {
-            header_type: header_type.as_deref(),
-            topic_default: topics::default_event_type(base),
-            origin: Some((m.topic(), m.partition(), m.offset())),
-        };
-        let event = match self.codec.decode(payload, hints) {
-            Ok(e) => e,
-            Err(e) => {
-                self.dead_letter(m, e.class(), &e.to_string(), outs);
-                return Ok(());
-            }
-        };
-        let env = event.envelope().clone();
-        let span = tracing::debug_span!(
-            "record",
-            partition = m.partition(),
-            order_id = env.order_id.as_deref().unwrap_or(""),
-            store_id = %env.store_id,
-            correlation_id = %env.correlation_id,
-        );
-        let _g = span.enter();
-        let p = m.partition();
-        if !self.parts.contains_key(&p) {
-            // Assignment callbacks precede records, so this is a safety net only.
-            self.restore(&[p])?;
-        }
-        let ps = self.parts.get_mut(&p).expect("restored above");
-        if ps.seen.contains(&env.event_id) {
-            self.metrics
-                .duplicates
-                .with_label_values(&[self.name])
-                .inc();
-            return Ok(());
-        }
-        self.metrics
-            .event_latency_seconds
-            .with_label_values(&[self.name])
-            .observe(((now - env.occurred_at).max(0) as f64) / 1000.0);
-        let mut produced = Vec::new();
-        let (result, requested) = {
-            let mut ctx = Ctx::new(
-                self.name,
-                now,
-                env.event_id.clone(),
-                Some(env.clone()),
-                &mut ps.state,
-                &mut ps.timers,
-                &mut produced,
-            );
-            let input = Input {
-                topic: base,
-                event: &event,
-            };
-            let r = self.stage.process(&mut ctx, input);
-            (r, ctx.take_effects())
-        };
-        match result
-            .map_err(|e| (e.class(), e.to_string()))
-            .and_then(|()| self.encode_all(&produced, p))
+        match self
+            .consumer
+            .fetch_watermarks(&self.changelog, p, Duration::from_secs(10))
         {
-            Ok(encoded) => {
-                ps_mark_seen(&mut self.parts, p, &env.event_id, now);
-                outs.extend(encoded);
-                self.queue_effects(p, Some(&env), requested);
-            }
-            Err((class, message)) => self.dead_letter(m, class, &message, outs),
-        }
-        Ok(())
-    }
-
-    fn encode_all(
-        &self,
-        events: &[Event],
-        partition: i32,
-    ) -> Result<Vec<Out>, (&'static str, String)> {
-        events
-            .iter()
-            .map(|e| {
-                let payload = self.codec.encode(e).map_err(|err| {
-                    (
-                        "encode",
-                        format!("cannot encode output {}: {err}", e.event_type()),
-                    )
-                })?;
-                Ok(self.output(e.event_type(), e, partition, payload))
-            })
-            .collect()
-    }
-
-    fn output(&self, t: EventType, e: &Event, partition: i32, payload: Vec<u8>) -> Out {
-        let env = e.envelope();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: EVENT_TYPE_HEADER,
-                value: Some(t.name()),
-            })
-            .insert(Header {
-                key: CORRELATION_HEADER,
-                value: Some(env.correlation_id.as_str()),
-            });
-        Out {
-            topic: self.topics.name(topics::topic_of(t)),
-            partition,
-            key: env.store_id.clone().into_bytes(),
-            payload: Some(payload),
-            headers,
-        }
-    }
-
-    fn dead_letter(&self, m: &OwnedMessage, class: &str, message: &str, outs: &mut Vec<Out>) {
-        use dlq_headers::*;
-        self.metrics
-            .dead_lettered
-            .with_label_values(&[self.name, class])
-            .inc();
-        tracing::warn!(
-            topic = m.topic(),
-            partition = m.partition(),
-            offset = m.offset(),
-            error_class = class,
-            error = message,
-            "dead-lettering record"
-        );
-        let (partition, offset) = (m.partition().to_string(), m.offset().to_string());
-        let mut headers = OwnedHeaders::new()
-            .insert(Header {
-                key: SOURCE_TOPIC,
-                value: Some(m.topic()),
-            })
-            .insert(Header {
-                key: SOURCE_PARTITION,
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: SOURCE_OFFSET,
-                value: Some(offset.as_str()),
-            })
-            .insert(Header {
-                key: STAGE,
-                value: Some(self.name),
-            })
-            .insert(Header {
-                key: ERROR_CLASS,
-                value: Some(class),
-            })
-            .insert(Header {
-                key: ERROR_MESSAGE,
-                value: Some(message),
-            });
-        if let Some(original) = m.headers() {
-            for h in original.iter() {
-                headers = headers.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
-            }
-        }
-        outs.push(Out {
-            topic: self.dlq.clone(),
-            partition: m.partition(),
-            key: m.key().unwrap_or_default().to_vec(),
-            payload: Some(m.payload().unwrap_or_default().to_vec()),
-            headers,
-        });
-    }
-
-    fn fire_timers(&mut self, now: i64, outs: &mut Vec<Out>) {
-        let partitions: Vec<i32> = self.parts.keys().copied().collect();
-        for p in partitions {
-            let ps = self.parts.get_mut(&p).expect("listed above");
-            let mut due: Vec<Timer> = ps
-                .timers
-                .iter()
-                .filter(|(_, t)| t.due_at <= now)
-                .map(|(_, t)| t.clone())
-                .collect();
-            if due.is_empty() {
-                continue;
-            }
-            due.sort_by(|a, b| (a.due_at, &a.id).cmp(&(b.due_at, &b.id)));
-            for timer in due {
-                let ps = self.parts.get_mut(&p).expect("listed above");
-                ps.timers.remove(&timer.id);
-                let mut produced = Vec::new();
-                let (result, requested) = {
-                    let mut ctx = Ctx::new(
-                        self.name,
-                        now,
-                        timer.firing_id(),
-                        timer.cause.clone(),
-                        &mut ps.state,
-                        &mut ps.timers,
-                        &mut produced,
-                    );
-                    let r = self.stage.on_timer(&mut ctx, &timer);
-                    (r, ctx.take_effects())
-                };
-                self.metrics
-                    .timers_fired
-                    .with_label_values(&[self.name])
-                    .inc();
-                match result
-                    .map_err(|e| (e.class(), e.to_string()))
-                    .and_then(|()| self.encode_all(&produced, p))
-                {
-                    Ok(encoded) => {
-                        outs.extend(encoded);
-                        self.queue_effects(p, timer.cause.as_ref(), requested);
-                    }
-                    Err((class, message)) => {
-                        tracing::error!(timer = %timer.id, error_class = class, error = %message, "timer failed; dropped");
-                    }
-                }
+            Ok((_, high)) => high == end + 1,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cannot read the changelog's end; restoring");
+                false
             }
         }
     }
 
-    fn queue_effects(&mut self, partition: i32, cause: Option<&Envelope>, requested: Vec<Effect>) {
-        self.pending_effects
-            .extend(requested.into_iter().map(|effect| PendingEffect {
-                partition,
-                cause: cause.cloned(),
-                effect,
-            }));
-    }
-
-    /// Lets the stage react to the outcomes recorded by earlier batches, in the order the
-    /// calls were made, and forgets them (in the same commit as the reaction's outputs).
-    fn react_to_outcomes(&mut self, now: i64, outs: &mut Vec<Out>) {
-        let partitions: Vec<i32> = self.parts.keys().copied().collect();
-        for p in partitions {
-            let ps = self.parts.get_mut(&p).expect("listed above");
-            if ps.outcomes.is_empty() {
-                continue;
-            }
-            let mut recorded: Vec<(String, RecordedOutcome)> = ps
-                .outcomes
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            recorded.sort_by(|a, b| (a.1.order, &a.0).cmp(&(b.1.order, &b.0)));
-            for (id, r) in recorded {
-                let ps = self.parts.get_mut(&p).expect("listed above");
-                ps.outcomes.remove(&id);
-                let cause_id = format!("effect/{id}/{}", r.outcome.class());
-                let mut produced = Vec::new();
-                let (result, requested) = {
-                    let mut ctx = Ctx::new(
-                        self.name,
-                        now,
-                        cause_id,
-                        r.cause.clone(),
-                        &mut ps.state,
-                        &mut ps.timers,
-                        &mut produced,
-                    );
-                    let result = self.stage.on_effect(&mut ctx, &r.effect, &r.outcome);
-                    (result, ctx.take_effects())
-                };
-                match result
-                    .map_err(|e| (e.class(), e.to_string()))
-                    .and_then(|()| self.encode_all(&produced, p))
-                {
-                    Ok(encoded) => {
-                        outs.extend(encoded);
-                        self.queue_effects(p, r.cause.as_ref(), requested);
-                    }
-                    Err((class, message)) => {
-                        tracing::error!(call = %id, error_class = class, error = %message, "reaction to an external call failed; dropped");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Performs the batch's requests concurrently and records each outcome in its
-    /// partition's state; the stage reacts in the next batch (see [`RecordedOutcome`]).
-    fn perform_effects(&mut self, now: i64) {
-        let pending = std::mem::take(&mut self.pending_effects);
-        if pending.is_empty() {
+    /// Pauses the input of `partitions` and restores their state on another thread.
+    fn start_restore(&mut self, partitions: Vec<i32>) {
+        if partitions.is_empty() {
             return;
         }
-        let outcomes: Vec<EffectOutcome> = match &self.effects {
-            Some(handler) => {
-                let effects = pending.iter().map(|p| p.effect.clone()).collect();
-                let concurrency = self.settings.payment.concurrency;
-                self.effect_runtime.block_on(effects::perform_all(
-                    handler.clone(),
-                    effects,
-                    concurrency,
-                ))
-            }
-            None => {
-                tracing::error!(
-                    count = pending.len(),
-                    "stage requested external calls but none can be made"
-                );
-                let error = "no handler for external calls is configured".to_owned();
-                pending
-                    .iter()
-                    .map(|_| EffectOutcome::Transient {
-                        error: error.clone(),
-                    })
-                    .collect()
-            }
-        };
-        // Wall-clock milliseconds and the position in the batch order the reactions.
-        let base = u64::try_from(now).unwrap_or(0).saturating_mul(1_000);
-        for (i, (p, outcome)) in pending.into_iter().zip(outcomes).enumerate() {
-            let Some(ps) = self.parts.get_mut(&p.partition) else {
-                continue;
-            };
-            let recorded = RecordedOutcome {
-                order: base + i as u64,
-                cause: p.cause,
-                effect: p.effect,
-                outcome,
-            };
-            ps.outcomes.insert(recorded.effect.id(), recorded);
+        let tpl = self.input_tpl(&partitions);
+        if let Err(e) = self.consumer.pause(&tpl) {
+            tracing::warn!(error = %e, "pausing partitions being restored failed");
         }
+        self.next_job += 1;
+        let job = self.next_job;
+        for p in &partitions {
+            self.parts.remove(p);
+            self.restoring.insert(*p, job);
+        }
+        tracing::info!(?partitions, job, "restoring state");
+        restore::spawn(
+            self.settings.clone(),
+            self.changelog.clone(),
+            partitions,
+            job,
+            self.restored_tx.clone(),
+        );
     }
 
-    fn prune_seen(&mut self, now: i64) {
-        let retention = (self.settings.dedup_retention_secs as i64).saturating_mul(1000);
-        for ps in self.parts.values_mut() {
-            if now - ps.last_prune >= PRUNE_EVERY_MS {
-                ps.last_prune = now;
-                ps.prune_seen(now - retention);
-            }
-        }
-    }
-
-    fn commit(
-        &mut self,
-        outs: Vec<Out>,
-        offsets: HashMap<(String, i32), i64>,
-        records: usize,
-    ) -> Result<(), RuntimeError> {
-        let started = Instant::now();
-        let changes: Vec<(i32, Vec<ChangelogRecord>)> = self
-            .parts
-            .iter_mut()
-            .map(|(p, ps)| (*p, ps.pending_records()))
-            .filter(|(_, c)| !c.is_empty())
+    /// Restores the partitions queued by the last cycle.
+    fn restore_again(&mut self) {
+        let owned: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
+        let again: Vec<i32> = std::mem::take(&mut self.to_restore)
+            .into_iter()
+            .filter(|p| owned.contains(p))
             .collect();
-        let mut log: Vec<Out> = Vec::new();
-        for (p, records) in &changes {
-            for r in records {
-                let seq = r.seq.to_string();
-                log.push(Out {
-                    topic: self.changelog.clone(),
-                    partition: *p,
-                    key: r.key.clone().into_bytes(),
-                    payload: r.value.clone(),
-                    headers: OwnedHeaders::new().insert(Header {
-                        key: changelog::SEQ_HEADER,
-                        value: Some(seq.as_str()),
-                    }),
-                });
-            }
-        }
-        // Offsets of every partition seen so far, so a commit that failed earlier catches up.
-        let mut commit_offsets = self.positions.clone();
-        commit_offsets.extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
-        let result = match self.settings.guarantee {
-            Guarantee::AtLeastOnce => self.commit_at_least_once(&outs, &log, &commit_offsets),
-            Guarantee::ExactlyOnce => self.commit_transaction(&outs, &log, &commit_offsets),
-        };
-        match result {
-            Ok(()) => {
-                for (p, _) in &changes {
-                    if let Some(ps) = self.parts.get_mut(p) {
-                        ps.committed();
-                    }
-                }
-                self.positions.extend(offsets);
-                self.failures = 0;
-                for o in &outs {
-                    let base = self.topics.base(&o.topic).unwrap_or(&o.topic);
-                    self.metrics
-                        .records_out
-                        .with_label_values(&[self.name, base])
-                        .inc();
-                }
-                self.metrics
-                    .batch_records
-                    .with_label_values(&[self.name])
-                    .observe(records as f64);
-                self.metrics
-                    .commit_seconds
-                    .with_label_values(&[self.name])
-                    .observe(started.elapsed().as_secs_f64());
-                Ok(())
-            }
-            Err(e) => {
-                let disposition = classify(&e);
-                tracing::warn!(error = %e, ?disposition, records, "batch failed; rolling back and rewinding");
-                self.metrics.aborts.with_label_values(&[self.name]).inc();
-                for (p, records) in &changes {
-                    if let Some(ps) = self.parts.get_mut(p) {
-                        ps.failed(records);
-                    }
-                }
-                for ps in self.parts.values_mut() {
-                    ps.rollback();
-                }
-                let mut rebuild = disposition == Disposition::RebuildProducer;
-                if self.settings.guarantee == Guarantee::ExactlyOnce
-                    && !rebuild
-                    && let Err(abort) = self.producer.abort_transaction(TXN_TIMEOUT)
-                {
-                    tracing::warn!(error = %abort, "abort failed; rebuilding the producer");
-                    rebuild = true;
-                }
-                if rebuild {
-                    self.rebuild_producer()?;
-                }
-                self.rewind();
-                self.failures += 1;
-                std::thread::sleep(backoff(self.failures.min(10), 100, 5_000));
-                Ok(())
-            }
-        }
+        self.start_restore(again);
     }
 
-    /// Outputs, then state, then offsets — each durable before the next starts.
-    fn commit_at_least_once(
-        &self,
-        outs: &[Out],
-        log: &[Out],
-        offsets: &HashMap<(String, i32), i64>,
-    ) -> Result<(), KafkaError> {
-        self.send_all(outs, true)?;
-        self.send_all(log, true)?;
-        let tpl = self.offsets_tpl(offsets)?;
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
-            // State already records these inputs as processed: if they are delivered
-            // again they are skipped, so this is not a failed batch.
-            tracing::warn!(error = %e, "offset commit failed; inputs will be deduplicated if redelivered");
+    /// Takes in every finished restore whose partitions are still this worker's.
+    fn install_restored(&mut self) -> Result<(), RuntimeError> {
+        while let Ok(done) = self.restored_rx.try_recv() {
+            self.metrics
+                .restore_seconds
+                .with_label_values(&[self.name])
+                .observe(done.elapsed.as_secs_f64());
+            let wanted: Vec<i32> = done
+                .partitions
+                .iter()
+                .copied()
+                .filter(|p| self.restoring.get(p) == Some(&done.job))
+                .collect();
+            match done.result {
+                Ok(states) => {
+                    for (p, ps) in states {
+                        if !wanted.contains(&p) {
+                            continue;
+                        }
+                        tracing::info!(
+                            partition = p,
+                            keys = ps.state.len(),
+                            seen = ps.seen.len(),
+                            timers = ps.timers.len(),
+                            pending_outcomes = ps.outcomes.len(),
+                            unsent_batches = ps.outbox.len(),
+                            elapsed_ms = done.elapsed.as_millis() as u64,
+                            "state restored"
+                        );
+                        self.restoring.remove(&p);
+                        self.parts.insert(p, ps);
+                        self.position_inputs(p);
+                    }
+                }
+                Err(e @ RestoreError::Corrupt { .. }) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, partitions = ?wanted, "restore failed; trying again");
+                    std::thread::sleep(disposition::backoff(2, 100, 2_000));
+                    for p in &wanted {
+                        self.restoring.remove(p);
+                    }
+                    self.start_restore(wanted);
+                }
+            }
         }
         Ok(())
     }
 
-    fn commit_transaction(
-        &self,
-        outs: &[Out],
-        log: &[Out],
-        offsets: &HashMap<(String, i32), i64>,
-    ) -> Result<(), KafkaError> {
-        self.retry_in_place(|| self.producer.begin_transaction())?;
-        self.send_all(outs, false)?;
-        self.send_all(log, false)?;
-        let tpl = self.offsets_tpl(offsets)?;
-        // Without group metadata (not in a group yet) offsets cannot join the transaction.
-        let group = self
+    /// Moves partition `p`'s inputs to the first offset its state does not reflect (else
+    /// the group's committed offset, else the beginning) and resumes them. A partition
+    /// whose position cannot be set is restored again rather than read from elsewhere.
+    fn position_inputs(&mut self, p: i32) {
+        let tpl = self.input_tpl(&[p]);
+        let committed = self
             .consumer
-            .group_metadata()
-            .ok_or(KafkaError::MessageProduction(RDKafkaErrorCode::State))?;
-        self.retry_in_place(|| {
-            self.producer
-                .send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT)
-        })?;
-        self.retry_in_place(|| self.producer.commit_transaction(TXN_TIMEOUT))
-    }
-
-    fn offsets_tpl(
-        &self,
-        offsets: &HashMap<(String, i32), i64>,
-    ) -> Result<TopicPartitionList, KafkaError> {
-        let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in offsets {
-            if self.assigned.contains(&(t.clone(), *p)) {
-                tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .ok();
+        let Some(ps) = self.parts.get(&p) else {
+            return;
+        };
+        for e in tpl.elements() {
+            let base = self.topics.base(e.topic()).unwrap_or(e.topic());
+            let target = match ps.positions.get(base) {
+                Some(o) => Offset::Offset(*o),
+                None => committed
+                    .as_ref()
+                    .and_then(|c| c.find_partition(e.topic(), p))
+                    .map(|c| c.offset())
+                    .filter(|o| matches!(o, Offset::Offset(_)))
+                    .unwrap_or(Offset::Beginning),
+            };
+            if let Err(err) = self.seek(e.topic(), p, target) {
+                tracing::error!(topic = e.topic(), partition = p, error = %err, "cannot position the input; restoring the partition again");
+                self.parts.remove(&p);
+                self.to_restore.insert(p);
+                return;
             }
         }
-        Ok(tpl)
-    }
-
-    /// Enqueues every record; with `await_acks`, waits until each is acknowledged and
-    /// returns the first failure. (In a transaction, the commit reports failures.)
-    fn send_all(&self, outs: &[Out], await_acks: bool) -> Result<(), KafkaError> {
-        let mut pending = Vec::with_capacity(outs.len());
-        for o in outs {
-            let mut record = FutureRecord::to(&o.topic)
-                .key(&o.key)
-                .partition(o.partition)
-                .headers(o.headers.clone());
-            if let Some(p) = &o.payload {
-                record = record.payload(p);
-            }
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(f) => {
-                        pending.push(f);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => return Err(e),
-                }
-            }
-        }
-        if await_acks {
-            for f in pending {
-                match futures::executor::block_on(f) {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => return Err(e),
-                    Err(_) => return Err(KafkaError::Canceled),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Seeks every assigned input partition back to its first uncommitted offset.
-    fn rewind(&mut self) {
-        for ((t, p), o) in &self.positions {
-            if self.assigned.contains(&(t.clone(), *p))
-                && let Err(e) =
-                    self.consumer
-                        .seek(t, *p, Offset::Offset(*o), Duration::from_secs(10))
-            {
-                tracing::warn!(topic = %t, partition = p, error = %e, "seek failed");
-            }
+        if let Err(e) = self.consumer.resume(&tpl) {
+            tracing::warn!(partition = p, error = %e, "resuming the input failed");
         }
     }
 
-    fn rebuild_producer(&mut self) -> Result<(), RuntimeError> {
-        self.metrics
-            .producer_rebuilds
-            .with_label_values(&[self.name])
-            .inc();
-        tracing::warn!("rebuilding the producer");
-        self.producer = kafka::producer(&self.settings, self.name).map_err(RuntimeError::Client)?;
-        if self.settings.guarantee == Guarantee::ExactlyOnce {
-            self.init_transactions()?;
+    fn seek(&self, topic: &str, partition: i32, offset: Offset) -> Result<(), KafkaError> {
+        if crash::fail_seek() {
+            return Err(KafkaError::Seek("injected seek failure".into()));
         }
-        Ok(())
-    }
-
-    /// Calls `op` again while its error is retriable, with backoff, a bounded number of
-    /// times.
-    fn retry_in_place(
-        &self,
-        mut op: impl FnMut() -> Result<(), KafkaError>,
-    ) -> Result<(), KafkaError> {
-        let mut attempt = 0;
-        loop {
-            match op() {
-                Err(e) if classify(&e) == Disposition::Retry && attempt < MAX_IN_PLACE_RETRIES => {
-                    tracing::debug!(error = %e, attempt, "retrying");
-                    self.metrics.retries.with_label_values(&[self.name]).inc();
-                    std::thread::sleep(backoff(attempt, 50, 2_000));
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// Registers the transactional ID (fencing any previous producer with it). A broker
-    /// that does not do transactions gets an error naming the setting to change; any
-    /// other failure is reported as what it is.
-    fn init_transactions(&self) -> Result<(), RuntimeError> {
-        self.retry_in_place(|| self.producer.init_transactions(TXN_TIMEOUT))
-            .map_err(|source| {
-                if refuses_transactions(&source) {
-                    RuntimeError::TransactionsUnsupported {
-                        brokers: self.settings.brokers.clone(),
-                        source,
-                    }
-                } else {
-                    RuntimeError::ProducerInit {
-                        transactional_id: kafka::transactional_id(&self.settings, self.name),
-                        source,
-                    }
-                }
-            })
+        self.consumer
+            .seek(topic, partition, offset, Duration::from_secs(10))
     }
 }
 
-/// Error codes with which brokers refuse transactional producers: the API is missing, or
-/// (as some brokers without transactions answer) no transactional ID is authorized.
-fn refuses_transactions(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::UnsupportedFeature
-                | RDKafkaErrorCode::UnsupportedVersion
-                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
-        )
-    )
-}
-
-fn ps_mark_seen<V: serde::Serialize + serde::de::DeserializeOwned + Clone>(
-    parts: &mut BTreeMap<i32, PartitionState<V>>,
-    p: i32,
-    event_id: &str,
-    now: i64,
-) {
-    if let Some(ps) = parts.get_mut(&p) {
-        ps.seen.insert(event_id.to_owned(), now);
-    }
+fn header<'m>(m: &'m OwnedMessage, key: &str) -> Option<&'m [u8]> {
+    use rdkafka::message::Headers;
+    let h = m.headers()?;
+    h.iter().find(|h| h.key == key).and_then(|h| h.value)
 }
 
 /// Orders a batch so that, per partition number, the records of co-partitioned input
@@ -1065,14 +577,6 @@ fn merge_order(records: &[(i32, &str, i64)]) -> Vec<usize> {
         }
     }
     out
-}
-
-fn header(m: &OwnedMessage, key: &str) -> Option<String> {
-    let h = m.headers()?;
-    h.iter()
-        .find(|h| h.key == key)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 #[cfg(test)]

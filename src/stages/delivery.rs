@@ -51,9 +51,8 @@ use crate::events::{
 use crate::stages::{Ctx, Input, Stage, StageError, StageName, Timer};
 use crate::topics;
 
-/// How long a record is kept after its order reached a terminal state, and how long
-/// scans wait for their order's `ReadyToShip`: 7 days, matching the runtime's default
-/// `dedup_retention_secs`.
+/// How long a record is kept after its order reached a terminal state (to recognize
+/// scans sent again), and how long scans wait for their order's `ReadyToShip`: 7 days.
 pub const RETAIN_MS: i64 = 7 * 24 * 3_600_000;
 
 /// Scans kept per order while waiting for `ReadyToShip`. A real parcel has a handful of

@@ -28,9 +28,9 @@ use crate::events::{Event, Packed, PaymentAuthorized, Picking, ReadyToShip};
 use crate::stages::{Ctx, Input, Stage, StageError, StageName, Timer};
 use crate::topics;
 
-/// How long a finished order's record is kept after `ReadyToShip`, so that a replayed
-/// `PaymentAuthorized` within that time is still recognized: 7 days, matching the
-/// runtime's default `dedup_retention_secs`.
+/// How long a finished order's record is kept after `ReadyToShip`, so that a
+/// `PaymentAuthorized` published again within that time (under a new event ID, which the
+/// runtime's dedup window cannot recognize) is still recognized: 7 days.
 pub const RETAIN_MS: i64 = 7 * 24 * 3_600_000;
 
 /// The value of one key of the fulfillment stage's state.

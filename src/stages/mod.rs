@@ -353,6 +353,9 @@ pub struct Store<V> {
     undo: HashMap<String, Option<V>>,
     /// Keys to write to the changelog at the next commit.
     dirty: BTreeSet<String>,
+    /// While one input is handled: each key it wrote, with its value before and whether
+    /// it had been written earlier in the batch, so that input alone can be undone.
+    savepoint: Option<Vec<(String, Option<V>, bool)>>,
 }
 
 impl<V> Default for Store<V> {
@@ -361,6 +364,7 @@ impl<V> Default for Store<V> {
             map: HashMap::new(),
             undo: HashMap::new(),
             dirty: BTreeSet::new(),
+            savepoint: None,
         }
     }
 }
@@ -375,6 +379,15 @@ impl<V: Clone> Store<V> {
     }
 
     fn touch(&mut self, key: &str) {
+        if let Some(sp) = &mut self.savepoint
+            && !sp.iter().any(|(k, _, _)| k == key)
+        {
+            sp.push((
+                key.to_owned(),
+                self.map.get(key).cloned(),
+                self.dirty.contains(key),
+            ));
+        }
         if !self.undo.contains_key(key) {
             self.undo.insert(key.to_owned(), self.map.get(key).cloned());
         }
@@ -447,18 +460,37 @@ impl<V: Clone> Store<V> {
         self.dirty.clear();
     }
 
+    /// Starts remembering writes so that they can be undone by [`Store::undo_savepoint`]
+    /// (one input's writes, when its outputs turn out unwritable).
+    pub fn savepoint(&mut self) {
+        self.savepoint = Some(Vec::new());
+    }
+
+    /// Keeps the writes since [`Store::savepoint`].
+    pub fn release_savepoint(&mut self) {
+        self.savepoint = None;
+    }
+
+    /// Undoes the writes since [`Store::savepoint`]; earlier writes of the batch stay.
+    pub fn undo_savepoint(&mut self) {
+        for (k, v, was_dirty) in self.savepoint.take().unwrap_or_default() {
+            if !was_dirty {
+                self.dirty.remove(&k);
+                self.undo.remove(&k);
+            }
+            match v {
+                Some(v) => self.map.insert(k, v),
+                None => self.map.remove(&k),
+            };
+        }
+    }
+
     /// Loads a committed value (restore); not a change.
     pub fn load(&mut self, key: String, value: Option<V>) {
         match value {
             Some(v) => self.map.insert(key, v),
             None => self.map.remove(&key),
         };
-    }
-
-    /// Schedules a key to be rewritten with its committed value at the next commit
-    /// (repairs a changelog whose last batch was cut off).
-    pub fn mark_dirty(&mut self, key: String) {
-        self.dirty.insert(key);
     }
 }
 
@@ -482,6 +514,26 @@ mod tests {
         assert_eq!(s.get("b"), Some(&2));
         assert_eq!(s.get("c"), None);
         assert!(!s.has_changes());
+    }
+
+    #[test]
+    fn a_savepoint_undoes_one_inputs_writes_and_keeps_the_batchs() {
+        let mut s: Store<i32> = Store::default();
+        s.insert("a", 1);
+        s.insert("b", 2);
+        s.commit();
+        s.insert("a", 10); // earlier in the batch
+        s.savepoint();
+        s.insert("a", 11);
+        s.insert("b", 20);
+        s.insert("c", 30);
+        s.undo_savepoint();
+        assert_eq!(s.get("a"), Some(&10));
+        assert_eq!(s.get("b"), Some(&2));
+        assert_eq!(s.get("c"), None);
+        assert_eq!(s.changes(), vec![("a".to_string(), Some(10))]);
+        s.rollback();
+        assert_eq!(s.get("a"), Some(&1));
     }
 
     #[test]

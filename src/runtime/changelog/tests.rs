@@ -1,0 +1,321 @@
+//! The changelog protocol against an in-memory log: batches, crashes that cut them off,
+//! claims, stale writers, compaction and the bounded dedup window.
+
+use super::*;
+
+type Ps = PartitionState<i64>;
+
+/// Key, value, sequence number and generation of one record.
+type Record = (String, Option<Vec<u8>>, u64, Option<u64>);
+
+/// One changelog partition: records in log order.
+#[derive(Default, Clone)]
+struct Log {
+    records: Vec<Record>,
+}
+
+impl Log {
+    fn append(&mut self, records: &[ChangelogRecord], generation: u64) {
+        for r in records {
+            self.records
+                .push((r.key.clone(), r.value.clone(), r.seq, Some(generation)));
+        }
+    }
+
+    /// Appends a claim; returns its generation.
+    fn claim(&mut self, generation: u64) -> u64 {
+        let c = claim_record(generation, "w");
+        self.records.push((c.key, c.value, 0, Some(generation)));
+        generation
+    }
+
+    fn restore(&self, generation: u64) -> Result<Ps, ChangelogError> {
+        let mut r = Restorer::default();
+        for (offset, (k, v, seq, g)) in self.records.iter().enumerate() {
+            r.push(offset as i64, k, v.as_deref(), Some(*seq), *g)?;
+        }
+        r.finish(0, generation, 1_000)
+    }
+
+    /// What compaction may leave: the newest record of every key, in log order.
+    fn compacted(&self) -> Log {
+        let mut last: HashMap<&str, usize> = HashMap::new();
+        for (i, (k, ..)) in self.records.iter().enumerate() {
+            last.insert(k, i);
+        }
+        Log {
+            records: self
+                .records
+                .iter()
+                .enumerate()
+                .filter(|(i, (k, ..))| last[k.as_str()] == *i)
+                .map(|(_, r)| r.clone())
+                .collect(),
+        }
+    }
+}
+
+/// Writes one batch of `ps` whole and marks it committed.
+fn commit(ps: &mut Ps, log: &mut Log) {
+    let batch = ps.pending_records(&[]);
+    log.append(&batch.records, ps.generation);
+    ps.committed(&batch, Vec::new());
+}
+
+fn out(n: u8) -> Out {
+    Out {
+        topic: "order.screened".into(),
+        partition: 0,
+        key: b"store-1".to_vec(),
+        payload: Some(vec![n; 3]),
+        headers: vec![("event-type".into(), b"OrderScreened".to_vec())],
+    }
+}
+
+#[test]
+fn committed_batches_restore() -> Result<(), ChangelogError> {
+    let mut log = Log::default();
+    let g = log.claim(7);
+    let mut ps = log.restore(g)?;
+    ps.state.insert("a", 1);
+    ps.positions.insert("order.created".to_string(), 10);
+    ps.seen.insert(id_bits("e1"));
+    commit(&mut ps, &mut log);
+    ps.state.insert("a", 2);
+    ps.state.remove("a");
+    ps.state.insert("b", 3);
+    ps.positions.insert("order.created".to_string(), 12);
+    commit(&mut ps, &mut log);
+    let back = log.restore(g)?;
+    assert_eq!(back.state.get("a"), None);
+    assert_eq!(back.state.get("b"), Some(&3));
+    assert_eq!(back.positions.get("order.created"), Some(&12));
+    assert!(back.seen.contains(id_bits("e1")));
+    assert_eq!(back.next_seq, 3);
+    assert!(back.repairs.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_batch_cut_off_before_its_marker_is_left_out_then_rewritten() -> Result<(), ChangelogError> {
+    let mut log = Log::default();
+    let g1 = log.claim(1);
+    let mut ps = log.restore(g1)?;
+    ps.state.insert("stock", 10);
+    commit(&mut ps, &mut log);
+    ps.state.insert("stock", 7);
+    ps.state.insert("reservation", 3);
+    let batch = ps.pending_records(&[out(1)]);
+    // A crash after two records of the second batch reached the log.
+    log.append(&batch.records[..2], g1);
+    let g2 = log.claim(2);
+    let mut back = log.restore(g2)?;
+    assert_eq!(back.state.get("stock"), Some(&10));
+    assert_eq!(back.state.get("reservation"), None);
+    assert!(
+        back.outbox.is_empty(),
+        "a cut-off batch's outputs never show"
+    );
+    // The next batch rewrites the cut-off keys with their committed values, and no abort
+    // record is needed: the rewrite supersedes them, before and after compaction.
+    let repair = back.pending_records(&[]);
+    for r in &batch.records[..2] {
+        let rewritten = repair
+            .records
+            .iter()
+            .find(|x| x.key == r.key)
+            .expect("rewritten");
+        let committed = if r.key == "s/stock" {
+            Some(b"10".to_vec())
+        } else {
+            None
+        };
+        assert_eq!(rewritten.value, committed, "{}", r.key);
+    }
+    assert!(repair.records.iter().all(|r| !r.key.starts_with("abort/")));
+    log.append(&repair.records, g2);
+    back.committed(&repair, Vec::new());
+    for view in [log.clone(), log.compacted()] {
+        let again = view.restore(g2)?;
+        assert_eq!(again.state.get("stock"), Some(&10));
+        assert_eq!(again.state.get("reservation"), None);
+        assert!(again.repairs.is_empty());
+    }
+    Ok(())
+}
+
+#[test]
+fn a_failed_write_restored_from_the_log_keeps_the_committed_values() -> Result<(), ChangelogError> {
+    // The batch's records all reached the log but the worker saw an error: it restores
+    // (with a new claim) instead of trusting its rollback, and the keys are rewritten.
+    let mut log = Log::default();
+    let g1 = log.claim(1);
+    let mut ps = log.restore(g1)?;
+    ps.state.insert("a", 1);
+    commit(&mut ps, &mut log);
+    ps.state.insert("a", 2);
+    let attempt = ps.pending_records(&[]);
+    log.append(&attempt.records[..attempt.records.len() - 1], g1);
+    let g2 = log.claim(2);
+    let mut back = log.restore(g2)?;
+    assert_eq!(back.state.get("a"), Some(&1));
+    let next = back.pending_records(&[]);
+    assert!(
+        next.records
+            .iter()
+            .any(|r| r.key == "s/a" && r.value == Some(b"1".to_vec()))
+    );
+    log.append(&next.records, g2);
+    back.committed(&next, Vec::new());
+    assert_eq!(log.compacted().restore(g2)?.state.get("a"), Some(&1));
+    Ok(())
+}
+
+#[test]
+fn a_fenced_writers_records_after_a_claim_are_ignored_and_rewritten() -> Result<(), ChangelogError>
+{
+    let mut log = Log::default();
+    let old = log.claim(1);
+    let mut zombie = log.restore(old)?;
+    zombie.state.insert("stock", 10);
+    commit(&mut zombie, &mut log);
+    // A new owner claims; the old one, expelled but unaware, commits a whole batch after.
+    let new = log.claim(2);
+    zombie.state.insert("stock", 3);
+    let stale = zombie.pending_records(&[out(9)]);
+    log.append(&stale.records, old);
+    let mut owner = log.restore(new)?;
+    assert_eq!(owner.state.get("stock"), Some(&10));
+    assert!(
+        owner.outbox.is_empty(),
+        "a stale batch's outputs are never re-sent"
+    );
+    let first = owner.pending_records(&[]);
+    log.append(&first.records, new);
+    owner.committed(&first, Vec::new());
+    for view in [log.clone(), log.compacted()] {
+        let again = view.restore(new)?;
+        assert_eq!(again.state.get("stock"), Some(&10));
+        assert!(again.outbox.is_empty());
+    }
+    Ok(())
+}
+
+#[test]
+fn earlier_claims_and_markers_are_retired_after_the_first_commit() -> Result<(), ChangelogError> {
+    let mut log = Log::default();
+    let mut generation = 0;
+    for g in 1..=5 {
+        generation = log.claim(g);
+        let mut ps = log.restore(generation)?;
+        ps.state.insert(format!("k{g}"), g as i64);
+        commit(&mut ps, &mut log);
+        ps.state.insert(format!("k{g}"), g as i64 + 100);
+        commit(&mut ps, &mut log);
+    }
+    let compacted = log.compacted();
+    let live: Vec<&str> = compacted
+        .records
+        .iter()
+        .filter(|(_, v, ..)| v.is_some())
+        .map(|(k, ..)| k.as_str())
+        .filter(|k| k.starts_with("claim/") || k.starts_with("commit/"))
+        .collect();
+    assert_eq!(live, vec!["claim/5", "commit/5"]);
+    let back = compacted.restore(generation)?;
+    assert_eq!(back.state.len(), 5);
+    assert_eq!(back.state.get("k1"), Some(&101));
+    Ok(())
+}
+
+#[test]
+fn the_outbox_survives_a_restore_until_it_is_sent() -> Result<(), ChangelogError> {
+    let mut log = Log::default();
+    let g = log.claim(1);
+    let mut ps = log.restore(g)?;
+    ps.state.insert("a", 1);
+    let batch = ps.pending_records(&[out(1), out(2)]);
+    log.append(&batch.records, g);
+    ps.committed(&batch, vec![out(1), out(2)]);
+    // A crash before the outputs were acknowledged: the next owner has them, byte for byte.
+    let g2 = log.claim(2);
+    let mut back = log.restore(g2)?;
+    assert_eq!(
+        back.outbox.values().next().map(|(o, _)| o.clone()),
+        Some(vec![out(1), out(2)])
+    );
+    back.outbox_sent();
+    let next = back.pending_records(&[]);
+    log.append(&next.records, g2);
+    back.committed(&next, Vec::new());
+    assert!(log.restore(3)?.outbox.is_empty());
+    Ok(())
+}
+
+#[test]
+fn the_dedup_window_is_bounded_in_memory_and_in_the_log() -> Result<(), ChangelogError> {
+    let mut log = Log::default();
+    let g = log.claim(1);
+    let mut ps = log.restore(g)?;
+    for batch in 0..50 {
+        for i in 0..100 {
+            ps.seen.insert(id_bits(&format!("e-{batch}-{i}")));
+        }
+        commit(&mut ps, &mut log);
+    }
+    // Capacity 1,000 (see Log::restore): the newest ten batches stay.
+    assert_eq!(ps.seen.len(), 1_000);
+    assert!(ps.seen.contains(id_bits("e-49-0")));
+    assert!(ps.seen.contains(id_bits("e-40-99")));
+    assert!(!ps.seen.contains(id_bits("e-39-99")));
+    let back = log.compacted().restore(g)?;
+    assert_eq!(back.seen.len(), 1_000);
+    let live_windows = log
+        .compacted()
+        .records
+        .iter()
+        .filter(|(k, v, ..)| k.starts_with("d/") && v.is_some())
+        .count();
+    assert_eq!(live_windows, 10);
+    Ok(())
+}
+
+#[test]
+fn records_without_seq_are_rejected() {
+    let mut r = Restorer::default();
+    assert!(matches!(
+        r.push(0, "s/x", Some(b"1"), None, Some(1)),
+        Err(ChangelogError::MissingSeq { .. })
+    ));
+}
+
+#[test]
+fn recorded_outcomes_survive_a_restore_until_reacted_to() -> Result<(), ChangelogError> {
+    use crate::stages::{Effect, EffectOutcome};
+    let mut log = Log::default();
+    let g = log.claim(1);
+    let mut ps = log.restore(g)?;
+    let effect = Effect::Authorize {
+        idempotency_key: "k".into(),
+        store_id: "s".into(),
+        order_id: "o".into(),
+        amount_cents: 1,
+        currency: "USD".into(),
+        attempt: 2,
+    };
+    let outcome = RecordedOutcome {
+        order: 7,
+        cause: None,
+        effect: effect.clone(),
+        outcome: EffectOutcome::Succeeded {
+            reference: "a-1".into(),
+        },
+    };
+    ps.outcomes.insert(effect.id(), outcome.clone());
+    commit(&mut ps, &mut log);
+    assert_eq!(log.restore(g)?.outcomes.get("k#2"), Some(&outcome));
+    ps.outcomes.remove("k#2");
+    commit(&mut ps, &mut log);
+    assert!(log.restore(g)?.outcomes.is_empty());
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! Crash points: places in the commit protocol where a test can make a worker die on
+//! purpose, as abruptly as SIGKILL, to prove what a crash there leaves behind.
+//!
+//! Armed only by the environment variable `ORDERFLOW_CRASH_AT=<point>[:<n>]` (die the
+//! `n`-th time the point is reached, default the first), which production never sets;
+//! unset, a crash point costs one load of a `OnceLock`.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub const VAR: &str = "ORDERFLOW_CRASH_AT";
+
+/// Where in a batch's commit a worker can be made to die.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// Part of the batch's changelog records are durable, the rest never will be.
+    MidChangelog,
+    /// The changelog batch (state, positions, outbox) is durable; no output is sent.
+    AfterChangelog,
+    /// The outputs are acknowledged; the input offsets are not committed.
+    AfterOutputs,
+    /// The input offsets are committed too.
+    AfterOffsets,
+}
+
+impl Point {
+    const ALL: [Point; 4] = [
+        Point::MidChangelog,
+        Point::AfterChangelog,
+        Point::AfterOutputs,
+        Point::AfterOffsets,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Point::MidChangelog => "mid_changelog",
+            Point::AfterChangelog => "after_changelog",
+            Point::AfterOutputs => "after_outputs",
+            Point::AfterOffsets => "after_offsets",
+        }
+    }
+}
+
+struct Armed {
+    point: Point,
+    at: u64,
+    reached: AtomicU64,
+}
+
+fn armed() -> Option<&'static Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let spec = std::env::var(VAR).ok()?;
+            let (name, at) = match spec.split_once(':') {
+                Some((n, at)) => (n, at.parse().unwrap_or(1)),
+                None => (spec.as_str(), 1),
+            };
+            let Some(point) = Point::ALL.into_iter().find(|p| p.name() == name) else {
+                tracing::error!(spec, "unknown crash point; ignored");
+                return None;
+            };
+            tracing::warn!(point = point.name(), at, "crash point armed");
+            Some(Armed {
+                point,
+                at,
+                reached: AtomicU64::new(0),
+            })
+        })
+        .as_ref()
+}
+
+/// Whether `point` is armed (a caller may then arrange the state the point describes).
+pub fn is_armed(point: Point) -> bool {
+    armed().is_some_and(|a| a.point == point)
+}
+
+/// Dies here if this is the armed point's `n`-th arrival.
+pub fn reached(point: Point) {
+    if let Some(a) = armed()
+        && a.point == point
+        && a.reached.fetch_add(1, Ordering::SeqCst) + 1 == a.at
+    {
+        eprintln!("crash point {} reached: aborting", point.name());
+        std::process::abort();
+    }
+}
+
+/// Fault injection for the consumer's seek: `ORDERFLOW_FAIL_SEEKS=<n>` makes the first `n`
+/// seeks of the process fail (never set in production).
+pub fn fail_seek() -> bool {
+    static LEFT: OnceLock<AtomicU64> = OnceLock::new();
+    let left = LEFT.get_or_init(|| {
+        AtomicU64::new(
+            std::env::var("ORDERFLOW_FAIL_SEEKS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    });
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}

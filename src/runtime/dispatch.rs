@@ -1,0 +1,514 @@
+//! Running the stage over one batch: decoding, deduplication, the stage's calls for
+//! records, due timers and recorded outcomes, encoding its outputs, dead letters.
+//!
+//! Invariant: an input either takes effect whole — its state writes and its outputs — or
+//! not at all (a dead letter instead); what a record does never depends on anything but
+//! the partition's state, the record and the batch's clock.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rdkafka::message::{Headers, Message, OwnedMessage};
+
+use super::changelog::{PartitionState, id_bits};
+use super::effects::{self, RecordedOutcome};
+use super::outbox::Out;
+use super::{CORRELATION_HEADER, EVENT_TYPE_HEADER, RuntimeError, Worker, dlq_headers, header};
+use crate::events::codec::DecodeHints;
+use crate::events::{Envelope, Event, EventType};
+use crate::stages::{Ctx, Effect, EffectOutcome, Input, Stage, StageError, Timer};
+use crate::topics;
+
+/// Outputs of a batch, per partition number.
+pub(super) type Outputs = BTreeMap<i32, Vec<Out>>;
+
+/// A request made while handling one input or timer, with what its outcome's outputs
+/// inherit.
+pub(super) struct PendingEffect {
+    partition: i32,
+    cause: Option<Envelope>,
+    effect: Effect,
+}
+
+/// Why one input's (or timer's) outputs cannot be produced.
+type Failure = (&'static str, String);
+
+impl<S: Stage> Worker<S> {
+    pub(super) fn process_and_commit(
+        &mut self,
+        batch: Vec<OwnedMessage>,
+    ) -> Result<(), RuntimeError> {
+        let batch = super::in_time_order(batch);
+        let now = self.clock.now_ms();
+        let mut outs = Outputs::new();
+        // Per input topic-partition: the first offset of the batch and the next one.
+        let mut offsets: HashMap<(String, i32), (i64, i64)> = HashMap::new();
+        for m in &batch {
+            if !self.parts.contains_key(&m.partition()) {
+                continue;
+            }
+            offsets
+                .entry((m.topic().to_owned(), m.partition()))
+                .and_modify(|(_, next)| *next = m.offset() + 1)
+                .or_insert((m.offset(), m.offset() + 1));
+            self.process_record(m, now, &mut outs);
+        }
+        for ((t, p), (_, next)) in &offsets {
+            let base = self.topics.base(t).unwrap_or(t).to_owned();
+            if let Some(ps) = self.parts.get_mut(p) {
+                ps.positions.insert(base, *next);
+            }
+        }
+        self.fire_timers(now, &mut outs);
+        self.react_to_outcomes(now, &mut outs);
+        self.perform_effects(now);
+        let dirty = self.parts.values().any(PartitionState::has_changes);
+        if outs.is_empty() && !dirty {
+            return Ok(());
+        }
+        self.commit(outs, &offsets, batch.len())
+    }
+
+    fn process_record(&mut self, m: &OwnedMessage, now: i64, outs: &mut Outputs) {
+        let p = m.partition();
+        let base = self.topics.base(m.topic()).unwrap_or(m.topic());
+        let Some(ps) = self.parts.get_mut(&p) else {
+            return;
+        };
+        // Already reflected in the state: a replay of input this partition processed.
+        if ps
+            .positions
+            .get(base)
+            .is_some_and(|next| m.offset() < *next)
+        {
+            self.metrics
+                .duplicates
+                .with_label_values(&[self.name])
+                .inc();
+            return;
+        }
+        self.metrics
+            .records_in
+            .with_label_values(&[self.name])
+            .inc();
+        let Some(payload) = m.payload() else {
+            self.dead_letter(m, "decode", "record has no value", outs);
+            return;
+        };
+        let header_type = header(m, EVENT_TYPE_HEADER).and_then(|v| std::str::from_utf8(v).ok());
+        let hints = DecodeHints {
+            header_type,
+            topic_default: topics::default_event_type(base),
+            origin: Some((m.topic(), m.partition(), m.offset())),
+        };
+        let event = match self.codec.decode(payload, hints) {
+            Ok(e) => e,
+            Err(e) => {
+                self.dead_letter(m, e.class(), &e.to_string(), outs);
+                return;
+            }
+        };
+        let env = event.envelope().clone();
+        let span = tracing::debug_span!(
+            "record",
+            partition = m.partition(),
+            order_id = env.order_id.as_deref().unwrap_or(""),
+            store_id = %env.store_id,
+            correlation_id = %env.correlation_id,
+        );
+        let _g = span.enter();
+        let id = id_bits(&env.event_id);
+        let ps = self.parts.get_mut(&p).expect("checked above");
+        if ps.seen.contains(id) {
+            self.metrics
+                .duplicates
+                .with_label_values(&[self.name])
+                .inc();
+            return;
+        }
+        self.metrics
+            .event_latency_seconds
+            .with_label_values(&[self.name])
+            .observe(((now - env.occurred_at).max(0) as f64) / 1000.0);
+        let mut produced = Vec::new();
+        ps.state.savepoint();
+        ps.timers.savepoint();
+        let (result, requested) = {
+            let mut ctx = Ctx::new(
+                self.name,
+                now,
+                env.event_id.clone(),
+                Some(env.clone()),
+                &mut ps.state,
+                &mut ps.timers,
+                &mut produced,
+            );
+            let input = Input {
+                topic: base,
+                event: &event,
+            };
+            let r = self.stage.process(&mut ctx, input);
+            (r, ctx.take_effects())
+        };
+        let encoded = result
+            .map_err(|e| (e.class(), e.to_string()))
+            .and_then(|()| self.encode_all(&produced, p));
+        let ps = self.parts.get_mut(&p).expect("checked above");
+        match encoded {
+            Ok(encoded) => {
+                ps.state.release_savepoint();
+                ps.timers.release_savepoint();
+                ps.seen.insert(id);
+                outs.entry(p).or_default().extend(encoded);
+                self.queue_effects(p, Some(&env), requested);
+            }
+            Err((class, message)) => {
+                // The input takes no effect at all: its state writes go with its outputs.
+                ps.state.undo_savepoint();
+                ps.timers.undo_savepoint();
+                self.dead_letter(m, class, &message, outs);
+            }
+        }
+    }
+
+    fn encode_all(&self, events: &[Event], partition: i32) -> Result<Vec<Out>, Failure> {
+        events
+            .iter()
+            .map(|e| {
+                let payload = self.codec.encode(e).map_err(|err| {
+                    (
+                        "encode",
+                        format!("cannot encode output {}: {err}", e.event_type()),
+                    )
+                })?;
+                let out = self.output(e.event_type(), e, partition, payload);
+                if out.size() > self.settings.max_record_bytes {
+                    return Err((
+                        "too_large",
+                        format!(
+                            "output {} would take {} bytes, over max_record_bytes ({})",
+                            e.event_type(),
+                            out.size(),
+                            self.settings.max_record_bytes
+                        ),
+                    ));
+                }
+                Ok(out)
+            })
+            .collect()
+    }
+
+    fn output(&self, t: EventType, e: &Event, partition: i32, payload: Vec<u8>) -> Out {
+        let env = e.envelope();
+        Out {
+            topic: self.topics.name(topics::topic_of(t)),
+            partition,
+            key: env.store_id.clone().into_bytes(),
+            payload: Some(payload),
+            headers: vec![
+                (EVENT_TYPE_HEADER.to_owned(), t.name().as_bytes().to_vec()),
+                (
+                    CORRELATION_HEADER.to_owned(),
+                    env.correlation_id.as_bytes().to_vec(),
+                ),
+            ],
+        }
+    }
+
+    /// Queues `m` for the DLQ, with headers saying where it came from and why. A record
+    /// too large to be written with them is cut to fit (a header gives its original
+    /// size): a dead letter must always be writable.
+    fn dead_letter(&self, m: &OwnedMessage, class: &str, message: &str, outs: &mut Outputs) {
+        use dlq_headers::*;
+        self.metrics
+            .dead_lettered
+            .with_label_values(&[self.name, class])
+            .inc();
+        tracing::warn!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            error_class = class,
+            error = message,
+            "dead-lettering record"
+        );
+        let mut message = message.to_owned();
+        if message.len() > 4096 {
+            let mut cut = 4096;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let mut headers: Vec<(String, Vec<u8>)> = vec![
+            (SOURCE_TOPIC.into(), m.topic().as_bytes().to_vec()),
+            (
+                SOURCE_PARTITION.into(),
+                m.partition().to_string().into_bytes(),
+            ),
+            (SOURCE_OFFSET.into(), m.offset().to_string().into_bytes()),
+            (STAGE.into(), self.name.as_bytes().to_vec()),
+            (ERROR_CLASS.into(), class.as_bytes().to_vec()),
+            (ERROR_MESSAGE.into(), message.into_bytes()),
+        ];
+        if let Some(original) = m.headers() {
+            for h in original.iter() {
+                headers.push((h.key.to_owned(), h.value.unwrap_or_default().to_vec()));
+            }
+        }
+        let dl = Out {
+            topic: self.dlq.clone(),
+            partition: m.partition(),
+            key: m.key().unwrap_or_default().to_vec(),
+            payload: Some(m.payload().unwrap_or_default().to_vec()),
+            headers,
+        };
+        outs.entry(m.partition())
+            .or_default()
+            .push(fit(dl, self.settings.max_record_bytes));
+    }
+
+    fn fire_timers(&mut self, now: i64, outs: &mut Outputs) {
+        let partitions: Vec<i32> = self.parts.keys().copied().collect();
+        for p in partitions {
+            let ps = self.parts.get_mut(&p).expect("listed above");
+            let mut due: Vec<Timer> = ps
+                .timers
+                .iter()
+                .filter(|(_, t)| t.due_at <= now)
+                .map(|(_, t)| t.clone())
+                .collect();
+            if due.is_empty() {
+                continue;
+            }
+            due.sort_by(|a, b| (a.due_at, &a.id).cmp(&(b.due_at, &b.id)));
+            for timer in due {
+                let ps = self.parts.get_mut(&p).expect("listed above");
+                ps.timers.remove(&timer.id);
+                ps.state.savepoint();
+                ps.timers.savepoint();
+                let mut produced = Vec::new();
+                let (result, requested) = {
+                    let mut ctx = Ctx::new(
+                        self.name,
+                        now,
+                        timer.firing_id(),
+                        timer.cause.clone(),
+                        &mut ps.state,
+                        &mut ps.timers,
+                        &mut produced,
+                    );
+                    let r = self.stage.on_timer(&mut ctx, &timer);
+                    (r, ctx.take_effects())
+                };
+                self.metrics
+                    .timers_fired
+                    .with_label_values(&[self.name])
+                    .inc();
+                let id = timer.id.clone();
+                self.settle(
+                    p,
+                    result,
+                    &produced,
+                    requested,
+                    timer.cause.as_ref(),
+                    outs,
+                    || format!("timer {id}"),
+                );
+            }
+        }
+    }
+
+    /// Keeps a timer's or reaction's writes and outputs, or — when they cannot be
+    /// produced — undoes its writes and drops it (it has no record to dead-letter).
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &mut self,
+        p: i32,
+        result: Result<(), StageError>,
+        produced: &[Event],
+        requested: Vec<Effect>,
+        cause: Option<&Envelope>,
+        outs: &mut Outputs,
+        what: impl FnOnce() -> String,
+    ) {
+        let encoded = result
+            .map_err(|e| (e.class(), e.to_string()))
+            .and_then(|()| self.encode_all(produced, p));
+        let ps = self.parts.get_mut(&p).expect("partition is present");
+        match encoded {
+            Ok(encoded) => {
+                ps.state.release_savepoint();
+                ps.timers.release_savepoint();
+                outs.entry(p).or_default().extend(encoded);
+                self.queue_effects(p, cause, requested);
+            }
+            Err((class, message)) => {
+                ps.state.undo_savepoint();
+                ps.timers.undo_savepoint();
+                tracing::error!(what = %what(), error_class = class, error = %message, "dropped: its outputs cannot be produced");
+            }
+        }
+    }
+
+    fn queue_effects(&mut self, partition: i32, cause: Option<&Envelope>, requested: Vec<Effect>) {
+        self.pending_effects
+            .extend(requested.into_iter().map(|effect| PendingEffect {
+                partition,
+                cause: cause.cloned(),
+                effect,
+            }));
+    }
+
+    /// Lets the stage react to the outcomes recorded by earlier batches, in the order the
+    /// calls were made, and forgets them (in the same commit as the reaction's outputs).
+    fn react_to_outcomes(&mut self, now: i64, outs: &mut Outputs) {
+        let partitions: Vec<i32> = self.parts.keys().copied().collect();
+        for p in partitions {
+            let ps = self.parts.get_mut(&p).expect("listed above");
+            if ps.outcomes.is_empty() {
+                continue;
+            }
+            let mut recorded: Vec<(String, RecordedOutcome)> = ps
+                .outcomes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            recorded.sort_by(|a, b| (a.1.order, &a.0).cmp(&(b.1.order, &b.0)));
+            for (id, r) in recorded {
+                let ps = self.parts.get_mut(&p).expect("listed above");
+                ps.outcomes.remove(&id);
+                ps.state.savepoint();
+                ps.timers.savepoint();
+                let cause_id = format!("effect/{id}/{}", r.outcome.class());
+                let mut produced = Vec::new();
+                let (result, requested) = {
+                    let mut ctx = Ctx::new(
+                        self.name,
+                        now,
+                        cause_id,
+                        r.cause.clone(),
+                        &mut ps.state,
+                        &mut ps.timers,
+                        &mut produced,
+                    );
+                    let result = self.stage.on_effect(&mut ctx, &r.effect, &r.outcome);
+                    (result, ctx.take_effects())
+                };
+                self.settle(
+                    p,
+                    result,
+                    &produced,
+                    requested,
+                    r.cause.as_ref(),
+                    outs,
+                    || format!("reaction to call {id}"),
+                );
+            }
+        }
+    }
+
+    /// Performs the batch's requests concurrently and records each outcome in its
+    /// partition's state; the stage reacts in the next batch (see [`RecordedOutcome`]).
+    fn perform_effects(&mut self, now: i64) {
+        let pending = std::mem::take(&mut self.pending_effects);
+        if pending.is_empty() {
+            return;
+        }
+        let outcomes: Vec<EffectOutcome> = match &self.effects {
+            Some(handler) => {
+                let effects = pending.iter().map(|p| p.effect.clone()).collect();
+                let concurrency = self.settings.payment.concurrency;
+                self.effect_runtime.block_on(effects::perform_all(
+                    handler.clone(),
+                    effects,
+                    concurrency,
+                ))
+            }
+            None => {
+                tracing::error!(
+                    count = pending.len(),
+                    "stage requested external calls but none can be made"
+                );
+                let error = "no handler for external calls is configured".to_owned();
+                pending
+                    .iter()
+                    .map(|_| EffectOutcome::Transient {
+                        error: error.clone(),
+                    })
+                    .collect()
+            }
+        };
+        // Wall-clock milliseconds and the position in the batch order the reactions.
+        let base = u64::try_from(now).unwrap_or(0).saturating_mul(1_000);
+        for (i, (p, outcome)) in pending.into_iter().zip(outcomes).enumerate() {
+            let Some(ps) = self.parts.get_mut(&p.partition) else {
+                continue;
+            };
+            let recorded = RecordedOutcome {
+                order: base + i as u64,
+                cause: p.cause,
+                effect: p.effect,
+                outcome,
+            };
+            ps.outcomes.insert(recorded.effect.id(), recorded);
+        }
+    }
+}
+
+/// `out` cut to at most `limit` bytes: first the copied original headers go, then the
+/// value is truncated; a header records the original value's size.
+pub(super) fn fit(mut out: Out, limit: usize) -> Out {
+    if out.size() <= limit {
+        return out;
+    }
+    let original = out.payload.as_ref().map_or(0, Vec::len);
+    // The runtime's own headers come first; the record's original headers follow them.
+    out.headers.truncate(7.min(out.headers.len()));
+    out.headers.push((
+        dlq_headers::TRUNCATED.to_owned(),
+        original.to_string().into_bytes(),
+    ));
+    let over = out.size().saturating_sub(limit);
+    if let Some(p) = &mut out.payload {
+        let keep = p.len().saturating_sub(over);
+        p.truncate(keep);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_over_the_limit_is_cut_to_fit_and_says_so() {
+        let out = Out {
+            topic: "dlq".into(),
+            partition: 0,
+            key: b"store-1".to_vec(),
+            payload: Some(vec![b'x'; 1_000_000]),
+            headers: (0..10)
+                .map(|i| (format!("h{i}"), vec![b'v'; 1_000]))
+                .collect(),
+        };
+        let cut = fit(out, 900_000);
+        assert!(cut.size() <= 900_000, "{}", cut.size());
+        assert_eq!(
+            cut.headers.last().map(|(k, v)| (k.as_str(), v.as_slice())),
+            Some((dlq_headers::TRUNCATED, b"1000000".as_slice()))
+        );
+        assert!(cut.payload.unwrap().len() > 890_000);
+    }
+
+    #[test]
+    fn a_dead_letter_within_the_limit_is_untouched() {
+        let out = Out {
+            topic: "dlq".into(),
+            partition: 0,
+            key: vec![],
+            payload: Some(vec![1; 10]),
+            headers: vec![],
+        };
+        assert_eq!(fit(out.clone(), 1_000), out);
+    }
+}

@@ -1,0 +1,267 @@
+//! Reading changelog partitions back into state, on a thread of its own so that the
+//! worker keeps polling (and stays in its group) however long a restore takes.
+//!
+//! Under `at_least_once` the restore first appends a claim to each partition (see
+//! [`super::changelog`]) and then reads up to it: everything before the claim is this
+//! owner's history, anything a fenced writer appends after it is ignored. Under
+//! `exactly_once` transactions fence other writers, and the restore reads to the end.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::changelog::{
+    ChangelogError, GEN_HEADER, PartitionState, Restorer, SEQ_HEADER, claim_record,
+};
+use super::kafka::apply_pass_through;
+use crate::config::{Guarantee, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("reading changelog {topic}[{partition}] failed: {source}")]
+    Kafka {
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
+    #[error("claiming changelog {topic}[{partition}] failed: {source}")]
+    Claim {
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
+    #[error("changelog {topic}[{partition}] is corrupt: {source}")]
+    Corrupt {
+        topic: String,
+        partition: i32,
+        source: ChangelogError,
+    },
+    #[error("restoring {topic}[{partition}] made no progress for {0:?}", STALL)]
+    Stalled { topic: String, partition: i32 },
+}
+
+const STALL: Duration = Duration::from_secs(60);
+
+/// The outcome of one restore job: the partitions it was asked for, and their state.
+pub struct Restored<V> {
+    pub job: u64,
+    pub partitions: Vec<i32>,
+    pub elapsed: Duration,
+    pub result: Result<Vec<(i32, PartitionState<V>)>, RestoreError>,
+}
+
+/// Starts restoring `partitions` of `topic`; the result arrives on `done`.
+pub fn spawn<V>(
+    settings: Settings,
+    topic: String,
+    partitions: Vec<i32>,
+    job: u64,
+    done: mpsc::Sender<Restored<V>>,
+) where
+    V: Serialize + DeserializeOwned + Clone + Send + 'static,
+{
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name(format!("restore-{job}"))
+        .spawn(move || {
+            let _g = span.enter();
+            let started = Instant::now();
+            let result = restore::<V>(&settings, &topic, &partitions);
+            let _ = done.send(Restored {
+                job,
+                partitions,
+                elapsed: started.elapsed(),
+                result,
+            });
+        })
+        .expect("spawning a restore thread");
+}
+
+/// Appends a claim of a fresh generation to each partition; returns the generation and
+/// the claim's offset per partition.
+fn claim(
+    settings: &Settings,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<HashMap<i32, (u64, i64)>, RestoreError> {
+    let failed = |partition: i32| {
+        move |source| RestoreError::Claim {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        }
+    };
+    let first = partitions.first().copied().unwrap_or(0);
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0");
+    apply_pass_through(&mut c, settings);
+    let producer: FutureProducer = c.create().map_err(failed(first))?;
+    let mut pending = Vec::with_capacity(partitions.len());
+    for &p in partitions {
+        // Non-zero: generation 0 is the transactional writer's.
+        let generation = rand::random_range(1..u64::MAX);
+        let record = claim_record(generation, &settings.instance_id);
+        let g = generation.to_string();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: GEN_HEADER,
+            value: Some(g.as_str()),
+        });
+        let f = producer
+            .send_result(
+                FutureRecord::to(topic)
+                    .partition(p)
+                    .key(&record.key)
+                    .payload(record.value.as_deref().unwrap_or_default())
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| failed(p)(e))?;
+        pending.push((p, generation, f));
+    }
+    let mut claims = HashMap::new();
+    for (p, generation, f) in pending {
+        let delivery = futures::executor::block_on(f)
+            .map_err(|_| failed(p)(KafkaError::Canceled))?
+            .map_err(|(e, _)| failed(p)(e))?;
+        claims.insert(p, (generation, delivery.offset));
+    }
+    Ok(claims)
+}
+
+/// Reads the changelog partitions `partitions` with one consumer and rebuilds each
+/// partition's state: up to this owner's claim under `at_least_once`, to the end (the
+/// last stable offset under `read_committed`) under `exactly_once`.
+pub fn restore<V>(
+    settings: &Settings,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<Vec<(i32, PartitionState<V>)>, RestoreError>
+where
+    V: Serialize + DeserializeOwned + Clone,
+{
+    let kafka = |partition: i32| {
+        move |source| RestoreError::Kafka {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        }
+    };
+    let corrupt = |partition: i32| {
+        move |source| RestoreError::Corrupt {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        }
+    };
+    let first = partitions.first().copied().unwrap_or(0);
+    let claims = match settings.guarantee {
+        Guarantee::AtLeastOnce => claim(settings, topic, partitions)?,
+        Guarantee::ExactlyOnce => HashMap::new(),
+    };
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.brokers)
+        .set("group.id", format!("{}.restore", settings.group_prefix))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed");
+    apply_pass_through(&mut c, settings);
+    let consumer: BaseConsumer = c.create().map_err(kafka(first))?;
+    let mut restorers: HashMap<i32, Restorer> = HashMap::new();
+    // The last offset to read, per partition that has anything to read.
+    let mut reading: HashMap<i32, i64> = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in partitions {
+        restorers.insert(p, Restorer::default());
+        let last = match claims.get(&p) {
+            Some((_, offset)) => *offset,
+            None => {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .map_err(kafka(p))?;
+                if high <= low {
+                    continue;
+                }
+                high - 1
+            }
+        };
+        reading.insert(p, last);
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .map_err(kafka(p))?;
+    }
+    if !reading.is_empty() {
+        consumer.assign(&tpl).map_err(kafka(first))?;
+    }
+    let mut last_progress = Instant::now();
+    while !reading.is_empty() {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                last_progress = Instant::now();
+                let p = m.partition();
+                let Some(&last) = reading.get(&p) else {
+                    continue;
+                };
+                if m.offset() > last {
+                    reading.remove(&p);
+                    continue;
+                }
+                let header = |name: &str| -> Option<u64> {
+                    let h = m.headers()?;
+                    let v = h.iter().find(|h| h.key == name)?.value?;
+                    std::str::from_utf8(v).ok()?.parse().ok()
+                };
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                if let Some(r) = restorers.get_mut(&p) {
+                    r.push(
+                        m.offset(),
+                        &key,
+                        m.payload(),
+                        header(SEQ_HEADER),
+                        header(GEN_HEADER),
+                    )
+                    .map_err(corrupt(p))?;
+                }
+                if m.offset() >= last {
+                    reading.remove(&p);
+                }
+            }
+            // Without a claim the end of the partition is the end of the restore; with
+            // one, only the claim is (it is durable, so it will be read).
+            Some(Err(KafkaError::PartitionEOF(p))) if !claims.contains_key(&p) => {
+                reading.remove(&p);
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => return Err(kafka(first)(e)),
+            None if last_progress.elapsed() > STALL => {
+                let partition = reading.keys().copied().min().unwrap_or(first);
+                return Err(RestoreError::Stalled {
+                    topic: topic.to_owned(),
+                    partition,
+                });
+            }
+            None => {}
+        }
+    }
+    let mut restored: Vec<(i32, PartitionState<V>)> = Vec::with_capacity(partitions.len());
+    for &p in partitions {
+        let r = restorers.remove(&p).unwrap_or_default();
+        let generation = claims.get(&p).map_or(0, |(g, _)| *g);
+        let mut ps = r
+            .finish(p, generation, settings.dedup_window_records)
+            .map_err(corrupt(p))?;
+        if let Some((_, offset)) = claims.get(&p) {
+            ps.log_end = Some(*offset);
+        }
+        restored.push((p, ps));
+    }
+    Ok(restored)
+}
