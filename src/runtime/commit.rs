@@ -42,6 +42,7 @@ impl<S: Stage> Worker<S> {
         offsets: &HashMap<(String, i32), (i64, i64)>,
         records: usize,
     ) -> Result<(), RuntimeError> {
+        crash::stall_before_commit();
         let started = Instant::now();
         let committed = match self.settings.guarantee {
             Guarantee::AtLeastOnce => self.commit_at_least_once(outs),
@@ -118,6 +119,7 @@ impl<S: Stage> Worker<S> {
                 self.producer
                     .purge(PurgeConfig::default().queue().inflight());
                 for (p, _, _) in &batches {
+                    self.parts.remove(p);
                     self.to_restore.insert(*p);
                 }
                 return false;
@@ -148,6 +150,7 @@ impl<S: Stage> Worker<S> {
                     "another writer appended to the changelog; withholding the batch and restoring"
                 );
                 self.metrics.fenced.with_label_values(&[self.name]).inc();
+                self.parts.remove(&p);
                 self.to_restore.insert(p);
                 continue;
             }
@@ -355,6 +358,7 @@ impl<S: Stage> Worker<S> {
                 .unwrap_or(*first);
             if let Err(e) = self.seek(t, *p, Offset::Offset(target)) {
                 tracing::error!(topic = %t, partition = p, error = %e, "seek failed; restoring the partition");
+                self.parts.remove(p);
                 self.to_restore.insert(*p);
             }
         }

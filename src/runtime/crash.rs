@@ -101,3 +101,21 @@ pub fn fail_seek() -> bool {
     left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
 }
+
+/// Stall injection: `ORDERFLOW_STALL_BEFORE_COMMIT=<n>:<ms>` makes the worker sleep `ms`
+/// before its `n`-th commit — a batch blocked past `max.poll.interval.ms`, after which the
+/// group has moved on without it (never set in production).
+pub fn stall_before_commit() {
+    static STALL: OnceLock<Option<(u64, u64, AtomicU64)>> = OnceLock::new();
+    let stall = STALL.get_or_init(|| {
+        let spec = std::env::var("ORDERFLOW_STALL_BEFORE_COMMIT").ok()?;
+        let (n, ms) = spec.split_once(':')?;
+        Some((n.parse().ok()?, ms.parse().ok()?, AtomicU64::new(0)))
+    });
+    if let Some((n, ms, count)) = stall
+        && count.fetch_add(1, Ordering::SeqCst) + 1 == *n
+    {
+        tracing::warn!(ms, "stall injected before this commit");
+        std::thread::sleep(std::time::Duration::from_millis(*ms));
+    }
+}

@@ -160,8 +160,8 @@ struct Worker<S: Stage> {
     /// Partitions whose state is being restored, with the restore job's number; their
     /// input is paused.
     restoring: BTreeMap<i32, u64>,
-    /// Partitions to restore again (a failed batch, a fenced write, a failed seek) once
-    /// the current cycle is over.
+    /// Partitions to restore again (a failed batch, a fenced write, a failed seek) after
+    /// the next poll; their state is already dropped.
     to_restore: BTreeSet<i32>,
     next_job: u64,
     restored_tx: mpsc::Sender<Restored<S::State>>,
@@ -250,8 +250,10 @@ impl<S: Stage> Worker<S> {
                 continue;
             }
             let batch = self.poll_batch(shutdown)?;
-            self.process_and_commit(batch)?;
+            // After a poll, so that a worker the group has expelled learns it before it
+            // claims anything again.
             self.restore_again();
+            self.process_and_commit(batch)?;
         }
         tracing::info!("stage stopped");
         Ok(())
