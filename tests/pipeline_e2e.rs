@@ -4,13 +4,15 @@
 //! once undisturbed and once with a worker SIGKILLed and restarted mid-run.
 //!
 //! Asserted with exact numbers: every order ends in a terminal state consistent with its
-//! events; per SKU, final stock = initial + restocks − reserved + released; the gateway
-//! charged no order twice and every authorized order exactly once; orders hit by the
-//! outage retried, some then succeeded and the exhausted ones failed and had their stock
-//! released; some SKUs ran out; nothing was dead-lettered.
+//! events; an event ID never carries two different events; per SKU, final stock =
+//! initial + restocks − reserved + released; the gateway charged no order twice and every
+//! authorized order exactly once; orders hit by the outage retried, some then succeeded
+//! and the exhausted ones failed and had their stock released; some SKUs ran out; nothing
+//! was dead-lettered.
 
 mod common;
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -110,11 +112,17 @@ fn order_json(i: usize) -> (String, String, Vec<u8>) {
 }
 
 /// Every lifecycle event of the run, deduplicated by event ID, per (store, order).
+///
+/// Redelivery may repeat a record, never change it: a record whose event ID was seen
+/// before must carry the same event, field for field, or the test fails.
 struct Observed {
     collectors: Vec<Collector>,
     read: Vec<usize>,
     codec: Codec,
-    ids: BTreeSet<String>,
+    /// The first record of each event ID: its canonical encoding (Avro single-object
+    /// with the current schema, so the wire format a record happened to use does not
+    /// matter) and where it was read, for the failure message.
+    first: HashMap<String, (Vec<u8>, String)>,
     by_order: HashMap<(String, String), Vec<Event>>,
     /// Events about no order (stock levels, low stock).
     other: Vec<Event>,
@@ -136,7 +144,7 @@ impl Observed {
             collectors: LIFECYCLE.iter().map(|t| env.collector(t)).collect(),
             read: vec![0; LIFECYCLE.len()],
             codec: Codec::new(),
-            ids: BTreeSet::new(),
+            first: HashMap::new(),
             by_order: HashMap::new(),
             other: Vec::new(),
             duplicates: 0,
@@ -152,9 +160,30 @@ impl Observed {
                     .codec
                     .decode(value, DecodeHints::default())
                     .unwrap_or_else(|e| panic!("undecodable record on {}: {e}", c.topic));
-                if !self.ids.insert(event.envelope().event_id.clone()) {
-                    self.duplicates += 1;
-                    continue;
+                let canonical = self
+                    .codec
+                    .encode(&event)
+                    .unwrap_or_else(|e| panic!("re-encoding {event:?} read from {}: {e}", c.topic));
+                let at = format!("{}/{}@{}", c.topic, rec.partition, rec.offset);
+                match self.first.entry(event.envelope().event_id.clone()) {
+                    Entry::Occupied(o) => {
+                        let (bytes, first_at) = o.get();
+                        if *bytes != canonical {
+                            let first = self
+                                .codec
+                                .decode(bytes, DecodeHints::default())
+                                .expect("decodes: this codec encoded it");
+                            panic!(
+                                "event ID {} carries two different events:\n  first at {first_at}: {first:?}\n  again at {at}: {event:?}",
+                                event.envelope().event_id
+                            );
+                        }
+                        self.duplicates += 1;
+                        continue;
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert((canonical, at));
+                    }
                 }
                 match &event.envelope().order_id {
                     Some(order) => self
