@@ -4,11 +4,12 @@
 //! once undisturbed and once with a worker SIGKILLed and restarted mid-run.
 //!
 //! Asserted with exact numbers: every order ends in a terminal state consistent with its
-//! events; an event ID never carries two different events; per SKU, final stock =
-//! initial + restocks − reserved + released; the gateway charged no order twice and every
-//! authorized order exactly once; orders hit by the outage retried, some then succeeded
-//! and the exhausted ones failed and had their stock released; some SKUs ran out; nothing
-//! was dead-lettered.
+//! events; an event ID never carries two different events; no order has two stock
+//! decisions; per SKU, final stock = initial + restocks − reserved + released; every
+//! charge in the gateway's ledger belongs to an order whose stock was reserved and is the
+//! authorization the pipeline recorded, and every authorized order was charged exactly
+//! once; orders hit by the outage retried, some then succeeded and the exhausted ones
+//! failed and had their stock released; some SKUs ran out; nothing was dead-lettered.
 
 mod common;
 
@@ -471,10 +472,31 @@ fn run(name: &str, kill: bool) {
     let mut outage_then_paid = 0;
     let mut authorized: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut refunded = BTreeSet::new();
+    // Orders whose one stock decision is a reservation: the only orders that may be charged.
+    let mut stock_reserved = BTreeSet::new();
     for (key, order) in &created {
         let mut events = vec![order.clone()];
         events.extend(seen.by_order.get(key).cloned().unwrap_or_default());
         events.sort_by_key(|e| (rank(e.event_type()), e.envelope().occurred_at));
+        // Events are distinct by ID here, so two decisions are two different answers
+        // (reserved and rejected, or reserved twice under two IDs), not a redelivery.
+        let decisions: Vec<&Event> = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.event_type(),
+                    EventType::StockReserved | EventType::StockRejected
+                )
+            })
+            .collect();
+        assert!(
+            decisions.len() <= 1,
+            "[{name}] order {key:?} has {} stock decisions: {decisions:#?}",
+            decisions.len()
+        );
+        if let [Event::StockReserved(_)] = decisions[..] {
+            stock_reserved.insert(key.clone());
+        }
         let end = status::check_complete(&events)
             .unwrap_or_else(|e| panic!("[{name}] order {key:?} is inconsistent: {e}\n{events:#?}"));
         *ends.entry(format!("{end:?}")).or_default() += 1;
@@ -554,41 +576,56 @@ fn run(name: &str, kill: bool) {
         assert!(level[key] >= 0);
     }
 
-    // 3. The gateway charged no order twice, and every authorized order exactly once.
-    let mut charges: BTreeMap<(String, String), Vec<_>> = BTreeMap::new();
+    // 3. Every charge in the gateway's ledger stands on the order's one stock decision, a
+    //    reservation, and is the authorization the pipeline recorded (refunded exactly
+    //    when the pipeline says so); every recorded authorization is charged once. (The
+    //    gateway keeps one entry per idempotency key, so one entry per order says the
+    //    payment stage uses one key per order.)
+    let mut charged: BTreeMap<(String, String), String> = BTreeMap::new();
     for entry in gateway.ledger() {
-        if matches!(
+        if !matches!(
             entry.status,
             LedgerStatus::Authorized | LedgerStatus::Refunded
         ) {
-            charges
-                .entry((entry.store_id.clone(), entry.order_id.clone()))
-                .or_default()
-                .push(entry);
+            continue;
         }
-    }
-    for (key, entries) in &charges {
-        assert_eq!(
-            entries.len(),
-            1,
-            "[{name}] order {key:?} was charged {} times",
-            entries.len()
+        let key = (entry.store_id.clone(), entry.order_id.clone());
+        let decisions: Vec<EventType> = seen
+            .by_order
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .map(Event::event_type)
+            .filter(|t| matches!(t, EventType::StockReserved | EventType::StockRejected))
+            .collect();
+        assert!(
+            stock_reserved.contains(&key),
+            "[{name}] the gateway charged order {key:?} ({:?}, {:?}), which has no standing stock reservation; its stock decisions: {decisions:?}",
+            entry.authorization_id,
+            entry.status
         );
         assert_eq!(
-            authorized.get(key),
-            entries[0].authorization_id.as_ref(),
+            authorized.get(&key),
+            entry.authorization_id.as_ref(),
             "[{name}] order {key:?}: the charge is not the authorization the pipeline recorded"
         );
         assert_eq!(
-            entries[0].status == LedgerStatus::Refunded,
-            refunded.contains(key),
+            entry.status == LedgerStatus::Refunded,
+            refunded.contains(&key),
             "[{name}] order {key:?}: ledger and events disagree about the refund"
         );
+        let auth = entry.authorization_id.clone().unwrap_or_default();
+        if let Some(earlier) = charged.insert(key.clone(), auth.clone()) {
+            panic!("[{name}] order {key:?} was charged twice: {earlier} and {auth}");
+        }
     }
-    assert_eq!(
-        charges.len(),
-        authorized.len(),
-        "[{name}] an authorized order has no charge"
+    let uncharged: Vec<_> = authorized
+        .iter()
+        .filter(|(key, _)| !charged.contains_key(*key))
+        .collect();
+    assert!(
+        uncharged.is_empty(),
+        "[{name}] authorizations the gateway never charged: {uncharged:?}"
     );
 
     // 4. The run exercised what it claims to.
