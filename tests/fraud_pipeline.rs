@@ -9,12 +9,14 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use orderflow::events::codec::Codec;
 use orderflow::events::{Envelope, Event, StockRestocked};
 use orderflow::topics::{DLQ, ORDER_CREATED};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// Orders of distinct customers across `stores` stores; velocity never triggers.
 fn unique_customer_orders(tag: &str, n: usize, stores: usize) -> Vec<TestOrder> {
@@ -37,6 +39,170 @@ fn input_partitions(orders: &[TestOrder], landed: &[Landed]) -> HashMap<String, 
         .zip(landed)
         .map(|(o, l)| (o.order_id.clone(), l.partition))
         .collect()
+}
+
+/// For each input partition a test wrote to, one store whose key landed there.
+fn partition_stores<'a>(
+    keys: impl IntoIterator<Item = &'a str>,
+    landed: &[Landed],
+) -> BTreeMap<i32, String> {
+    let mut stores = BTreeMap::new();
+    for (key, l) in keys.into_iter().zip(landed) {
+        stores.entry(l.partition).or_insert_with(|| key.to_owned());
+    }
+    stores
+}
+
+/// The barrier before "nothing more arrives": one order per input partition the test
+/// wrote to, published after all of the test's records.
+///
+/// A partition is processed in order, so once a sentinel is done, every record before
+/// it on its partition is done too, and so is any redelivery of them. "Done" is the
+/// group's committed offset passing the sentinel: a worker commits a batch's offsets only
+/// after all its outputs, on every topic, are acknowledged, so that also covers dead
+/// letters, which are not ordered with the screenings. Counting after [`Sentinels::wait`]
+/// is exact; [`Sentinels::exclude`] takes the sentinels' own screenings out of the count.
+struct Sentinels {
+    orders: Vec<TestOrder>,
+    landed: Vec<Landed>,
+}
+
+impl Sentinels {
+    /// Publishes one sentinel per entry of `stores` (partition → a store keyed there),
+    /// each of its own customer so that no velocity count changes.
+    fn publish(env: &TestEnv, tag: &str, stores: &BTreeMap<i32, String>) -> Sentinels {
+        let t0 = now_ms();
+        let orders: Vec<TestOrder> = stores
+            .iter()
+            .map(|(p, store)| {
+                TestOrder::new(
+                    format!("{tag}-sentinel-p{p}"),
+                    store.clone(),
+                    format!("{tag}-sentinel-c{p}"),
+                    t0,
+                )
+            })
+            .collect();
+        let outgoing: Vec<Outgoing> = orders.iter().map(TestOrder::outgoing).collect();
+        let landed = env
+            .producer()
+            .send_all(&env.topic(ORDER_CREATED), &outgoing);
+        for ((p, store), l) in stores.iter().zip(&landed) {
+            assert_eq!(
+                l.partition, *p,
+                "sentinel keyed {store} landed on partition {}, not {p}",
+                l.partition
+            );
+        }
+        eprintln!("published sentinels at {landed:?}");
+        Sentinels { orders, landed }
+    }
+
+    /// Waits until every sentinel is screened and the fraud group's committed offset has
+    /// passed it, then reads `tail` to its end.
+    fn wait(&self, env: &TestEnv, tail: &mut ScreenedTail, deadline: Instant, workers: &[&Worker]) {
+        wait_for(
+            &format!("{} sentinels screened", self.orders.len()),
+            deadline,
+            workers,
+            |progress| {
+                tail.poll(Duration::from_millis(50));
+                let missing: Vec<&str> = self
+                    .orders
+                    .iter()
+                    .map(|o| o.order_id.as_str())
+                    .filter(|o| !tail.screenings.by_order.contains_key(*o))
+                    .collect();
+                *progress = format!("not yet screened: {missing:?}");
+                missing.is_empty().then_some(())
+            },
+        );
+        let offsets = GroupOffsets::new(env, "fraud");
+        wait_for(
+            &format!("group {} to commit past the sentinels", offsets.group),
+            deadline,
+            workers,
+            |progress| {
+                let committed = offsets.committed(&self.landed);
+                *progress =
+                    format!("(partition, sentinel offset, committed offset): {committed:?}");
+                let passed = committed.is_ok_and(|c| {
+                    c.iter()
+                        .all(|&(_, sentinel, at)| at.is_some_and(|o| o > sentinel))
+                });
+                if !passed {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                passed.then_some(())
+            },
+        );
+        tail.drain();
+    }
+
+    /// Takes the sentinels' screenings out of `s`, after checking them like any order's:
+    /// what is left is the test's own output.
+    fn exclude(&self, s: &mut Screenings) {
+        let mut mine = Screenings::default();
+        for o in &self.orders {
+            let v = s
+                .by_order
+                .remove(&o.order_id)
+                .unwrap_or_else(|| panic!("sentinel {} was not screened", o.order_id));
+            s.records -= v.len();
+            mine.records += v.len();
+            mine.by_order.insert(o.order_id.clone(), v);
+        }
+        let partitions = input_partitions(&self.orders, &self.landed);
+        assert_screened_exactly(&mine, &self.orders, &partitions);
+    }
+}
+
+/// Reads a stage group's committed offsets on `order.created` (without joining it).
+struct GroupOffsets {
+    group: String,
+    topic: String,
+    consumer: BaseConsumer,
+}
+
+impl GroupOffsets {
+    fn new(env: &TestEnv, stage: &str) -> Self {
+        let group = env.settings.group_id(stage);
+        let consumer = ClientConfig::new()
+            .set("bootstrap.servers", &env.settings.brokers)
+            .set("group.id", &group)
+            .create()
+            .expect("a client to read the group's offsets");
+        GroupOffsets {
+            group,
+            topic: env.topic(ORDER_CREATED),
+            consumer,
+        }
+    }
+
+    /// (partition, offset of the record, committed offset) for each record in `at`.
+    fn committed(&self, at: &[Landed]) -> Result<Vec<(i32, i64, Option<i64>)>, String> {
+        let mut tpl = TopicPartitionList::new();
+        for l in at {
+            tpl.add_partition(&self.topic, l.partition);
+        }
+        let c = self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        Ok(at
+            .iter()
+            .map(|l| {
+                let committed = match c.find_partition(&self.topic, l.partition) {
+                    Some(e) => match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    },
+                    None => None,
+                };
+                (l.partition, l.offset, committed)
+            })
+            .collect())
+    }
 }
 
 fn assert_all_approved(s: &Screenings, orders: &[TestOrder]) {
@@ -79,9 +245,14 @@ fn two_workers_screen_every_order_exactly_once() {
         "{ORDERS} orders screened {:.1}s after the first was produced",
         started.elapsed().as_secs_f64()
     );
-    // Anything still in flight (a duplicate) lands now; then count.
-    std::thread::sleep(Duration::from_secs(1));
-    tail.drain();
+    // Everything before the sentinels, duplicates included, has landed; then count.
+    let sentinels = Sentinels::publish(
+        &env,
+        "a",
+        &partition_stores(outgoing.iter().map(|o| o.key.as_str()), &landed),
+    );
+    sentinels.wait(&env, &mut tail, deadline(60), &[&w1, &w2]);
+    sentinels.exclude(&mut tail.screenings);
 
     let dups = assert_screened_exactly(
         &tail.screenings,
@@ -187,8 +358,13 @@ fn sigkilled_workers_lose_nothing_and_keep_velocity_state() {
     produce_segment(SEGMENTS - 1, &mut landed);
     assert_eq!(landed.len(), total);
     tail.wait_for_orders(total, deadline(180), &[&workers[0], &workers[1]]);
-    std::thread::sleep(Duration::from_secs(1));
-    tail.drain();
+    let sentinels = Sentinels::publish(
+        &env,
+        "b",
+        &partition_stores(orders.iter().map(|o| o.store_id.as_str()), &landed),
+    );
+    sentinels.wait(&env, &mut tail, deadline(60), &[&workers[0], &workers[1]]);
+    sentinels.exclude(&mut tail.screenings);
 
     let dups = assert_screened_exactly(
         &tail.screenings,
@@ -378,10 +554,16 @@ fn bad_records_are_dead_lettered_once_and_do_not_block_their_store() {
         *progress = format!("{} dead letters", dlq.records.len());
         (dlq.records.len() >= bad_at.len()).then_some(())
     });
-    // Nothing more may arrive: give a stray duplicate time to show, then read to the end.
-    std::thread::sleep(Duration::from_secs(2));
+    // Nothing more may arrive: once the sentinels are done, so is every record before
+    // them, with its dead letter or screening; read both topics to their ends.
+    let sentinels = Sentinels::publish(
+        &env,
+        "c",
+        &partition_stores(outgoing.iter().map(|o| o.key.as_str()), &landed),
+    );
+    sentinels.wait(&env, &mut tail, deadline(60), &[&worker]);
+    sentinels.exclude(&mut tail.screenings);
     dlq.drain();
-    tail.drain();
 
     let dups = assert_screened_exactly(&tail.screenings, &good, &good_partition);
     assert_eq!(dups, 0, "no worker crashed, so no output should repeat");
@@ -495,8 +677,14 @@ fn an_order_published_twice_is_screened_once() {
 
     let mut tail = ScreenedTail::new(&env);
     tail.wait_for_orders(3, deadline(60), &[&worker]);
-    std::thread::sleep(Duration::from_secs(2));
-    tail.drain();
+    // The duplicates' screenings, if any, come before the sentinel's.
+    let sentinels = Sentinels::publish(
+        &env,
+        "d",
+        &partition_stores(outgoing.iter().map(|o| o.key.as_str()), &landed),
+    );
+    sentinels.wait(&env, &mut tail, deadline(60), &[&worker]);
+    sentinels.exclude(&mut tail.screenings);
 
     let orders = [a.clone(), b.clone(), c.clone()];
     let partitions: HashMap<String, i32> = orders

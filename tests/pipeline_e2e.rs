@@ -4,13 +4,16 @@
 //! once undisturbed and once with a worker SIGKILLed and restarted mid-run.
 //!
 //! Asserted with exact numbers: every order ends in a terminal state consistent with its
-//! events; per SKU, final stock = initial + restocks − reserved + released; the gateway
-//! charged no order twice and every authorized order exactly once; orders hit by the
-//! outage retried, some then succeeded and the exhausted ones failed and had their stock
-//! released; some SKUs ran out; nothing was dead-lettered.
+//! events; an event ID never carries two different events; no order has two stock
+//! decisions; per SKU, final stock = initial + restocks − reserved + released; every
+//! charge in the gateway's ledger belongs to an order whose stock was reserved and is the
+//! authorization the pipeline recorded, and every authorized order was charged exactly
+//! once; orders hit by the outage retried, some then succeeded and the exhausted ones
+//! failed and had their stock released; some SKUs ran out; nothing was dead-lettered.
 
 mod common;
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -110,11 +113,17 @@ fn order_json(i: usize) -> (String, String, Vec<u8>) {
 }
 
 /// Every lifecycle event of the run, deduplicated by event ID, per (store, order).
+///
+/// Redelivery may repeat a record, never change it: a record whose event ID was seen
+/// before must carry the same event, field for field, or the test fails.
 struct Observed {
     collectors: Vec<Collector>,
     read: Vec<usize>,
     codec: Codec,
-    ids: BTreeSet<String>,
+    /// The first record of each event ID: its canonical encoding (Avro single-object
+    /// with the current schema, so the wire format a record happened to use does not
+    /// matter) and where it was read, for the failure message.
+    first: HashMap<String, (Vec<u8>, String)>,
     by_order: HashMap<(String, String), Vec<Event>>,
     /// Events about no order (stock levels, low stock).
     other: Vec<Event>,
@@ -136,7 +145,7 @@ impl Observed {
             collectors: LIFECYCLE.iter().map(|t| env.collector(t)).collect(),
             read: vec![0; LIFECYCLE.len()],
             codec: Codec::new(),
-            ids: BTreeSet::new(),
+            first: HashMap::new(),
             by_order: HashMap::new(),
             other: Vec::new(),
             duplicates: 0,
@@ -152,9 +161,30 @@ impl Observed {
                     .codec
                     .decode(value, DecodeHints::default())
                     .unwrap_or_else(|e| panic!("undecodable record on {}: {e}", c.topic));
-                if !self.ids.insert(event.envelope().event_id.clone()) {
-                    self.duplicates += 1;
-                    continue;
+                let canonical = self
+                    .codec
+                    .encode(&event)
+                    .unwrap_or_else(|e| panic!("re-encoding {event:?} read from {}: {e}", c.topic));
+                let at = format!("{}/{}@{}", c.topic, rec.partition, rec.offset);
+                match self.first.entry(event.envelope().event_id.clone()) {
+                    Entry::Occupied(o) => {
+                        let (bytes, first_at) = o.get();
+                        if *bytes != canonical {
+                            let first = self
+                                .codec
+                                .decode(bytes, DecodeHints::default())
+                                .expect("decodes: this codec encoded it");
+                            panic!(
+                                "event ID {} carries two different events:\n  first at {first_at}: {first:?}\n  again at {at}: {event:?}",
+                                event.envelope().event_id
+                            );
+                        }
+                        self.duplicates += 1;
+                        continue;
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert((canonical, at));
+                    }
                 }
                 match &event.envelope().order_id {
                     Some(order) => self
@@ -442,10 +472,31 @@ fn run(name: &str, kill: bool) {
     let mut outage_then_paid = 0;
     let mut authorized: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut refunded = BTreeSet::new();
+    // Orders whose one stock decision is a reservation: the only orders that may be charged.
+    let mut stock_reserved = BTreeSet::new();
     for (key, order) in &created {
         let mut events = vec![order.clone()];
         events.extend(seen.by_order.get(key).cloned().unwrap_or_default());
         events.sort_by_key(|e| (rank(e.event_type()), e.envelope().occurred_at));
+        // Events are distinct by ID here, so two decisions are two different answers
+        // (reserved and rejected, or reserved twice under two IDs), not a redelivery.
+        let decisions: Vec<&Event> = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.event_type(),
+                    EventType::StockReserved | EventType::StockRejected
+                )
+            })
+            .collect();
+        assert!(
+            decisions.len() <= 1,
+            "[{name}] order {key:?} has {} stock decisions: {decisions:#?}",
+            decisions.len()
+        );
+        if let [Event::StockReserved(_)] = decisions[..] {
+            stock_reserved.insert(key.clone());
+        }
         let end = status::check_complete(&events)
             .unwrap_or_else(|e| panic!("[{name}] order {key:?} is inconsistent: {e}\n{events:#?}"));
         *ends.entry(format!("{end:?}")).or_default() += 1;
@@ -525,41 +576,56 @@ fn run(name: &str, kill: bool) {
         assert!(level[key] >= 0);
     }
 
-    // 3. The gateway charged no order twice, and every authorized order exactly once.
-    let mut charges: BTreeMap<(String, String), Vec<_>> = BTreeMap::new();
+    // 3. Every charge in the gateway's ledger stands on the order's one stock decision, a
+    //    reservation, and is the authorization the pipeline recorded (refunded exactly
+    //    when the pipeline says so); every recorded authorization is charged once. (The
+    //    gateway keeps one entry per idempotency key, so one entry per order says the
+    //    payment stage uses one key per order.)
+    let mut charged: BTreeMap<(String, String), String> = BTreeMap::new();
     for entry in gateway.ledger() {
-        if matches!(
+        if !matches!(
             entry.status,
             LedgerStatus::Authorized | LedgerStatus::Refunded
         ) {
-            charges
-                .entry((entry.store_id.clone(), entry.order_id.clone()))
-                .or_default()
-                .push(entry);
+            continue;
         }
-    }
-    for (key, entries) in &charges {
-        assert_eq!(
-            entries.len(),
-            1,
-            "[{name}] order {key:?} was charged {} times",
-            entries.len()
+        let key = (entry.store_id.clone(), entry.order_id.clone());
+        let decisions: Vec<EventType> = seen
+            .by_order
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .map(Event::event_type)
+            .filter(|t| matches!(t, EventType::StockReserved | EventType::StockRejected))
+            .collect();
+        assert!(
+            stock_reserved.contains(&key),
+            "[{name}] the gateway charged order {key:?} ({:?}, {:?}), which has no standing stock reservation; its stock decisions: {decisions:?}",
+            entry.authorization_id,
+            entry.status
         );
         assert_eq!(
-            authorized.get(key),
-            entries[0].authorization_id.as_ref(),
+            authorized.get(&key),
+            entry.authorization_id.as_ref(),
             "[{name}] order {key:?}: the charge is not the authorization the pipeline recorded"
         );
         assert_eq!(
-            entries[0].status == LedgerStatus::Refunded,
-            refunded.contains(key),
+            entry.status == LedgerStatus::Refunded,
+            refunded.contains(&key),
             "[{name}] order {key:?}: ledger and events disagree about the refund"
         );
+        let auth = entry.authorization_id.clone().unwrap_or_default();
+        if let Some(earlier) = charged.insert(key.clone(), auth.clone()) {
+            panic!("[{name}] order {key:?} was charged twice: {earlier} and {auth}");
+        }
     }
-    assert_eq!(
-        charges.len(),
-        authorized.len(),
-        "[{name}] an authorized order has no charge"
+    let uncharged: Vec<_> = authorized
+        .iter()
+        .filter(|(key, _)| !charged.contains_key(*key))
+        .collect();
+    assert!(
+        uncharged.is_empty(),
+        "[{name}] authorizations the gateway never charged: {uncharged:?}"
     );
 
     // 4. The run exercised what it claims to.

@@ -26,6 +26,11 @@ const STAGE: &str = "timertest";
 const DELAY_MS: i64 = 60_000;
 const PARTITIONS: i32 = 2;
 
+/// Orders whose ID starts with this schedule nothing: the test publishes one after
+/// moving the clock, and its committed batch proves the worker has run its timers at the
+/// new time (see [`Running::settle`]).
+const PROBE: &str = "probe-";
+
 /// Schedules one timer per order; when it fires, emits `Picking` for that order.
 struct PickLater;
 
@@ -45,6 +50,9 @@ impl Stage for PickLater {
             return Ok(());
         };
         let order = o.envelope.order_id.clone().unwrap_or_default();
+        if order.starts_with(PROBE) {
+            return Ok(());
+        }
         let due = ctx.now() + DELAY_MS;
         ctx.schedule(format!("pick/{order}"), due, serde_json::Value::Null);
         Ok(())
@@ -142,6 +150,41 @@ impl Running {
             .with_label_values(&[STAGE, topics::FULFILLMENT_UPDATED])
             .get()
     }
+
+    fn timers_fired(&self) -> u64 {
+        self.metrics.timers_fired.with_label_values(&[STAGE]).get()
+    }
+
+    /// Waits until this worker owns every partition with its state (and timers)
+    /// restored: the runtime sets the gauge only after restoring.
+    fn wait_until_assigned(&self) {
+        wait_for(
+            "the worker to own and restore all partitions",
+            Duration::from_secs(30),
+            || {
+                self.metrics
+                    .assigned_partitions
+                    .with_label_values(&[STAGE])
+                    .get()
+                    == i64::from(PARTITIONS)
+            },
+        );
+    }
+
+    /// A barrier for "nothing fired": publishes a probe order (which schedules nothing)
+    /// and waits until a batch holding it has committed. That batch was polled after
+    /// the probe was published, so after the clock last moved; it read the clock and
+    /// ran every due timer before committing. Whatever was due at the current time has
+    /// fired by the time this returns, and shows in the metrics and on the topic.
+    fn settle(&self, settings: &Settings, probe: &str) {
+        let before = self.committed_records();
+        publish_probe(settings, probe);
+        wait_for(
+            &format!("the batch with probe {probe} to commit"),
+            Duration::from_secs(30),
+            || self.committed_records() > before,
+        );
+    }
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -178,6 +221,28 @@ fn publish_orders(settings: &Settings, n: usize) -> BTreeMap<String, String> {
     }
     producer.flush(Duration::from_secs(10)).expect("flush");
     ids
+}
+
+/// One order that [`PickLater`] ignores, on partition 0 (which the worker under test
+/// owns, as it owns every partition).
+fn publish_probe(settings: &Settings, name: &str) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .create()
+        .expect("producer");
+    let order = format!("{PROBE}{name}");
+    let json = format!(
+        r#"{{"order_id":"{order}","store_id":"store-probe","customer_id":"c-probe","email":"probe@example.com","currency":"USD","shipping_country":"US","items":[{{"sku":"SKU-1","quantity":1,"unit_price_cents":500}}],"placed_at":1700000000000}}"#
+    );
+    producer
+        .send(
+            BaseRecord::to(&settings.topics().name(topics::ORDER_CREATED))
+                .partition(0)
+                .key("store-probe")
+                .payload(&json),
+        )
+        .expect("enqueue");
+    producer.flush(Duration::from_secs(10)).expect("flush");
 }
 
 /// Every `Picking` on `fulfillment.updated`, decoded.
@@ -232,13 +297,18 @@ fn timers_survive_a_restart_and_fire_once_when_due() {
     assert!(picks(&env.settings).is_empty(), "no timer is due yet");
 
     // A different worker restores the timers and fires them when the clock says so.
+    // It must hold the timers before the clock moves, or "nothing fired" would only say
+    // that no one owned them yet.
     let second = start(&env.settings, &clock, "w2");
-    std::thread::sleep(Duration::from_millis(500));
+    second.wait_until_assigned();
     clock.advance(DELAY_MS - 1);
-    std::thread::sleep(Duration::from_millis(500));
+    second.settle(&env.settings, "early");
+    assert_eq!(second.timers_fired(), 0, "a timer fired before it was due");
+    assert_eq!(second.committed_picks(), 0);
+    let early = picks(&env.settings);
     assert!(
-        picks(&env.settings).is_empty(),
-        "a timer fired before it was due"
+        early.is_empty(),
+        "a timer fired before it was due: {early:?}"
     );
     clock.advance(1);
     wait_for(
@@ -246,14 +316,7 @@ fn timers_survive_a_restart_and_fire_once_when_due() {
         Duration::from_secs(30),
         || second.committed_picks() == 12,
     );
-    assert_eq!(
-        second
-            .metrics
-            .timers_fired
-            .with_label_values(&[STAGE])
-            .get(),
-        12
-    );
+    assert_eq!(second.timers_fired(), 12);
     second.stop();
 
     let fired = picks(&env.settings);
@@ -275,12 +338,11 @@ fn timers_survive_a_restart_and_fire_once_when_due() {
 
     // Fired timers are gone from state: a third worker fires nothing.
     let third = start(&env.settings, &clock, "w3");
+    third.wait_until_assigned();
     clock.advance(10 * DELAY_MS);
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        third.metrics.timers_fired.with_label_values(&[STAGE]).get(),
-        0
-    );
+    third.settle(&env.settings, "late");
+    assert_eq!(third.timers_fired(), 0, "a fired timer fired again");
+    assert_eq!(third.committed_picks(), 0);
     third.stop();
     assert_eq!(picks(&env.settings).len(), 12);
 }
