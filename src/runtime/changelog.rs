@@ -306,9 +306,12 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
                 out.push(rec(key.clone(), None));
             }
         }
+        // The marker names how many records precede it: a batch one of whose records
+        // was refused while the marker got through is not taken for a committed one.
+        let count = out.len();
         out.push(rec(
             format!("{COMMIT_PREFIX}{}", self.generation),
-            Some(seq.to_string().into_bytes()),
+            Some(format!("{seq}:{count}").into_bytes()),
         ));
         BatchRecords {
             records: out,
@@ -391,8 +394,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Restorer {
     committed: HashMap<String, Vec<u8>>,
-    /// Records of the current writer since its last commit marker.
-    tail: Vec<(String, Option<Vec<u8>>)>,
+    /// Records of the current writer since its last commit marker, with their batch.
+    tail: Vec<(String, Option<Vec<u8>>, u64)>,
     /// Records of fenced writers, by key.
     stale: HashSet<String>,
     /// The generation of the newest claim read so far.
@@ -413,18 +416,16 @@ impl Restorer {
         generation: Option<u64>,
     ) -> Result<(), ChangelogError> {
         self.last_offset = Some(offset);
-        if let Some(g) = key.strip_prefix(CLAIM_PREFIX) {
+        // A claim starts a writer's history; what its predecessors left uncommitted stays
+        // in the tail, to be rewritten by the first batch the new writer commits.
+        if let (Some(g), Some(v)) = (key.strip_prefix(CLAIM_PREFIX), value) {
             let g: u64 = g
                 .parse()
                 .map_err(|_| ChangelogError::UnknownKey(key.to_owned()))?;
-            if value.is_some() {
-                // A claim ends whatever its predecessor had not committed.
-                self.stale.extend(self.tail.drain(..).map(|(k, _)| k));
-                self.current = Some(g);
-            }
+            self.current = Some(g);
             self.apply(Entry {
                 key: key.to_owned(),
-                value: value.map(<[u8]>::to_vec),
+                value: Some(v.to_vec()),
             });
             return Ok(());
         }
@@ -438,17 +439,41 @@ impl Restorer {
             self.stale.insert(key.to_owned());
             return Ok(());
         }
-        if key.starts_with(COMMIT_PREFIX) {
-            for (k, v) in std::mem::take(&mut self.tail) {
-                self.apply(Entry { key: k, value: v });
-            }
-            self.apply(Entry {
+        // A writer's marker is `commit/<its generation>`; anything else under the prefix
+        // (an earlier writer's marker retired or rewritten) is a plain write.
+        let marker = value.filter(|_| {
+            key.strip_prefix(COMMIT_PREFIX)
+                .and_then(|g| g.parse::<u64>().ok())
+                .is_some_and(|g| generation.is_none_or(|own| own == g))
+        });
+        let Some(marker) = marker else {
+            self.tail
+                .push((key.to_owned(), value.map(<[u8]>::to_vec), seq));
+            return Ok(());
+        };
+        let expected = std::str::from_utf8(marker)
+            .ok()
+            .and_then(|v| v.split_once(':'))
+            .and_then(|(_, n)| n.parse::<usize>().ok())
+            .ok_or_else(|| ChangelogError::Value {
                 key: key.to_owned(),
-                value: value.map(<[u8]>::to_vec),
-            });
-        } else {
-            self.tail.push((key.to_owned(), value.map(<[u8]>::to_vec)));
+                message: "a commit marker is `<seq>:<records>`".into(),
+            })?;
+        let written = self.tail.iter().filter(|(_, _, s)| *s == seq).count();
+        if written != expected {
+            // Part of the batch never made it: the marker commits nothing.
+            return Ok(());
         }
+        // Everything before a committed batch counts: a cut-off batch of an earlier
+        // writer was rewritten by the batch that follows it (its first), and records
+        // whose own marker compaction removed were committed.
+        for (k, v, _) in std::mem::take(&mut self.tail) {
+            self.apply(Entry { key: k, value: v });
+        }
+        self.apply(Entry {
+            key: key.to_owned(),
+            value: Some(marker.to_vec()),
+        });
         Ok(())
     }
 
@@ -476,7 +501,7 @@ impl Restorer {
     ) -> Result<PartitionState<V>, ChangelogError> {
         let mut ps = PartitionState::<V>::new(dedup_window);
         let mut repair: HashSet<String> = self.stale;
-        repair.extend(self.tail.into_iter().map(|(k, _)| k));
+        repair.extend(self.tail.into_iter().map(|(k, _, _)| k));
         let mut seen: BTreeMap<u64, &[u8]> = BTreeMap::new();
         let mut outbox: BTreeMap<(u64, u64), &[u8]> = BTreeMap::new();
         for (key, value) in &self.committed {

@@ -38,12 +38,13 @@ impl<S: Stage> Worker<S> {
         batch: Vec<OwnedMessage>,
     ) -> Result<(), RuntimeError> {
         let batch = super::in_time_order(batch);
+        self.batches += 1;
         let now = self.clock.now_ms();
         let mut outs = Outputs::new();
         // Per input topic-partition: the first offset of the batch and the next one.
         let mut offsets: HashMap<(String, i32), (i64, i64)> = HashMap::new();
         for m in &batch {
-            if !self.parts.contains_key(&m.partition()) {
+            if !self.parts.contains_key(&m.partition()) || !self.keep_in_place(m) {
                 continue;
             }
             offsets

@@ -18,7 +18,8 @@
 //! again (see [`changelog`]).
 //!
 //! State is restored on a thread of its own ([`restore`]) while the loop keeps polling;
-//! the partitions being restored are paused.
+//! records of partitions being restored are dropped, and read again from the restored
+//! position.
 //!
 //! Invariant: in-memory state always equals the state of the last committed batch when a
 //! poll happens; a batch that fails is rolled back (or its partitions restored from the
@@ -35,7 +36,7 @@ pub mod kafka;
 pub mod outbox;
 pub mod restore;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -157,9 +158,15 @@ struct Worker<S: Stage> {
     /// State of revoked partitions, kept until the next assignment says whether this
     /// worker gets them back; reused only if nobody wrote their changelog meanwhile.
     parked: BTreeMap<i32, PartitionState<S::State>>,
-    /// Partitions whose state is being restored, with the restore job's number; their
-    /// input is paused.
+    /// Partitions whose state is being restored, with the restore job's number.
     restoring: BTreeMap<i32, u64>,
+    /// Input topic-partitions of restored partitions not yet seen at their position: the
+    /// offset to continue from, and the batch in which the consumer was moved there.
+    unpositioned: HashMap<(String, i32), (i64, Option<u64>)>,
+    /// Batches processed so far.
+    batches: u64,
+    /// Input topic-partitions whose records were dropped while their state was restored.
+    fetched_ahead: HashSet<(String, i32)>,
     /// Partitions to restore again (a failed batch, a fenced write, a failed seek) after
     /// the next poll; their state is already dropped.
     to_restore: BTreeSet<i32>,
@@ -207,6 +214,9 @@ impl<S: Stage> Worker<S> {
             parts: BTreeMap::new(),
             parked: BTreeMap::new(),
             restoring: BTreeMap::new(),
+            unpositioned: HashMap::new(),
+            batches: 0,
+            fetched_ahead: HashSet::new(),
             to_restore: BTreeSet::new(),
             next_job: 0,
             restored_tx,
@@ -280,9 +290,19 @@ impl<S: Stage> Worker<S> {
                 .consumer
                 .poll(remaining.min(Duration::from_millis(100)))
             {
-                // A partition still restoring reads from its restored position later.
                 Some(Ok(m)) if self.parts.contains_key(&m.partition()) => batch.push(m.detach()),
-                Some(Ok(_)) => {}
+                // A partition still restoring reads from its restored position later; the
+                // consumer, now ahead of it, will be moved back.
+                Some(Ok(m)) => {
+                    tracing::debug!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        "dropped while restoring"
+                    );
+                    self.fetched_ahead
+                        .insert((m.topic().to_owned(), m.partition()));
+                }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
             }
@@ -316,6 +336,8 @@ impl<S: Stage> Worker<S> {
                         .inc();
                     for tp in tps {
                         batch.retain(|m| !(m.topic() == tp.0 && m.partition() == tp.1));
+                        self.unpositioned.remove(&tp);
+                        self.fetched_ahead.remove(&tp);
                         self.assigned.remove(&tp);
                     }
                     let owned: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
@@ -390,15 +412,14 @@ impl<S: Stage> Worker<S> {
         }
     }
 
-    /// Pauses the input of `partitions` and restores their state on another thread.
+    /// Restores the state of `partitions` on another thread; their records are dropped
+    /// meanwhile.
     fn start_restore(&mut self, partitions: Vec<i32>) {
         if partitions.is_empty() {
             return;
         }
-        let tpl = self.input_tpl(&partitions);
-        if let Err(e) = self.consumer.pause(&tpl) {
-            tracing::warn!(error = %e, "pausing partitions being restored failed");
-        }
+        self.unpositioned
+            .retain(|(_, p), _| !partitions.contains(p));
         self.next_job += 1;
         let job = self.next_job;
         for p in &partitions {
@@ -415,13 +436,21 @@ impl<S: Stage> Worker<S> {
         );
     }
 
-    /// Restores the partitions queued by the last cycle.
+    /// Restores the partitions queued by the last cycle. Their consumer has read past
+    /// the state that will be restored, so it will be moved back.
     fn restore_again(&mut self) {
         let owned: HashSet<i32> = self.assigned.iter().map(|(_, p)| *p).collect();
         let again: Vec<i32> = std::mem::take(&mut self.to_restore)
             .into_iter()
             .filter(|p| owned.contains(p))
             .collect();
+        let tps: Vec<(String, i32)> = self
+            .assigned
+            .iter()
+            .filter(|(_, p)| again.contains(p))
+            .cloned()
+            .collect();
+        self.fetched_ahead.extend(tps);
         self.start_restore(again);
     }
 
@@ -473,39 +502,114 @@ impl<S: Stage> Worker<S> {
         Ok(())
     }
 
-    /// Moves partition `p`'s inputs to the first offset its state does not reflect (else
-    /// the group's committed offset, else the beginning) and resumes them. A partition
-    /// whose position cannot be set is restored again rather than read from elsewhere.
+    /// Records where partition `p`'s inputs must continue: the first offset its state
+    /// does not reflect (else the group's committed offset, else the partition's start).
+    /// The consumer is moved there only once it is seen ahead of it (see
+    /// [`Worker::keep_in_place`]): seeking a partition before it has fetched anything is
+    /// not reliable, and a consumer behind the target only re-reads inputs the state
+    /// already reflects, which are skipped.
     fn position_inputs(&mut self, p: i32) {
         let tpl = self.input_tpl(&[p]);
         let committed = self
             .consumer
             .committed_offsets(tpl.clone(), Duration::from_secs(10))
             .ok();
-        let Some(ps) = self.parts.get(&p) else {
-            return;
-        };
+        let mut targets = Vec::new();
         for e in tpl.elements() {
             let base = self.topics.base(e.topic()).unwrap_or(e.topic());
-            let target = match ps.positions.get(base) {
-                Some(o) => Offset::Offset(*o),
-                None => committed
-                    .as_ref()
-                    .and_then(|c| c.find_partition(e.topic(), p))
-                    .map(|c| c.offset())
-                    .filter(|o| matches!(o, Offset::Offset(_)))
-                    .unwrap_or(Offset::Beginning),
-            };
-            if let Err(err) = self.seek(e.topic(), p, target) {
-                tracing::error!(topic = e.topic(), partition = p, error = %err, "cannot position the input; restoring the partition again");
-                self.parts.remove(&p);
-                self.to_restore.insert(p);
-                return;
+            let from_state = self
+                .parts
+                .get(&p)
+                .and_then(|ps| ps.positions.get(base).copied());
+            let target = from_state
+                .or_else(|| {
+                    committed
+                        .as_ref()
+                        .and_then(|c| c.find_partition(e.topic(), p))
+                        .and_then(|c| match c.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        })
+                })
+                .or_else(|| {
+                    self.consumer
+                        .fetch_watermarks(e.topic(), p, Duration::from_secs(10))
+                        .ok()
+                        .map(|(low, _)| low)
+                });
+            match target {
+                Some(t) => targets.push((e.topic().to_owned(), t)),
+                None => {
+                    tracing::error!(
+                        topic = e.topic(),
+                        partition = p,
+                        "cannot tell where the input starts; restoring the partition again"
+                    );
+                    self.parts.remove(&p);
+                    self.to_restore.insert(p);
+                    return;
+                }
             }
         }
-        if let Err(e) = self.consumer.resume(&tpl) {
-            tracing::warn!(partition = p, error = %e, "resuming the input failed");
+        for (t, target) in targets {
+            let tp = (t, p);
+            tracing::debug!(topic = %tp.0, partition = p, target, fetched_ahead = self.fetched_ahead.contains(&tp), "positioning input");
+            // A consumer that has fetched this partition can be moved at once; one that has
+            // not is moved when its first record shows it ahead.
+            if self.fetched_ahead.contains(&tp) {
+                if let Err(err) = self.seek(&tp.0, p, Offset::Offset(target)) {
+                    tracing::error!(topic = %tp.0, partition = p, error = %err, "cannot position the input; restoring the partition again");
+                    self.parts.remove(&p);
+                    self.to_restore.insert(p);
+                    return;
+                }
+                self.fetched_ahead.remove(&tp);
+                self.unpositioned.insert(tp, (target, Some(self.batches)));
+            } else {
+                self.unpositioned.insert(tp, (target, None));
+            }
         }
+    }
+
+    /// Whether record `m` may be processed. A consumer found ahead of where a restored
+    /// partition must continue (it fetched while the state was being restored) is moved
+    /// back, and the rest of the batch's records of that partition are dropped; the first
+    /// record polled after the move is where the partition continues (offsets may skip:
+    /// transaction markers, compaction). A partition that cannot be moved is restored
+    /// again, never read on from elsewhere.
+    fn keep_in_place(&mut self, m: &OwnedMessage) -> bool {
+        let tp = (m.topic().to_owned(), m.partition());
+        let Some((target, moved_in)) = self.unpositioned.get(&tp).copied() else {
+            return true;
+        };
+        match moved_in {
+            Some(batch) if batch == self.batches => return false,
+            Some(_) => {
+                self.unpositioned.remove(&tp);
+                return true;
+            }
+            None if m.offset() <= target => {
+                self.unpositioned.remove(&tp);
+                return true;
+            }
+            None => {}
+        }
+        tracing::debug!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            target,
+            "consumer ahead of the restored position; moving it back"
+        );
+        if let Err(err) = self.seek(m.topic(), m.partition(), Offset::Offset(target)) {
+            tracing::error!(topic = m.topic(), partition = m.partition(), error = %err, "cannot position the input; restoring the partition again");
+            self.parts.remove(&m.partition());
+            self.to_restore.insert(m.partition());
+            self.unpositioned.retain(|(_, p), _| *p != m.partition());
+            return false;
+        }
+        self.unpositioned.insert(tp, (target, Some(self.batches)));
+        false
     }
 
     fn seek(&self, topic: &str, partition: i32, offset: Offset) -> Result<(), KafkaError> {

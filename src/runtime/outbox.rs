@@ -4,7 +4,8 @@
 //! and sent only once that is durable (see [`super::changelog`]). The outbox stores them
 //! byte for byte — a re-send after a crash must be identical to the first send — in
 //! chunks of at most [`CHUNK_BYTES`] (a larger record takes a chunk of its own), so no
-//! changelog record grows past what the broker accepts.
+//! changelog record is much larger than the largest output, which `max_record_bytes`
+//! bounds.
 //!
 //! Format of a chunk: a sequence of records, each `topic`, `key`, `payload` (absent:
 //! length `u32::MAX`), a `u16` header count and each header's name and value; strings
@@ -34,7 +35,7 @@ impl Out {
     }
 }
 
-/// Chunks are cut once they pass this size.
+/// Records are packed into chunks of at most this size.
 pub const CHUNK_BYTES: usize = 256 * 1024;
 
 const ABSENT: u32 = u32::MAX;
@@ -63,10 +64,12 @@ pub fn chunks(outs: &[Out]) -> Vec<Vec<u8>> {
     let mut chunks = Vec::new();
     let mut buf = Vec::new();
     for o in outs {
-        encode_one(&mut buf, o);
-        if buf.len() >= CHUNK_BYTES {
+        // A record that would take the chunk past the limit starts a new one: a chunk is
+        // never larger than the limit or its one record.
+        if !buf.is_empty() && buf.len() + o.size() > CHUNK_BYTES {
             chunks.push(std::mem::take(&mut buf));
         }
+        encode_one(&mut buf, o);
     }
     if !buf.is_empty() {
         chunks.push(buf);
@@ -162,14 +165,23 @@ mod tests {
         let chunks = chunks(&outs);
         assert!(chunks.len() > 1, "50 × 20 kB should need several chunks");
         assert!(
-            chunks.iter().all(|c| c.len() < CHUNK_BYTES + 25_000),
-            "a chunk is cut once it passes the limit"
+            chunks.iter().all(|c| c.len() <= CHUNK_BYTES),
+            "no chunk passes the limit"
         );
         let mut back = Vec::new();
         for c in &chunks {
             back.extend(decode(c, 3)?);
         }
         assert_eq!(back, outs);
+        Ok(())
+    }
+
+    #[test]
+    fn a_record_larger_than_a_chunk_takes_one_of_its_own() -> Result<(), String> {
+        let outs = vec![out(1, 1_000), out(2, 900_000), out(4, 1_000)];
+        let chunks = chunks(&outs);
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(decode(&chunks[1], 3)?, vec![outs[1].clone()]);
         Ok(())
     }
 

@@ -158,6 +158,14 @@ impl TestEnv {
         TestProducer::new(&self.settings.brokers)
     }
 
+    /// A producer that accepts records up to `bytes` (librdkafka's `message.max.bytes`).
+    pub fn producer_with_max_bytes(&self, bytes: usize) -> TestProducer {
+        TestProducer::with(
+            &self.settings.brokers,
+            &[("message.max.bytes", bytes.to_string())],
+        )
+    }
+
     /// A reader of every record of the prefixed `base` topic, from the beginning.
     pub fn collector(&self, base: &str) -> Collector {
         Collector::new(&self.settings.brokers, &self.topic(base))
@@ -181,6 +189,17 @@ impl TestEnv {
     /// Starts `orderflow run` for `stages` (every stage when empty) as a separate process
     /// in this test's group, with `env` added to the worker's environment.
     pub fn spawn_worker(&self, stages: &[&str], env: &[(&str, String)]) -> Worker {
+        self.spawn_worker_with_kafka(stages, env, "")
+    }
+
+    /// Like [`TestEnv::spawn_worker`], with extra librdkafka properties (`k=v,k=v`)
+    /// after the harness's own.
+    pub fn spawn_worker_with_kafka(
+        &self,
+        stages: &[&str],
+        env: &[(&str, String)],
+        extra_kafka: &str,
+    ) -> Worker {
         let n = {
             let mut n = self.spawned.lock().expect("spawn counter");
             *n += 1;
@@ -206,6 +225,12 @@ impl TestEnv {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         kafka.push(format!("client.id={instance}"));
+        kafka.extend(
+            extra_kafka
+                .split(',')
+                .filter(|kv| !kv.is_empty())
+                .map(str::to_owned),
+        );
 
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderflow"));
         cmd.arg("run");
@@ -300,6 +325,11 @@ impl Worker {
         }
         let _ = child.wait();
         eprintln!("killed worker {} with SIGKILL", self.instance);
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn try_exit_status(&self) -> Option<std::process::ExitStatus> {
+        self.child.lock().expect("child").try_wait().ok().flatten()
     }
 
     /// Panics with the log tail if the process exited on its own.
@@ -463,11 +493,20 @@ pub struct Landed {
 
 impl TestProducer {
     pub fn new(brokers: &str) -> Self {
-        let inner = plain_config(brokers)
-            .set("partitioner", "murmur2_random")
+        Self::with(brokers, &[])
+    }
+
+    /// With `extra` librdkafka properties.
+    pub fn with(brokers: &str, extra: &[(&str, String)]) -> Self {
+        let mut c = plain_config(brokers);
+        c.set("partitioner", "murmur2_random")
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000")
+            .set("message.timeout.ms", "30000");
+        for (k, v) in extra {
+            c.set(*k, v);
+        }
+        let inner = c
             .create()
             .unwrap_or_else(|e| panic!("creating a producer for {brokers}: {e}"));
         TestProducer { inner }
@@ -1059,10 +1098,15 @@ impl ScreenedTail {
 /// The state of the fraud stage's consumer group and its members' client IDs, as the
 /// broker describes it (`None` while the group is unknown).
 pub fn fraud_group(env: &TestEnv) -> Option<(String, BTreeSet<String>)> {
+    stage_group(env, "fraud")
+}
+
+/// The state of a stage's consumer group and its members' client IDs.
+pub fn stage_group(env: &TestEnv, stage: &str) -> Option<(String, BTreeSet<String>)> {
     let consumer: BaseConsumer = plain_config(&env.settings.brokers)
         .create()
         .expect("admin consumer");
-    let group = env.settings.group_id("fraud");
+    let group = env.settings.group_id(stage);
     let list = consumer
         .fetch_group_list(Some(&group), Duration::from_secs(5))
         .ok()?;
@@ -1104,6 +1148,25 @@ pub fn wait_for_group(env: &TestEnv, deadline: Instant, workers: &[&Worker]) {
             let g = fraud_group(env);
             *progress = format!("{g:?}");
             if matches!(&g, Some((state, members)) if state == "Stable" && *members == want) {
+                Some(())
+            } else {
+                std::thread::sleep(Duration::from_millis(200));
+                None
+            }
+        },
+    );
+}
+
+/// Waits until `stage`'s group is `Stable` with `members` members.
+pub fn wait_for_group_members(env: &TestEnv, stage: &str, members: usize, deadline: Instant) {
+    wait_for(
+        &format!("{stage} group stable with {members} members"),
+        deadline,
+        &[],
+        |progress| {
+            let g = stage_group(env, stage);
+            *progress = format!("{g:?}");
+            if matches!(&g, Some((state, m)) if state == "Stable" && m.len() == members) {
                 Some(())
             } else {
                 std::thread::sleep(Duration::from_millis(200));

@@ -319,3 +319,24 @@ fn recorded_outcomes_survive_a_restore_until_reacted_to() -> Result<(), Changelo
     assert!(log.restore(g)?.outcomes.is_empty());
     Ok(())
 }
+
+#[test]
+fn a_marker_whose_batch_lost_a_record_commits_nothing() -> Result<(), ChangelogError> {
+    let mut log = Log::default();
+    let g = log.claim(1);
+    let mut ps = log.restore(g)?;
+    ps.state.insert("a", 1);
+    commit(&mut ps, &mut log);
+    ps.state.insert("a", 2);
+    ps.state.insert("b", 2);
+    let batch = ps.pending_records(&[out(1)]);
+    // The broker refused one record (too large) and took the rest, marker included.
+    let mut landed = batch.records.clone();
+    landed.remove(1);
+    log.append(&landed, g);
+    let back = log.restore(log.clone().claim(2))?;
+    assert_eq!(back.state.get("a"), Some(&1));
+    assert_eq!(back.state.get("b"), None);
+    assert!(back.outbox.is_empty());
+    Ok(())
+}

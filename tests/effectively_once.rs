@@ -1,0 +1,616 @@
+//! The runtime's `at_least_once` protocol under crashes at chosen moments, a fenced
+//! writer, reassigned partitions, records too large for the broker, outputs too large to
+//! produce, failed seeks and a restore longer than `max.poll.interval.ms` — each against
+//! the real broker, with worker processes, checked by exact outcomes:
+//!
+//! - one content per event ID on every output topic (a replay re-sends, never decides
+//!   again);
+//! - one stock decision per order, and stock that balances;
+//! - every input dead-lettered once at most, nothing stuck behind a bad record.
+//!
+//! Crash points (`ORDERFLOW_CRASH_AT`), stalls and seek failures are injected through the
+//! environment of the worker process, never set in production.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use orderflow::events::codec::{Codec, DecodeHints};
+use orderflow::events::{Event, EventType};
+use orderflow::topics;
+use serde_json::json;
+
+const STORE: &str = "store-1";
+
+/// A fixed event ID per name.
+fn id(name: &str) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+}
+
+fn rec(store: &str, v: serde_json::Value) -> Outgoing {
+    Outgoing::new(store, serde_json::to_vec(&v).expect("JSON"))
+}
+
+fn restock(store: &str, sku: &str, quantity: i32) -> Outgoing {
+    rec(
+        store,
+        json!({"event_type": "StockRestocked", "store_id": store, "sku": sku, "quantity": quantity}),
+    )
+}
+
+fn probe(store: &str, sku: &str, tag: &str) -> Outgoing {
+    rec(
+        store,
+        json!({"event_type": "StockAdjusted", "store_id": store, "sku": sku, "delta": 0, "reason": tag}),
+    )
+}
+
+fn screened(store: &str, order: &str, items: &[(&str, i32)]) -> Outgoing {
+    let items: Vec<serde_json::Value> = items
+        .iter()
+        .map(|(sku, q)| json!({"sku": sku, "quantity": q, "unit_price_cents": 100}))
+        .collect();
+    rec(
+        store,
+        json!({
+            "event_type": "OrderScreened", "event_id": id(&format!("screened-{store}-{order}")),
+            "order_id": order, "store_id": store, "correlation_id": order,
+            "occurred_at": now_ms(), "decision": "approved", "reasons": [],
+            "customer_id": "c-1", "email": "c@example.com", "currency": "USD",
+            "total_cents": 100, "items": items,
+        }),
+    )
+}
+
+fn payment_failed(store: &str, order: &str) -> Outgoing {
+    rec(
+        store,
+        json!({
+            "event_type": "PaymentFailed", "event_id": id(&format!("failed-{store}-{order}")),
+            "order_id": order, "store_id": store, "correlation_id": order,
+            "occurred_at": now_ms(), "amount_cents": 100, "currency": "USD",
+            "attempts": 1, "reason": "declined", "message": "card declined",
+        }),
+    )
+}
+
+/// Every event read from one topic, checked for one content per event ID.
+struct Outputs {
+    collector: Collector,
+    read: usize,
+    codec: Codec,
+    /// The first record's value per event ID.
+    first: HashMap<String, Vec<u8>>,
+    events: Vec<Event>,
+    duplicates: usize,
+}
+
+impl Outputs {
+    fn new(env: &TestEnv, base: &str) -> Self {
+        Outputs {
+            collector: env.collector(base),
+            read: 0,
+            codec: Codec::new(),
+            first: HashMap::new(),
+            events: Vec::new(),
+            duplicates: 0,
+        }
+    }
+
+    fn poll(&mut self) {
+        self.collector.poll(Duration::from_millis(100));
+        self.take();
+    }
+
+    fn drain(&mut self) {
+        self.collector.drain();
+        self.take();
+    }
+
+    fn take(&mut self) {
+        for r in &self.collector.records[self.read..] {
+            let value = r.value.clone().expect("outputs have values");
+            let event = self
+                .codec
+                .decode(&value, DecodeHints::default())
+                .unwrap_or_else(|e| panic!("undecodable output on {}: {e}", self.collector.topic));
+            let id = event.envelope().event_id.clone();
+            match self.first.get(&id) {
+                Some(earlier) => {
+                    assert_eq!(
+                        earlier,
+                        &value,
+                        "event ID {id} on {} carries two contents: {:?} and then {event:?}",
+                        self.collector.topic,
+                        self.codec.decode(earlier, DecodeHints::default())
+                    );
+                    self.duplicates += 1;
+                }
+                None => {
+                    self.first.insert(id, value);
+                    self.events.push(event);
+                }
+            }
+        }
+        self.read = self.collector.records.len();
+    }
+
+    fn of_order(&self, order: &str) -> Vec<EventType> {
+        self.events
+            .iter()
+            .filter(|e| e.envelope().order_id.as_deref() == Some(order))
+            .map(Event::event_type)
+            .collect()
+    }
+
+    /// The level a probe tagged `tag` reported for `sku`.
+    fn probed(&self, sku: &str, tag: &str) -> Option<i32> {
+        self.events.iter().find_map(|e| match e {
+            Event::StockLevelChanged(c) if c.sku == sku && c.reason == tag => Some(c.available),
+            _ => None,
+        })
+    }
+}
+
+fn wait_until_exited(w: &mut Worker, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        if w.try_exit_status().is_some() {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "worker {} did not reach its crash point within {within:?}; log:\n{}",
+            w.instance,
+            w.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A batch holding a failed payment that releases the only unit and an order for it is
+/// cut at `point`: whatever the next owner reads again, in whatever order its fetches
+/// bring the two topics, the decisions already visible stand, and those not yet visible
+/// come out once — one content per event ID, one decision per order, stock balanced.
+fn crash_between_decision_and_state(point: &str) {
+    let env = TestEnv::new(&format!("crash-{point}"), 2);
+    let producer = env.producer();
+    let commands = env.topic(topics::INVENTORY_COMMANDS);
+    let screened_topic = env.topic(topics::ORDER_SCREENED);
+    let payments = env.topic(topics::PAYMENT_PROCESSED);
+    let mut out = Outputs::new(&env, topics::INVENTORY_UPDATED);
+    let dlq = env.collector(topics::DLQ);
+
+    producer.send(&commands, &restock(STORE, "SKU-A", 1));
+    producer.send(&commands, &restock(STORE, "SKU-B", 5));
+    producer.send(&screened_topic, &screened(STORE, "o-1", &[("SKU-A", 1)]));
+    let mut first = env.spawn_worker(&["inventory"], &[]);
+    wait_for("o-1 reserved", deadline(60), &[&first], |_| {
+        out.poll();
+        out.of_order("o-1")
+            .contains(&EventType::StockReserved)
+            .then_some(())
+    });
+    // Let the first worker commit the retirement of its sent outbox, so that the next
+    // worker's first commit is the batch below.
+    std::thread::sleep(Duration::from_millis(500));
+    first.kill9();
+
+    // In one go: o-1's payment fails (releasing SKU-A), o-2 wants SKU-A, and o-3..o-6
+    // take SKU-B.
+    producer.send(&payments, &payment_failed(STORE, "o-1"));
+    producer.send(&screened_topic, &screened(STORE, "o-2", &[("SKU-A", 1)]));
+    for i in 3..=6 {
+        producer.send(
+            &screened_topic,
+            &screened(STORE, &format!("o-{i}"), &[("SKU-B", 1)]),
+        );
+    }
+    let mut crashing = env.spawn_worker(
+        &["inventory"],
+        &[("ORDERFLOW_CRASH_AT", format!("{point}:1"))],
+    );
+    wait_until_exited(&mut crashing, Duration::from_secs(60));
+    let after = env.spawn_worker(&["inventory"], &[]);
+    let orders: Vec<String> = (1..=6).map(|i| format!("o-{i}")).collect();
+    wait_for(
+        "a decision for every order",
+        deadline(60),
+        &[&after],
+        |progress| {
+            out.poll();
+            let decided = orders
+                .iter()
+                .filter(|o| {
+                    out.of_order(o)
+                        .iter()
+                        .any(|t| matches!(t, EventType::StockReserved | EventType::StockRejected))
+                })
+                .count();
+            *progress = format!("{decided} of {} decided", orders.len());
+            (decided == orders.len() && out.of_order("o-1").contains(&EventType::StockReleased))
+                .then_some(())
+        },
+    );
+    producer.send(&commands, &probe(STORE, "SKU-A", "probe-a"));
+    producer.send(&commands, &probe(STORE, "SKU-B", "probe-b"));
+    let (a, b) = wait_for("both probes", deadline(60), &[&after], |_| {
+        out.poll();
+        Some((
+            out.probed("SKU-A", "probe-a")?,
+            out.probed("SKU-B", "probe-b")?,
+        ))
+    });
+    out.drain();
+
+    for o in &orders {
+        let decisions: Vec<EventType> = out
+            .of_order(o)
+            .into_iter()
+            .filter(|t| matches!(t, EventType::StockReserved | EventType::StockRejected))
+            .collect();
+        assert_eq!(decisions.len(), 1, "[{point}] {o}: decisions {decisions:?}");
+    }
+    let o2_reserved = out.of_order("o-2").contains(&EventType::StockReserved);
+    assert_eq!(
+        a,
+        if o2_reserved { 0 } else { 1 },
+        "[{point}] SKU-A: 1 unit, o-1 reserved and released it, o-2 reserved={o2_reserved}"
+    );
+    assert_eq!(b, 1, "[{point}] SKU-B: 5 units, 4 reserved");
+    let mut dlq = dlq;
+    dlq.drain();
+    assert!(
+        dlq.records.is_empty(),
+        "[{point}] dead letters: {:?}",
+        dlq.records
+    );
+    eprintln!(
+        "[{point}] crashed as armed; o-2 {}; {} identical re-sends",
+        if o2_reserved { "reserved" } else { "rejected" },
+        out.duplicates
+    );
+}
+
+#[test]
+fn a_crash_mid_changelog_changes_no_decision() {
+    crash_between_decision_and_state("mid_changelog");
+}
+
+#[test]
+fn a_crash_after_the_changelog_sends_the_outbox_once_restored() {
+    crash_between_decision_and_state("after_changelog");
+}
+
+#[test]
+fn a_crash_after_the_outputs_re_sends_them_unchanged() {
+    crash_between_decision_and_state("after_outputs");
+}
+
+#[test]
+fn a_crash_after_the_offsets_changes_nothing() {
+    crash_between_decision_and_state("after_offsets");
+}
+
+/// Orders of `customers` customers, `per` each, in stores spread over the partitions.
+fn customer_orders(tag: &str, customers: usize, per: usize, from: usize) -> Vec<TestOrder> {
+    let mut orders = Vec::new();
+    for c in 0..customers {
+        for i in from..from + per {
+            let mut o = TestOrder::new(
+                &format!("{tag}-c{c}-{i}"),
+                &format!("store-{c}"),
+                &format!("{tag}-customer-{c}"),
+                now_ms() + i as i64,
+            );
+            o.lines = 1;
+            orders.push(o);
+        }
+    }
+    orders
+}
+
+/// A worker whose batch stalls past `max.poll.interval.ms` is expelled; another takes its
+/// partitions and claims them. When the stalled batch finally writes, its changelog
+/// records land after the claim: it must see that and withhold its outputs, or two
+/// screenings with one ID and different contents would be out.
+#[test]
+fn a_writer_expelled_mid_batch_is_fenced_by_the_new_owners_claim() {
+    let env = TestEnv::new("zombie", 2);
+    let producer = env.producer();
+    let created = env.topic(topics::ORDER_CREATED);
+    let mut out = Outputs::new(&env, topics::ORDER_SCREENED);
+    let lenient = ("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", "1000".to_string());
+    let kafka_low = "session.timeout.ms=6000,max.poll.interval.ms=6000";
+    // The orders are there before the first worker starts, so its first commit holds
+    // some of them — and stalls for 20 s, well past max.poll.interval.ms.
+    let orders = customer_orders("late", 4, 3, 0);
+    let sent: Vec<Outgoing> = orders.iter().map(TestOrder::outgoing).collect();
+    producer.send_all(&created, &sent);
+    let zombie = env.spawn_worker_with_kafka(
+        &["fraud"],
+        &[
+            lenient.clone(),
+            ("ORDERFLOW_STALL_BEFORE_COMMIT", "1:20000".to_string()),
+        ],
+        kafka_low,
+    );
+    wait_for(
+        "the first commit to stall",
+        deadline(60),
+        &[&zombie],
+        |_| {
+            std::thread::sleep(Duration::from_millis(100));
+            zombie.log_tail(50).contains("stall injected").then_some(())
+        },
+    );
+    let owner = env.spawn_worker_with_kafka(&["fraud"], &[lenient.clone()], kafka_low);
+    let expected = orders.len();
+    wait_for(
+        "every order screened",
+        deadline(90),
+        &[&owner],
+        |progress| {
+            out.poll();
+            *progress = format!("{} of {expected}", out.events.len());
+            (out.events.len() >= expected).then_some(())
+        },
+    );
+    // Wait out the stall, then give the expelled worker time to write (and be fenced).
+    wait_for(
+        "the stalled batch to be fenced",
+        deadline(60),
+        &[&owner],
+        |_| {
+            zombie
+                .log_tail(400)
+                .contains("another writer appended to the changelog")
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    out.drain();
+    assert_eq!(out.events.len(), expected, "one screening per order");
+    drop(zombie);
+}
+
+/// Partitions move away and come back: the state parked when they left must not be
+/// reused once somebody else wrote their changelog, or velocity counts would miss the
+/// other owner's orders.
+#[test]
+fn parked_state_is_dropped_when_another_owner_wrote_meanwhile() {
+    let env = TestEnv::new("parked", 4);
+    let producer = env.producer();
+    let created = env.topic(topics::ORDER_CREATED);
+    let mut out = Outputs::new(&env, topics::ORDER_SCREENED);
+    let fraud = [
+        ("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", "3".to_string()),
+        ("ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS", "3600".to_string()),
+    ];
+    let customers = 12;
+    let mut sent_orders = 0;
+    let mut send = |from: usize, per: usize, out: &mut Outputs, workers: &[&Worker]| {
+        let orders = customer_orders("v", customers, per, from);
+        let recs: Vec<Outgoing> = orders.iter().map(TestOrder::outgoing).collect();
+        producer.send_all(&created, &recs);
+        sent_orders += orders.len();
+        let want = sent_orders;
+        wait_for(&format!("{want} screened"), deadline(60), workers, |_| {
+            out.poll();
+            (out.events.len() >= want).then_some(())
+        });
+    };
+    let a = env.spawn_worker(&["fraud"], &fraud);
+    send(0, 2, &mut out, &[&a]); // orders 0, 1 of every customer: all on A
+    let mut b = env.spawn_worker(&["fraud"], &fraud);
+    wait_for_group_members(&env, "fraud", 2, deadline(60));
+    send(2, 1, &mut out, &[&a, &b]); // order 2: half the partitions on B
+    b.kill9();
+    // The group gives B's partitions back to A after B's session times out.
+    wait_for_group_members(&env, "fraud", 1, deadline(60));
+    send(3, 2, &mut out, &[&a]); // orders 3, 4: over the limit of 3 for everyone
+    out.drain();
+    let mut approved: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &out.events {
+        if let Event::OrderScreened(s) = e {
+            *approved.entry(s.customer_id.clone()).or_default() +=
+                usize::from(s.decision == orderflow::events::ScreeningDecision::Approved);
+        }
+    }
+    assert_eq!(approved.len(), customers);
+    for (customer, n) in &approved {
+        assert_eq!(*n, 3, "{customer}: exactly the first 3 orders are approved");
+    }
+}
+
+/// Two fraud workers, good orders mixed with garbage and four JSON orders of 0.9–0.99 MB
+/// missing a field: each bad record is dead-lettered exactly once (the big ones cut to
+/// fit, saying so), and every good order is screened, none stuck behind them.
+#[test]
+fn records_too_large_to_dead_letter_as_they_are_are_cut_and_block_nothing() {
+    let env = TestEnv::new("oversize", 4);
+    let producer = env.producer_with_max_bytes(2_000_000);
+    let created = env.topic(topics::ORDER_CREATED);
+    let mut out = Outputs::new(&env, topics::ORDER_SCREENED);
+    let good = customer_orders("good", 200, 10, 0);
+    let mut recs: Vec<Outgoing> = Vec::new();
+    let mut bad = 0;
+    for (i, o) in good.iter().enumerate() {
+        recs.push(o.outgoing());
+        if i % 2 == 0 {
+            recs.push(Outgoing::new(o.store_id.clone(), format!("garbage {i}")));
+            bad += 1;
+        }
+        if i % 500 == 250 {
+            let mut v = o.json_value();
+            v.as_object_mut().expect("object").remove("items");
+            let size = 900_000 + (i / 500) * 30_000;
+            v["padding"] = json!("x".repeat(size));
+            recs.push(Outgoing::new(
+                o.store_id.clone(),
+                serde_json::to_vec(&v).expect("JSON"),
+            ));
+            bad += 1;
+        }
+    }
+    assert_eq!(bad, 1_004);
+    let w1 = env.spawn_fraud_worker(&FraudOpts::default());
+    let w2 = env.spawn_fraud_worker(&FraudOpts::default());
+    producer.send_all(&created, &recs);
+    let mut dlq = env.collector(topics::DLQ);
+    wait_for(
+        "every good order and every dead letter",
+        deadline(120),
+        &[&w1, &w2],
+        |p| {
+            out.poll();
+            dlq.poll(Duration::from_millis(50));
+            *p = format!(
+                "{} of {} screened, {} of {bad} dead letters",
+                out.events.len(),
+                good.len(),
+                dlq.records.len()
+            );
+            (out.events.len() >= good.len() && dlq.records.len() >= bad).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    out.drain();
+    dlq.drain();
+    assert_eq!(out.events.len(), good.len());
+    let sources: HashSet<(String, String)> = dlq
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.header_str("orderflow.source.partition")
+                    .unwrap_or_default(),
+                r.header_str("orderflow.source.offset").unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(dlq.records.len(), bad, "each bad record dead-lettered once");
+    assert_eq!(sources.len(), bad);
+    let cut: Vec<&Rec> = dlq
+        .records
+        .iter()
+        .filter(|r| r.header("orderflow.truncated.original-bytes").is_some())
+        .collect();
+    assert_eq!(cut.len(), 4, "the four large records are cut to fit");
+    for r in cut {
+        let original: usize = r
+            .header_str("orderflow.truncated.original-bytes")
+            .and_then(|v| v.parse().ok())
+            .expect("original size");
+        assert!(original > 900_000);
+        assert!(r.value.as_ref().map_or(0, Vec::len) < original);
+        assert_eq!(
+            r.header_str("orderflow.error.class").as_deref(),
+            Some("invalid")
+        );
+    }
+}
+
+/// An input whose output cannot be produced (here: larger than `max_record_bytes`) is
+/// dead-lettered, and its state change goes with it: the stock it would have reserved is
+/// still there.
+#[test]
+fn an_unproducible_output_takes_its_inputs_state_change_with_it() {
+    let env = TestEnv::new("unproducible", 2);
+    let producer = env.producer();
+    let commands = env.topic(topics::INVENTORY_COMMANDS);
+    let screened_topic = env.topic(topics::ORDER_SCREENED);
+    let mut out = Outputs::new(&env, topics::INVENTORY_UPDATED);
+    producer.send(&commands, &restock(STORE, "SKU-A", 100));
+    let lines: Vec<(String, i32)> = (0..60).map(|i| (format!("SKU-A-{i:02}"), 1)).collect();
+    for (sku, _) in &lines {
+        producer.send(&commands, &restock(STORE, sku, 10));
+    }
+    let items: Vec<(&str, i32)> = lines.iter().map(|(s, q)| (s.as_str(), *q)).collect();
+    producer.send(&screened_topic, &screened(STORE, "o-big", &items));
+    producer.send(
+        &screened_topic,
+        &screened(STORE, "o-small", &[("SKU-A", 2)]),
+    );
+    let w = env.spawn_worker(
+        &["inventory"],
+        &[("ORDERFLOW_MAX_RECORD_BYTES", "600".into())],
+    );
+    let mut dlq = env.collector(topics::DLQ);
+    wait_for(
+        "o-small decided and o-big dead-lettered",
+        deadline(60),
+        &[&w],
+        |_| {
+            out.poll();
+            dlq.poll(Duration::from_millis(50));
+            (out.of_order("o-small").contains(&EventType::StockReserved) && !dlq.records.is_empty())
+                .then_some(())
+        },
+    );
+    producer.send(&commands, &probe(STORE, "SKU-A-00", "probe"));
+    let level = wait_for("probe", deadline(60), &[&w], |_| {
+        out.poll();
+        out.probed("SKU-A-00", "probe")
+    });
+    assert_eq!(level, 10, "o-big's reservation was undone with its output");
+    assert!(
+        out.of_order("o-big").is_empty(),
+        "{:?}",
+        out.of_order("o-big")
+    );
+    dlq.drain();
+    assert_eq!(dlq.records.len(), 1);
+    assert_eq!(
+        dlq.records[0]
+            .header_str("orderflow.error.class")
+            .as_deref(),
+        Some("too_large")
+    );
+}
+
+/// A partition whose input cannot be positioned after its restore is restored again,
+/// never read on from wherever the consumer happened to be: no order is skipped.
+#[test]
+fn a_failed_seek_restores_the_partition_again_and_skips_nothing() {
+    let env = TestEnv::new("seek", 2);
+    let producer = env.producer();
+    let created = env.topic(topics::ORDER_CREATED);
+    let mut out = Outputs::new(&env, topics::ORDER_SCREENED);
+    let orders = customer_orders("seek", 20, 5, 0);
+    let recs: Vec<Outgoing> = orders.iter().map(TestOrder::outgoing).collect();
+    producer.send_all(&created, &recs);
+    let mut first = env.spawn_fraud_worker(&FraudOpts::default());
+    wait_for("some orders screened", deadline(60), &[&first], |_| {
+        out.poll();
+        (out.events.len() >= 20).then_some(())
+    });
+    first.kill9();
+    // Input waiting when the next worker restores: its consumer fetches some while the
+    // state is read, so it has to be moved back — and the first moves fail.
+    let more = customer_orders("seek-more", 20, 5, 0);
+    let recs: Vec<Outgoing> = more.iter().map(TestOrder::outgoing).collect();
+    producer.send_all(&created, &recs);
+    let orders: Vec<TestOrder> = orders.into_iter().chain(more).collect();
+    let w = env.spawn_worker(
+        &["fraud"],
+        &[
+            ("ORDERFLOW_FAIL_SEEKS", "3".into()),
+            ("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", "1000".into()),
+        ],
+    );
+    wait_for("every order screened", deadline(60), &[&w], |p| {
+        out.poll();
+        *p = format!("{} of {}", out.events.len(), orders.len());
+        (out.events.len() >= orders.len()).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    out.drain();
+    assert_eq!(out.events.len(), orders.len());
+    assert!(
+        w.log_tail(400).contains("cannot position the input"),
+        "the injected seek failures were hit"
+    );
+}
