@@ -4,7 +4,8 @@
 //! Invariant: every test gets its own topic prefix and consumer group, so tests run in
 //! parallel on one broker without seeing each other's records; every wait is bounded by
 //! a deadline and fails loudly with the worker logs, and there is no silent skip — without
-//! `ORDERFLOW_TEST_BROKERS` every test panics.
+//! `ORDERFLOW_TEST_BROKERS` every test panics (a test that owns its broker panics without
+//! `ORDERFLOW_TEST_POSTGRES_URL` instead).
 //!
 //! The helpers are synchronous on purpose: a test reads like a script (produce, spawn
 //! workers, wait for output, kill, assert) and blocking rdkafka calls need no runtime.
@@ -12,7 +13,13 @@
 //!
 //! Worker processes log to `target/test-logs/<prefix>-<instance>.log`, at `RUST_LOG=info`
 //! unless `ORDERFLOW_TEST_WORKER_LOG` says otherwise (e.g. `orderflow=debug`).
+//!
+//! Submodules: [`nisshi`], a broker a test owns (to restart it); [`postgres`], the test
+//! database server and throwaway databases.
 #![allow(dead_code)]
+
+pub mod nisshi;
+pub mod postgres;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -91,11 +98,17 @@ pub struct TestEnv {
 
 impl TestEnv {
     /// A fresh prefix (`t<uuid>.`) and group prefix, with every topic created with
-    /// `partitions` partitions.
+    /// `partitions` partitions, on the shared test broker.
     pub fn new(name: &str, partitions: i32) -> TestEnv {
+        TestEnv::on(name, partitions, &broker())
+    }
+
+    /// Like [`new`](Self::new), on the broker at `brokers` (a test that owns its broker,
+    /// see [`nisshi::OwnedBroker`]).
+    pub fn on(name: &str, partitions: i32, brokers: &str) -> TestEnv {
         let id = unique();
         let settings = Settings {
-            brokers: broker(),
+            brokers: brokers.to_owned(),
             topic_prefix: format!("t{id}."),
             guarantee: Guarantee::AtLeastOnce,
             group_prefix: format!("g{id}"),
@@ -140,7 +153,7 @@ impl TestEnv {
         // Producing right after CreateTopics can race the metadata; wait until every topic
         // we use reports all its partitions.
         for base in [topics::ORDER_CREATED, topics::ORDER_SCREENED, topics::DLQ] {
-            wait_for_partitions(&env.topic(base), partitions);
+            wait_for_partitions_on(&env.settings.brokers, &env.topic(base), partitions);
         }
         env
     }
@@ -391,9 +404,15 @@ pub fn wait_for<T>(
     }
 }
 
-/// Waits until the cluster metadata shows `partitions` partitions for `topic`.
+/// Waits until the cluster metadata of the shared test broker shows `partitions`
+/// partitions for `topic`.
 pub fn wait_for_partitions(topic: &str, partitions: i32) {
-    let consumer: BaseConsumer = plain_config(&broker()).create().expect("metadata client");
+    wait_for_partitions_on(&broker(), topic, partitions);
+}
+
+/// Waits until the cluster metadata of `brokers` shows `partitions` partitions for `topic`.
+pub fn wait_for_partitions_on(brokers: &str, topic: &str, partitions: i32) {
+    let consumer: BaseConsumer = plain_config(brokers).create().expect("metadata client");
     let until = deadline(30);
     loop {
         let seen = consumer
