@@ -15,10 +15,12 @@
 //! unless `ORDERFLOW_TEST_WORKER_LOG` says otherwise (e.g. `orderflow=debug`).
 //!
 //! Submodules: [`nisshi`], a broker a test owns (to restart it); [`postgres`], the test
-//! database server and throwaway databases.
+//! database server and throwaway databases; [`pipeline`], the whole order pipeline as
+//! end-to-end tests drive it.
 #![allow(dead_code)]
 
 pub mod nisshi;
+pub mod pipeline;
 pub mod postgres;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -27,6 +29,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use orderflow::config::{Guarantee, Settings};
@@ -315,6 +318,11 @@ impl Worker {
         eprintln!("killed worker {} with SIGKILL", self.instance);
     }
 
+    /// How the process ended, if it has (without waiting).
+    pub fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        self.child.lock().expect("child").try_wait().ok().flatten()
+    }
+
     /// Panics with the log tail if the process exited on its own.
     pub fn assert_alive(&self) {
         let status = self.child.lock().expect("child").try_wait();
@@ -512,6 +520,18 @@ impl TestProducer {
         recs: &[Outgoing],
         per_second: Option<f64>,
     ) -> Vec<Landed> {
+        self.send_paced_counted(topic, recs, per_second, &AtomicUsize::new(0))
+    }
+
+    /// Like [`send_paced`](Self::send_paced), adding one to `handed` as each record is
+    /// handed to the client, so that another thread can follow a long stream.
+    pub fn send_paced_counted(
+        &self,
+        topic: &str,
+        recs: &[Outgoing],
+        per_second: Option<f64>,
+        handed: &AtomicUsize,
+    ) -> Vec<Landed> {
         let started = Instant::now();
         let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(recs.len());
         for (i, rec) in recs.iter().enumerate() {
@@ -537,6 +557,7 @@ impl TestProducer {
                 match self.inner.send_result(record) {
                     Ok(f) => {
                         pending.push(f);
+                        handed.fetch_add(1, AtomicOrdering::Relaxed);
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
