@@ -6,7 +6,8 @@
 # failure:
 #   cargo fmt --all -- --check
 #   cargo clippy --all-targets -- -D warnings
-#   cargo test --all-targets   (integration tests and the bench smoke run use the broker)
+#   cargo test --all-targets --no-fail-fast   (integration tests and the bench smoke run
+#                                              use the broker; every failing test is reported)
 # Extra arguments go to `cargo test`, e.g. `bash scripts/test.sh -- --nocapture`.
 #
 # Integration tests never skip: they panic when ORDERFLOW_TEST_BROKERS (the broker) or
@@ -266,9 +267,9 @@ cargo fmt --all -- --check || die "formatting differs from rustfmt's"
 section "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings || die "clippy found problems"
 
-section "cargo test --all-targets"
+section "cargo test --all-targets --no-fail-fast"
 started=$SECONDS
-cargo test --all-targets "$@" || die "tests failed (worker logs in target/test-logs/, broker log $BROKER_LOG, PostgreSQL log $PG_LOG)"
+cargo test --all-targets --no-fail-fast "$@" || die "tests failed (worker logs in target/test-logs/, broker log $BROKER_LOG, PostgreSQL log $PG_LOG)"
 echo "tests passed in $((SECONDS - started))s"
 
 section "all checks passed"
