@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # The test command: `bash scripts/test.sh` (CI runs the same through `.ci/run`).
 #
-# Installs what is missing (idempotently), starts a nisshi broker on a free loopback
-# port, then runs, in order, failing on the first failure:
+# Installs what is missing (idempotently), starts a nisshi broker and a throwaway
+# PostgreSQL 15 cluster on free loopback ports, then runs, in order, failing on the first
+# failure:
 #   cargo fmt --all -- --check
 #   cargo clippy --all-targets -- -D warnings
-#   cargo test --all-targets   (integration tests and the bench smoke run use the broker)
+#   cargo test --all-targets --no-fail-fast   (integration tests and the bench smoke run
+#                                              use the broker; every failing test is reported)
 # Extra arguments go to `cargo test`, e.g. `bash scripts/test.sh -- --nocapture`.
 #
-# Integration tests never skip: they panic when ORDERFLOW_TEST_BROKERS is unset, and this
-# script always sets it. The broker it started is stopped on exit, however the script ends.
+# Integration tests never skip: they panic when ORDERFLOW_TEST_BROKERS (the broker) or
+# ORDERFLOW_TEST_POSTGRES_URL (the database server, for tests that need one) is unset,
+# and this script always sets both. What it started is stopped by PID on exit, however
+# the script ends, and the database cluster's directory is deleted.
 #
 # `scripts/bench.sh` sources this file for `ensure_tools` and `start_broker` only.
 set -euo pipefail
 
 NISSHI_VERSION=0.8.1
+# The PostgreSQL server tests run against: Debian's `postgresql-15` package.
+PG_PACKAGE=postgresql-15
+PG_BIN=/usr/lib/postgresql/15/bin
 
 section() { printf '\n\033[1m==== %s ====\033[0m\n' "$*"; }
 die() {
@@ -70,6 +77,14 @@ ensure_tools() {
 }
 
 BROKER_PID=""
+PG_PID=""
+PG_DIR=""
+
+# The EXIT trap of both `start_broker` and `start_postgres`: stops whatever was started.
+cleanup() {
+    stop_broker
+    stop_postgres
+}
 
 stop_broker() {
     if [ -n "$BROKER_PID" ] && kill -0 "$BROKER_PID" 2>/dev/null; then
@@ -83,7 +98,9 @@ stop_broker() {
         wait "$BROKER_PID" 2>/dev/null || true
         echo "stopped the broker (pid $BROKER_PID)"
     fi
-    rm -f "$RUN_DIR/broker.pid"
+    if [ -n "${RUN_DIR:-}" ]; then
+        rm -f "$RUN_DIR/broker.pid"
+    fi
 }
 
 # Starts nisshi on a free loopback port, waits until it accepts connections and exports
@@ -93,7 +110,7 @@ start_broker() {
     RUN_DIR="$(pwd)/.test-run"
     mkdir -p "$RUN_DIR"
     BROKER_LOG="$RUN_DIR/broker.log"
-    trap stop_broker EXIT
+    trap cleanup EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
 
@@ -130,6 +147,110 @@ broker_failed() {
     die "$1"
 }
 
+# Runs a PostgreSQL program as the `postgres` user: initdb and the server refuse to run
+# as root. Without root, the current user owns the cluster.
+as_postgres() {
+    if [ "$(id -u)" -eq 0 ]; then
+        # From /, which the postgres user can read, unlike perhaps the checkout.
+        (cd / && runuser -u postgres -- "$@")
+    else
+        "$@"
+    fi
+}
+
+# Installs the PostgreSQL 15 server when its binaries are missing. The binaries are
+# called by their full path: `initdb` and `pg_ctl` on PATH may belong to another version.
+ensure_postgres() {
+    if [ ! -x "$PG_BIN/initdb" ] || [ ! -x "$PG_BIN/pg_ctl" ] || [ ! -x "$PG_BIN/pg_isready" ] || [ ! -x "$PG_BIN/psql" ]; then
+        command -v apt-get >/dev/null || die "PostgreSQL 15 is missing ($PG_BIN) and there is no apt-get to install $PG_PACKAGE"
+        echo "installing $PG_PACKAGE with apt-get"
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$PG_PACKAGE"
+    fi
+    [ -x "$PG_BIN/initdb" ] || die "$PG_BIN/initdb is missing after installing $PG_PACKAGE"
+    if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+        die "there is no postgres user to run the database server as (the $PG_PACKAGE package creates it)"
+    fi
+    echo "postgres: $("$PG_BIN/postgres" --version)"
+}
+
+stop_postgres() {
+    if [ -n "$PG_DIR" ] && [ -f "$PG_DIR/data/postmaster.pid" ]; then
+        as_postgres "$PG_BIN/pg_ctl" stop -D "$PG_DIR/data" -m fast -w -t 20 >/dev/null 2>&1 || true
+    fi
+    if [ -n "$PG_PID" ] && kill -0 "$PG_PID" 2>/dev/null; then
+        kill -9 "$PG_PID" 2>/dev/null || true
+        local _
+        for _ in $(seq 1 50); do
+            kill -0 "$PG_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+    fi
+    if [ -n "$PG_PID" ]; then
+        echo "stopped PostgreSQL (pid $PG_PID)"
+        PG_PID=""
+    fi
+    if [ -n "$PG_DIR" ]; then
+        rm -rf "$PG_DIR"
+        PG_DIR=""
+    fi
+}
+
+# Creates a throwaway cluster in a temporary directory (trust authentication, loopback
+# only, its Unix socket inside that directory), starts it on a free port, waits until it
+# accepts connections and exports ORDERFLOW_TEST_POSTGRES_URL; the EXIT trap stops
+# exactly that server and deletes the directory. The server log stays in .test-run/,
+# next to the broker's.
+start_postgres() {
+    section "postgres"
+    ensure_postgres
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+
+    RUN_DIR="${RUN_DIR:-$(pwd)/.test-run}"
+    mkdir -p "$RUN_DIR"
+    PG_DIR="$(mktemp -d "${TMPDIR:-/tmp}/orderflow-pg.XXXXXX")"
+    PG_LOG="$RUN_DIR/postgres.log"
+    : >"$PG_LOG"
+    if [ "$(id -u)" -eq 0 ]; then
+        chown postgres: "$PG_DIR" "$PG_LOG"
+    fi
+    as_postgres "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 \
+        --no-sync --no-instructions >"$PG_DIR/initdb.log" 2>&1 ||
+        { cat "$PG_DIR/initdb.log" >&2; die "initdb failed in $PG_DIR"; }
+
+    local port i
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+    # A test server: no durability needed (fsync off), and room for a broker's pool
+    # next to the tests' own connections.
+    as_postgres "$PG_BIN/pg_ctl" start -D "$PG_DIR/data" -l "$PG_LOG" -w -t 30 \
+        -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" \
+        >/dev/null || postgres_failed "pg_ctl could not start PostgreSQL on 127.0.0.1:$port"
+    PG_PID="$(head -n 1 "$PG_DIR/data/postmaster.pid" 2>/dev/null || true)"
+    [ -n "$PG_PID" ] || postgres_failed "PostgreSQL wrote no postmaster.pid"
+    echo "postgres pid $PG_PID on 127.0.0.1:$port, data in $PG_DIR, log $PG_LOG"
+
+    for i in $(seq 1 150); do
+        kill -0 "$PG_PID" 2>/dev/null || postgres_failed "PostgreSQL exited during start-up"
+        if "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres &&
+            "$PG_BIN/psql" -qtA -h 127.0.0.1 -p "$port" -U postgres -d postgres -c 'select 1' >/dev/null 2>&1; then
+            echo "PostgreSQL accepts connections (after $((i * 2 / 10)).$((i * 2 % 10))s)"
+            export ORDERFLOW_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"
+            echo "ORDERFLOW_TEST_POSTGRES_URL=$ORDERFLOW_TEST_POSTGRES_URL"
+            return 0
+        fi
+        sleep 0.2
+    done
+    postgres_failed "PostgreSQL did not accept connections on 127.0.0.1:$port within 30 s"
+}
+
+postgres_failed() {
+    echo "---- last 40 lines of ${PG_LOG:-the PostgreSQL log} ----" >&2
+    tail -n 40 "${PG_LOG:-/dev/null}" >&2 || true
+    die "$1"
+}
+
 # Sourced (by bench.sh): define the functions only.
 if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
     return 0
@@ -138,6 +259,7 @@ fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ensure_tools
 start_broker
+start_postgres
 
 section "cargo fmt --all -- --check"
 cargo fmt --all -- --check || die "formatting differs from rustfmt's"
@@ -145,9 +267,9 @@ cargo fmt --all -- --check || die "formatting differs from rustfmt's"
 section "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings || die "clippy found problems"
 
-section "cargo test --all-targets"
+section "cargo test --all-targets --no-fail-fast"
 started=$SECONDS
-cargo test --all-targets "$@" || die "tests failed (worker logs in target/test-logs/, broker log $BROKER_LOG)"
+cargo test --all-targets --no-fail-fast "$@" || die "tests failed (worker logs in target/test-logs/, broker log $BROKER_LOG, PostgreSQL log $PG_LOG)"
 echo "tests passed in $((SECONDS - started))s"
 
 section "all checks passed"

@@ -157,7 +157,7 @@ impl Outputs {
 fn wait_until_exited(w: &mut Worker, within: Duration) {
     let until = Instant::now() + within;
     loop {
-        if w.try_exit_status().is_some() {
+        if w.exit_status().is_some() {
             return;
         }
         assert!(
@@ -300,9 +300,9 @@ fn customer_orders(tag: &str, customers: usize, per: usize, from: usize) -> Vec<
     for c in 0..customers {
         for i in from..from + per {
             let mut o = TestOrder::new(
-                &format!("{tag}-c{c}-{i}"),
-                &format!("store-{c}"),
-                &format!("{tag}-customer-{c}"),
+                format!("{tag}-c{c}-{i}"),
+                format!("store-{c}"),
+                format!("{tag}-customer-{c}"),
                 now_ms() + i as i64,
             );
             o.lines = 1;
@@ -346,7 +346,7 @@ fn a_writer_expelled_mid_batch_is_fenced_by_the_new_owners_claim() {
             zombie.log_tail(50).contains("stall injected").then_some(())
         },
     );
-    let owner = env.spawn_worker_with_kafka(&["fraud"], &[lenient.clone()], kafka_low);
+    let owner = env.spawn_worker_with_kafka(&["fraud"], std::slice::from_ref(&lenient), kafka_low);
     let expected = orders.len();
     wait_for(
         "every order screened",

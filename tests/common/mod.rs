@@ -4,7 +4,8 @@
 //! Invariant: every test gets its own topic prefix and consumer group, so tests run in
 //! parallel on one broker without seeing each other's records; every wait is bounded by
 //! a deadline and fails loudly with the worker logs, and there is no silent skip — without
-//! `ORDERFLOW_TEST_BROKERS` every test panics.
+//! `ORDERFLOW_TEST_BROKERS` every test panics (a test that owns its broker panics without
+//! `ORDERFLOW_TEST_POSTGRES_URL` instead).
 //!
 //! The helpers are synchronous on purpose: a test reads like a script (produce, spawn
 //! workers, wait for output, kill, assert) and blocking rdkafka calls need no runtime.
@@ -12,7 +13,15 @@
 //!
 //! Worker processes log to `target/test-logs/<prefix>-<instance>.log`, at `RUST_LOG=info`
 //! unless `ORDERFLOW_TEST_WORKER_LOG` says otherwise (e.g. `orderflow=debug`).
+//!
+//! Submodules: [`nisshi`], a broker a test owns (to restart it); [`postgres`], the test
+//! database server and throwaway databases; [`pipeline`], the whole order pipeline as
+//! end-to-end tests drive it.
 #![allow(dead_code)]
+
+pub mod nisshi;
+pub mod pipeline;
+pub mod postgres;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -20,6 +29,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use orderflow::config::{Guarantee, Settings};
@@ -91,11 +101,17 @@ pub struct TestEnv {
 
 impl TestEnv {
     /// A fresh prefix (`t<uuid>.`) and group prefix, with every topic created with
-    /// `partitions` partitions.
+    /// `partitions` partitions, on the shared test broker.
     pub fn new(name: &str, partitions: i32) -> TestEnv {
+        TestEnv::on(name, partitions, &broker())
+    }
+
+    /// Like [`new`](Self::new), on the broker at `brokers` (a test that owns its broker,
+    /// see [`nisshi::OwnedBroker`]).
+    pub fn on(name: &str, partitions: i32, brokers: &str) -> TestEnv {
         let id = unique();
         let settings = Settings {
-            brokers: broker(),
+            brokers: brokers.to_owned(),
             topic_prefix: format!("t{id}."),
             guarantee: Guarantee::AtLeastOnce,
             group_prefix: format!("g{id}"),
@@ -140,7 +156,7 @@ impl TestEnv {
         // Producing right after CreateTopics can race the metadata; wait until every topic
         // we use reports all its partitions.
         for base in [topics::ORDER_CREATED, topics::ORDER_SCREENED, topics::DLQ] {
-            wait_for_partitions(&env.topic(base), partitions);
+            wait_for_partitions_on(&env.settings.brokers, &env.topic(base), partitions);
         }
         env
     }
@@ -327,8 +343,8 @@ impl Worker {
         eprintln!("killed worker {} with SIGKILL", self.instance);
     }
 
-    /// The exit status, once the process has exited.
-    pub fn try_exit_status(&self) -> Option<std::process::ExitStatus> {
+    /// How the process ended, if it has (without waiting).
+    pub fn exit_status(&self) -> Option<std::process::ExitStatus> {
         self.child.lock().expect("child").try_wait().ok().flatten()
     }
 
@@ -421,9 +437,15 @@ pub fn wait_for<T>(
     }
 }
 
-/// Waits until the cluster metadata shows `partitions` partitions for `topic`.
+/// Waits until the cluster metadata of the shared test broker shows `partitions`
+/// partitions for `topic`.
 pub fn wait_for_partitions(topic: &str, partitions: i32) {
-    let consumer: BaseConsumer = plain_config(&broker()).create().expect("metadata client");
+    wait_for_partitions_on(&broker(), topic, partitions);
+}
+
+/// Waits until the cluster metadata of `brokers` shows `partitions` partitions for `topic`.
+pub fn wait_for_partitions_on(brokers: &str, topic: &str, partitions: i32) {
+    let consumer: BaseConsumer = plain_config(brokers).create().expect("metadata client");
     let until = deadline(30);
     loop {
         let seen = consumer
@@ -532,6 +554,18 @@ impl TestProducer {
         recs: &[Outgoing],
         per_second: Option<f64>,
     ) -> Vec<Landed> {
+        self.send_paced_counted(topic, recs, per_second, &AtomicUsize::new(0))
+    }
+
+    /// Like [`send_paced`](Self::send_paced), adding one to `handed` as each record is
+    /// handed to the client, so that another thread can follow a long stream.
+    pub fn send_paced_counted(
+        &self,
+        topic: &str,
+        recs: &[Outgoing],
+        per_second: Option<f64>,
+        handed: &AtomicUsize,
+    ) -> Vec<Landed> {
         let started = Instant::now();
         let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(recs.len());
         for (i, rec) in recs.iter().enumerate() {
@@ -557,6 +591,7 @@ impl TestProducer {
                 match self.inner.send_result(record) {
                     Ok(f) => {
                         pending.push(f);
+                        handed.fetch_add(1, AtomicOrdering::Relaxed);
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
