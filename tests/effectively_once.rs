@@ -614,3 +614,127 @@ fn a_failed_seek_restores_the_partition_again_and_skips_nothing() {
         "the injected seek failures were hit"
     );
 }
+
+/// A restore that takes longer than `max.poll.interval.ms` runs beside the loop, which
+/// keeps polling: the worker never leaves its group, and once the state is in, the input
+/// flows. (A restore inside the poll loop would be expelled, rejoin, restore again: a
+/// livelock.)
+#[test]
+fn a_restore_longer_than_the_poll_interval_keeps_the_worker_in_its_group() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = TestEnv::new("slow-restore", 1);
+    let changelog = env.topics().changelog("fraud");
+    wait_for_partitions(&changelog, 1);
+    // A long changelog: 300,000 dedup-window records of an earlier writer, committed.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.settings.brokers)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    const RECORDS: usize = 300_000;
+    let headers = || {
+        OwnedHeaders::new()
+            .insert(Header {
+                key: "orderflow.seq",
+                value: Some("1"),
+            })
+            .insert(Header {
+                key: "orderflow.gen",
+                value: Some("7"),
+            })
+    };
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(RECORDS + 1);
+    for i in 0..RECORDS {
+        let key = format!("d/{}", 1_000_000 + i);
+        pending.push(
+            producer
+                .send_result(
+                    FutureRecord::to(&changelog)
+                        .partition(0)
+                        .key(&key)
+                        .payload(&[] as &[u8])
+                        .headers(headers()),
+                )
+                .map_err(|(e, _)| e)
+                .expect("enqueue"),
+        );
+    }
+    let marker = format!("1:{RECORDS}");
+    pending.push(
+        producer
+            .send_result(
+                FutureRecord::to(&changelog)
+                    .partition(0)
+                    .key("commit/7")
+                    .payload(marker.as_bytes())
+                    .headers(headers()),
+            )
+            .map_err(|(e, _)| e)
+            .expect("enqueue"),
+    );
+    for f in pending {
+        block_on(f).expect("delivery").expect("delivered");
+    }
+    eprintln!(
+        "wrote {} changelog records in {:.1}s",
+        RECORDS + 1,
+        started.elapsed().as_secs_f64()
+    );
+
+    let orders = customer_orders("after-restore", 5, 4, 0);
+    let recs: Vec<Outgoing> = orders.iter().map(TestOrder::outgoing).collect();
+    env.producer()
+        .send_all(&env.topic(topics::ORDER_CREATED), &recs);
+    let poll_ms = 2_000;
+    let w = env.spawn_worker_with_kafka(
+        &["fraud"],
+        &[("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", "1000".into())],
+        &format!(
+            "session.timeout.ms=1000,heartbeat.interval.ms=300,max.poll.interval.ms={poll_ms}"
+        ),
+    );
+    let mut out = Outputs::new(&env, topics::ORDER_SCREENED);
+    wait_for("every order screened", deadline(180), &[&w], |p| {
+        out.poll();
+        *p = format!("{} of {}", out.events.len(), orders.len());
+        (out.events.len() >= orders.len()).then_some(())
+    });
+    let log = std::fs::read_to_string(&w.log_path).expect("worker log");
+    let restore_ms: u64 = log
+        .lines()
+        .filter(|l| l.contains("state restored"))
+        .filter_map(|l| {
+            l.split("elapsed_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .expect("a restore was logged");
+    eprintln!("restore took {restore_ms} ms; max.poll.interval.ms = {poll_ms}");
+    assert!(
+        restore_ms > poll_ms,
+        "the restore ({restore_ms} ms) must outlast max.poll.interval.ms ({poll_ms}) for this test to mean anything"
+    );
+    assert!(
+        !log.contains("MAXPOLL") && !log.contains("leaving group"),
+        "the worker left its group during the restore:\n{}",
+        w.log_tail(40)
+    );
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("restoring state"))
+            .count(),
+        1,
+        "one restore, never started over"
+    );
+    out.drain();
+    assert_eq!(out.events.len(), orders.len());
+}

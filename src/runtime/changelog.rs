@@ -171,6 +171,9 @@ impl SeenWindow {
     }
 
     fn load(&mut self, seq: u64, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
         let ids: Vec<u128> = bytes
             .chunks_exact(16)
             .map(|c| u128::from_be_bytes(c.try_into().expect("16 bytes")))
