@@ -61,6 +61,7 @@ fn every_order_is_screened_once_in_one_transactional_stream() {
     s.wait_for(ORDERS, WAIT, &mut [&mut w], "happy path");
     w.stop(STOP).expect("the worker stops cleanly");
     s.drain();
+    dep.assert_committed_to_the_end();
 
     let dups = s.assert_each_screened_once(&orders);
     assert_all_approved(&s, &orders);
@@ -126,6 +127,7 @@ fn screen_through_injected_errors(
     w.stop(STOP)
         .expect("the worker stops cleanly after the failure");
     s.drain();
+    dep.assert_committed_to_the_end();
 
     let dups = s.assert_each_screened_once(&orders);
     assert_all_approved(&s, &orders);

@@ -754,6 +754,7 @@ async fn the_ledger_is_exact() {
                 succeeded: 1,
                 ..EndpointStats::default()
             },
+            voids: EndpointStats::default(),
         }
     );
 }
@@ -963,4 +964,80 @@ async fn the_client_never_trusts_a_bad_answer() {
         };
         assert!(text.contains(needle), "{status} {body:?}: {text}");
     }
+}
+
+#[tokio::test]
+async fn a_void_cancels_a_charge_or_refuses_the_key_from_then_on() {
+    let gw = start(GatewayConfig::default()).await;
+    let void = |key: &'static str, order: &'static str| {
+        gw.post(
+            "/v1/voids",
+            json!({"idempotency_key": key, "store_id": STORE, "order_id": order}),
+        )
+    };
+    // A charge whose answer was lost: the void cancels it, and says so once more on replay.
+    let id = gw
+        .authorize("o-1/pay", "o-1", 1500, 5)
+        .await
+        .str("authorization_id");
+    let first = void("o-1/pay", "o-1").await;
+    assert_eq!(
+        (first.status, first.str("status").as_str()),
+        (200, "voided"),
+        "{first:?}"
+    );
+    let again = void("o-1/pay", "o-1").await;
+    assert_eq!(
+        (again.status, again.str("status").as_str()),
+        (200, "voided")
+    );
+    let refund = gw.refund("o-1/refund", "o-1", &id, 1500).await;
+    assert_eq!(
+        refund.status, 409,
+        "a voided charge has nothing to refund: {refund:?}"
+    );
+
+    // Nothing charged yet: the key is refused from now on, so a late attempt cannot charge.
+    let none = void("o-2/pay", "o-2").await;
+    assert_eq!(
+        (none.status, none.str("status").as_str()),
+        (200, "not_charged")
+    );
+    let late = gw.authorize("o-2/pay", "o-2", 900, 6).await;
+    assert_eq!(
+        (late.status, late.str("reason").as_str()),
+        (402, "voided"),
+        "{late:?}"
+    );
+
+    // Another order's key is a conflict; a malformed void names the field.
+    let conflict = void("o-1/pay", "o-9").await;
+    assert_eq!(conflict.status, 409, "{conflict:?}");
+    let bad = void("", "o-3").await;
+    assert_eq!(bad.status, 422);
+    assert!(bad.str("error").contains("idempotency_key"), "{bad:?}");
+
+    let ledger = gw.ledger().await;
+    let statuses: Vec<LedgerStatus> = ledger.iter().map(|e| e.status).collect();
+    assert_eq!(statuses, vec![LedgerStatus::Voided, LedgerStatus::Voided]);
+    assert_eq!(ledger[0].authorization_id.as_deref(), Some(id.as_str()));
+    assert_eq!(ledger[1].authorization_id, None);
+}
+
+#[tokio::test]
+async fn the_client_voids_through_the_gateway() {
+    let gw = start(GatewayConfig::default()).await;
+    let client = gw.client(2_000);
+    succeeded(client.perform(authorize_effect("k", "o-1", 1200, 1)).await);
+    let void = |key: &str, order: &str| orderflow::stages::Effect::Void {
+        idempotency_key: key.into(),
+        store_id: STORE.into(),
+        order_id: order.into(),
+        attempt: 1,
+    };
+    assert_eq!(succeeded(client.perform(void("k", "o-1")).await), "voided");
+    assert_eq!(
+        succeeded(client.perform(void("k2", "o-2")).await),
+        "not_charged"
+    );
 }

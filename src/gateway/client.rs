@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use reqwest::StatusCode;
 use serde::Serialize;
 
-use super::server::{AuthorizeRequest, RefundRequest};
+use super::server::{AuthorizeRequest, RefundRequest, VoidRequest};
 use crate::config::PaymentSettings;
 use crate::runtime::effects::EffectHandler;
 use crate::stages::{Effect, EffectOutcome};
@@ -82,6 +82,19 @@ impl EffectHandler for GatewayClient {
                     attempt,
                 }),
             ),
+            Effect::Void {
+                idempotency_key,
+                store_id,
+                order_id,
+                attempt: _,
+            } => (
+                Kind::Void,
+                to_body(VoidRequest {
+                    idempotency_key,
+                    store_id,
+                    order_id,
+                }),
+            ),
             Effect::Refund {
                 idempotency_key,
                 store_id,
@@ -134,6 +147,7 @@ fn to_body(request: impl Serialize) -> serde_json::Value {
 enum Kind {
     Authorization,
     Refund,
+    Void,
 }
 
 impl Kind {
@@ -141,6 +155,7 @@ impl Kind {
         match self {
             Kind::Authorization => "/v1/authorizations",
             Kind::Refund => "/v1/refunds",
+            Kind::Void => "/v1/voids",
         }
     }
 
@@ -148,6 +163,8 @@ impl Kind {
         match self {
             Kind::Authorization => "authorization_id",
             Kind::Refund => "refund_id",
+            // What the void found: `voided` (a charge, now cancelled) or `not_charged`.
+            Kind::Void => "status",
         }
     }
 
@@ -155,6 +172,7 @@ impl Kind {
         match self {
             Kind::Authorization => "authorization",
             Kind::Refund => "refund",
+            Kind::Void => "void",
         }
     }
 }

@@ -17,6 +17,7 @@
 //! | request | answers |
 //! |---|---|
 //! | `POST /v1/authorizations` | `201 {"status":"authorized","authorization_id"}`, `402 {"status":"declined","reason"}`, `409` key reused for another order or amount, `400`/`415`/`422` malformed, `503` transient or outage |
+//! | `POST /v1/voids` | `200 {"status":"voided"}` (a charge, now cancelled), `200 {"status":"not_charged"}` (nothing charged; the key is refused from now on) or `"refunded"`, `409` key of another order, `422` malformed, `503` transient or outage |
 //! | `POST /v1/refunds` | `201 {"status":"refunded","refund_id"}`, `404` unknown authorization, `409` key reused or authorization already refunded, `422` amount/currency/order differ from the charge, `503` |
 //! | `GET /v1/ledger` | every authorization and decline, in arrival order ([`LedgerEntry`]) |
 //! | `GET /v1/stats` | requests counted by outcome ([`Stats`]) |
@@ -284,12 +285,26 @@ pub struct RefundRequest {
     pub currency: String,
 }
 
+/// `POST /v1/voids`: cancel whatever the authorization key charged, and refuse the key
+/// from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoidRequest {
+    /// The authorization's idempotency key.
+    pub idempotency_key: String,
+    pub store_id: String,
+    pub order_id: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LedgerStatus {
     Authorized,
     Refunded,
     Declined,
+    /// An authorization cancelled by a void, or a key voided before anything was charged:
+    /// nothing stands charged.
+    Voided,
 }
 
 /// One idempotency key's recorded answer: a charge (authorized, maybe since refunded) or
@@ -349,6 +364,8 @@ pub struct EndpointStats {
 pub struct Stats {
     pub authorizations: EndpointStats,
     pub refunds: EndpointStats,
+    #[serde(default)]
+    pub voids: EndpointStats,
 }
 
 /// `GET /admin/outage`.
@@ -401,11 +418,19 @@ struct Charge {
     attempts_seen: u32,
     created_at_ms: i64,
     refund: Option<Refund>,
+    /// When a void cancelled this authorization.
+    voided_at_ms: Option<i64>,
 }
 
 enum Answer {
-    Authorized { authorization_id: String },
-    Declined { reason: String },
+    Authorized {
+        authorization_id: String,
+    },
+    Declined {
+        reason: String,
+    },
+    /// The key was voided before anything was charged with it.
+    Voided,
 }
 
 struct Refund {
@@ -464,6 +489,14 @@ fn authorization_reply(request: &AuthorizeRequest, answer: &Answer) -> Reply {
             json!({
                 "status": "declined",
                 "reason": reason,
+                "idempotency_key": request.idempotency_key,
+            }),
+        ),
+        Answer::Voided => Reply::new(
+            StatusCode::PAYMENT_REQUIRED,
+            json!({
+                "status": "declined",
+                "reason": "voided",
                 "idempotency_key": request.idempotency_key,
             }),
         ),
@@ -545,6 +578,7 @@ impl Gateway {
         Router::new()
             .route("/v1/authorizations", post(authorize))
             .route("/v1/refunds", post(refund))
+            .route("/v1/voids", post(void))
             .route(
                 "/v1/ledger",
                 get(|State(g): State<Gateway>| async move { Json(g.ledger()) }),
@@ -581,6 +615,8 @@ impl Gateway {
                         None,
                         if c.refund.is_some() {
                             LedgerStatus::Refunded
+                        } else if c.voided_at_ms.is_some() {
+                            LedgerStatus::Voided
                         } else {
                             LedgerStatus::Authorized
                         },
@@ -588,6 +624,7 @@ impl Gateway {
                     Answer::Declined { reason } => {
                         (None, Some(reason.clone()), LedgerStatus::Declined)
                     }
+                    Answer::Voided => (None, None, LedgerStatus::Voided),
                 };
                 LedgerEntry {
                     authorization_id,
@@ -729,6 +766,14 @@ impl Gateway {
         }
         if let Some(&i) = books.by_key.get(&req.idempotency_key) {
             let charge = &mut books.charges[i];
+            if matches!(charge.answer, Answer::Voided) {
+                // Voided before it charged: refused for good, whatever the request says.
+                stats.replayed += 1;
+                charge.attempts_seen += 1;
+                let mut reply = authorization_reply(&req, &charge.answer);
+                reply.replayed = true;
+                return reply;
+            }
             let first = &charge.request;
             if (
                 &first.store_id,
@@ -791,8 +836,102 @@ impl Gateway {
             attempts_seen: 1,
             created_at_ms: self.inner.clock.now_ms(),
             refund: None,
+            voided_at_ms: None,
         });
         reply
+    }
+
+    fn void(&self, body: Result<Json<VoidRequest>, JsonRejection>) -> (Duration, Reply) {
+        let mut guard = self.books();
+        let books = &mut *guard;
+        let (delay, early) = self.admit(books, &body, |s| &mut s.voids);
+        if let Some(reply) = early {
+            return (delay, reply);
+        }
+        let Ok(Json(req)) = body else {
+            unreachable!("admit answers a rejected body")
+        };
+        (delay, self.void_admitted(books, req))
+    }
+
+    fn void_admitted(&self, books: &mut Books, req: VoidRequest) -> Reply {
+        let stats = &mut books.stats.voids;
+        for (field, value) in [
+            ("idempotency_key", &req.idempotency_key),
+            ("store_id", &req.store_id),
+            ("order_id", &req.order_id),
+        ] {
+            if value.trim().is_empty() {
+                stats.invalid += 1;
+                return Reply::error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("{field} must not be empty"),
+                );
+            }
+        }
+        let reply = |status: &str| {
+            Reply::new(
+                StatusCode::OK,
+                json!({"status": status, "idempotency_key": req.idempotency_key}),
+            )
+        };
+        let Some(&i) = books.by_key.get(&req.idempotency_key) else {
+            // Nothing charged yet: the key is refused from now on, so an attempt still on
+            // its way cannot charge after the void.
+            stats.succeeded += 1;
+            let i = books.charges.len();
+            books.by_key.insert(req.idempotency_key.clone(), i);
+            books.charges.push(Charge {
+                request: AuthorizeRequest {
+                    idempotency_key: req.idempotency_key.clone(),
+                    store_id: req.store_id.clone(),
+                    order_id: req.order_id.clone(),
+                    amount_cents: 0,
+                    currency: String::new(),
+                    attempt: 0,
+                },
+                answer: Answer::Voided,
+                attempts_seen: 0,
+                created_at_ms: self.inner.clock.now_ms(),
+                refund: None,
+                voided_at_ms: Some(self.inner.clock.now_ms()),
+            });
+            return reply("not_charged");
+        };
+        let charge = &mut books.charges[i];
+        if (&charge.request.store_id, &charge.request.order_id) != (&req.store_id, &req.order_id) {
+            stats.conflict += 1;
+            return Reply::error(
+                StatusCode::CONFLICT,
+                format!(
+                    "idempotency key {:?} belongs to order {} of store {}, not order {} of store {}",
+                    req.idempotency_key,
+                    charge.request.order_id,
+                    charge.request.store_id,
+                    req.order_id,
+                    req.store_id
+                ),
+            );
+        }
+        match &charge.answer {
+            Answer::Authorized { .. } if charge.refund.is_some() => {
+                stats.succeeded += 1;
+                reply("refunded")
+            }
+            Answer::Authorized { .. } => {
+                if charge.voided_at_ms.is_some() {
+                    stats.replayed += 1;
+                } else {
+                    stats.succeeded += 1;
+                    charge.voided_at_ms = Some(self.inner.clock.now_ms());
+                }
+                reply("voided")
+            }
+            Answer::Declined { .. } | Answer::Voided => {
+                stats.replayed += 1;
+                reply("not_charged")
+            }
+        }
     }
 
     fn refund(&self, body: Result<Json<RefundRequest>, JsonRejection>) -> (Duration, Reply) {
@@ -862,6 +1001,16 @@ impl Gateway {
             );
         };
         let charge = &mut books.charges[i];
+        if charge.voided_at_ms.is_some() {
+            stats.conflict += 1;
+            return Reply::error(
+                StatusCode::CONFLICT,
+                format!(
+                    "authorization {} was voided; there is nothing to refund",
+                    req.authorization_id
+                ),
+            );
+        }
         if let Some(done) = &charge.refund {
             stats.conflict += 1;
             return Reply::error(
@@ -929,6 +1078,15 @@ async fn refund(
     body: Result<Json<RefundRequest>, JsonRejection>,
 ) -> Reply {
     let (delay, reply) = gateway.refund(body);
+    tokio::time::sleep(delay).await;
+    reply
+}
+
+async fn void(
+    State(gateway): State<Gateway>,
+    body: Result<Json<VoidRequest>, JsonRejection>,
+) -> Reply {
+    let (delay, reply) = gateway.void(body);
     tokio::time::sleep(delay).await;
     reply
 }

@@ -75,6 +75,10 @@ impl<S: Stage> Worker<S> {
         let Some(ps) = self.parts.get_mut(&p) else {
             return;
         };
+        self.metrics
+            .records_in
+            .with_label_values(&[self.name])
+            .inc();
         // Already reflected in the state: a replay of input this partition processed.
         if ps
             .positions
@@ -87,10 +91,6 @@ impl<S: Stage> Worker<S> {
                 .inc();
             return;
         }
-        self.metrics
-            .records_in
-            .with_label_values(&[self.name])
-            .inc();
         let Some(payload) = m.payload() else {
             self.dead_letter(m, "decode", "record has no value", outs);
             return;

@@ -104,6 +104,16 @@ pub enum Effect {
         currency: String,
         attempt: u32,
     },
+    /// Cancel whatever an authorization key may have charged, and refuse the key from
+    /// now on: the compensation of a payment given up while a charge's fate is unknown
+    /// (an attempt that timed out may have charged; a crash may have lost its answer).
+    Void {
+        /// The authorization's idempotency key.
+        idempotency_key: String,
+        store_id: String,
+        order_id: String,
+        attempt: u32,
+    },
     /// Refund an authorized charge.
     Refund {
         idempotency_key: String,
@@ -134,6 +144,12 @@ impl Effect {
             } => {
                 format!("{idempotency_key}#{attempt}")
             }
+            // The authorization's key: its attempts must not share IDs with the void's.
+            Effect::Void {
+                idempotency_key,
+                attempt,
+                ..
+            } => format!("{idempotency_key}/void#{attempt}"),
         }
     }
 
@@ -143,6 +159,9 @@ impl Effect {
                 idempotency_key, ..
             }
             | Effect::Refund {
+                idempotency_key, ..
+            }
+            | Effect::Void {
                 idempotency_key, ..
             } => idempotency_key,
         }

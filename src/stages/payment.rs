@@ -63,7 +63,13 @@ pub enum Status {
     Refunded {
         refund_id: String,
     },
-    /// Declined or attempts exhausted: the order is cancelled.
+    /// Attempts exhausted: any charge one of them may have made is being voided before
+    /// the order is failed (void attempt `attempt`; `error` is the last attempt's).
+    Voiding {
+        attempt: u32,
+        error: String,
+    },
+    /// Declined, or attempts exhausted and voided: the order is cancelled.
     Failed,
     /// The gateway refused the refund for good; an operator must look at it.
     RefundRefused {
@@ -95,6 +101,8 @@ enum Due {
     Authorize { attempt: u32 },
     /// Make refund attempt `attempt`.
     Refund { attempt: u32 },
+    /// Make void attempt `attempt`.
+    Void { attempt: u32 },
     /// Forget the order.
     Retire,
 }
@@ -145,6 +153,15 @@ impl PaymentStage {
             amount_cents: p.amount_cents,
             currency: p.currency.clone(),
             attempt: p.attempt,
+        });
+    }
+
+    fn void(&self, ctx: &mut Ctx<'_, PaymentState>, store: &str, order: &str, attempt: u32) {
+        ctx.request(Effect::Void {
+            idempotency_key: authorization_key(store, order),
+            store_id: store.to_owned(),
+            order_id: order.to_owned(),
+            attempt,
         });
     }
 
@@ -221,8 +238,38 @@ impl PaymentStage {
                 p.attempt = next;
                 Self::schedule(ctx, key, next_at, &Due::Authorize { attempt: next });
             }
+            // Given up — but an attempt whose answer was lost may have charged (it timed
+            // out, or a crash lost it and its replay met an outage): void the key first,
+            // and fail the order once nothing can stand charged.
             EffectOutcome::Transient { error } => {
-                let message = format!("gateway unavailable after {attempt} attempts: {error}");
+                let Some((store, order)) = order_of(ctx) else {
+                    return;
+                };
+                p.status = Status::Voiding {
+                    attempt: 1,
+                    error: error.clone(),
+                };
+                self.void(ctx, &store, &order, 1);
+            }
+        }
+        ctx.state.insert(key, PaymentState::Order(p));
+    }
+
+    fn on_void(
+        &self,
+        ctx: &mut Ctx<'_, PaymentState>,
+        key: &str,
+        mut p: OrderPayment,
+        attempt: u32,
+        error: String,
+        outcome: &EffectOutcome,
+    ) {
+        let attempts = p.attempt;
+        match outcome {
+            EffectOutcome::Succeeded { reference } => {
+                let message = format!(
+                    "gateway unavailable after {attempts} attempts: {error} (void: {reference})"
+                );
                 self.fail(
                     ctx,
                     key,
@@ -230,6 +277,29 @@ impl PaymentStage {
                     PaymentFailureReason::GatewayUnavailable,
                     message,
                 );
+            }
+            EffectOutcome::Rejected { reason } => {
+                tracing::error!(order_key = key, %reason, "the gateway refused a void");
+                let message = format!(
+                    "gateway unavailable after {attempts} attempts: {error} (void refused: {reason})"
+                );
+                self.fail(
+                    ctx,
+                    key,
+                    &mut p,
+                    PaymentFailureReason::GatewayUnavailable,
+                    message,
+                );
+            }
+            // Until the gateway answers, the order can be neither paid nor failed.
+            EffectOutcome::Transient { .. } => {
+                let next = attempt + 1;
+                let next_at = ctx.now() + self.retry_delay_ms(key, next.min(64));
+                p.status = Status::Voiding {
+                    attempt: next,
+                    error,
+                };
+                Self::schedule(ctx, key, next_at, &Due::Void { attempt: next });
             }
         }
         ctx.state.insert(key, PaymentState::Order(p));
@@ -417,6 +487,14 @@ impl Stage for PaymentStage {
                 let authorization_id = authorization_id.clone();
                 self.refund(ctx, &p, &store, &order, &authorization_id, attempt);
             }
+            (
+                Due::Void { attempt },
+                Status::Voiding {
+                    attempt: current, ..
+                },
+            ) if attempt == *current => {
+                self.void(ctx, &store, &order, attempt);
+            }
             (Due::Retire, _) => {
                 ctx.state.remove(&key);
             }
@@ -444,6 +522,20 @@ impl Stage for PaymentStage {
                     && p.attempt == *attempt
                 {
                     self.on_authorization(ctx, &key, p, *attempt, outcome);
+                }
+            }
+            Effect::Void {
+                store_id,
+                order_id,
+                attempt: requested,
+                ..
+            } => {
+                let key = order_key(store_id, order_id);
+                if let Some(PaymentState::Order(p)) = ctx.state.get(&key).cloned()
+                    && let Status::Voiding { attempt, error } = p.status.clone()
+                    && attempt == *requested
+                {
+                    self.on_void(ctx, &key, p, attempt, error, outcome);
                 }
             }
             Effect::Refund {
@@ -764,7 +856,32 @@ mod tests {
             h.outcome("o-1", &effect, transient());
             effect = h.fire_next().expect("a retry").1.effects.remove(0);
         }
-        let step = h.outcome("o-1", &effect, transient());
+        // The last attempt fails too: before giving up, the key is voided, since an
+        // attempt whose answer was lost may have charged.
+        let mut step = h.outcome("o-1", &effect, transient());
+        assert!(step.out.is_empty(), "{:?}", step.out);
+        let void = step.effects.remove(0);
+        assert_eq!(
+            void,
+            Effect::Void {
+                idempotency_key: authorization_key("s-1", "o-1"),
+                store_id: "s-1".into(),
+                order_id: "o-1".into(),
+                attempt: 1,
+            }
+        );
+        assert!(matches!(
+            h.status("o-1"),
+            Some(Status::Voiding { attempt: 1, .. })
+        ));
+        // The gateway is still down: the void is retried, the order stays undecided.
+        let step = h.outcome("o-1", &void, transient());
+        assert!(step.out.is_empty() && step.effects.is_empty());
+        let (_, mut retry) = h.fire_next().expect("a void retry");
+        let void = retry.effects.remove(0);
+        assert!(matches!(void, Effect::Void { attempt: 2, .. }));
+        // Voided: now the order fails.
+        let step = h.outcome("o-1", &void, ok("voided"));
         let [Event::PaymentFailed(f)] = step.out.as_slice() else {
             panic!("expected PaymentFailed, got {:?}", step.out);
         };
@@ -772,7 +889,8 @@ mod tests {
         assert_eq!(f.attempts, 4);
         assert!(
             f.message
-                .starts_with("gateway unavailable after 4 attempts"),
+                .starts_with("gateway unavailable after 4 attempts")
+                && f.message.ends_with("(void: voided)"),
             "{}",
             f.message
         );
@@ -942,7 +1060,10 @@ mod tests {
             );
             effect = h.fire_next().expect("a retry").1.effects.remove(0);
         }
-        let last = h.outcome("o-1", &effect, transient()).out;
+        let mut step = h.outcome("o-1", &effect, transient());
+        assert!(step.out.is_empty());
+        let void = step.effects.remove(0);
+        let last = h.outcome("o-1", &void, ok("not_charged")).out;
         assert!(matches!(last.as_slice(), [Event::PaymentFailed(_)]));
         ids.push(last[0].envelope().event_id.clone());
         let distinct: std::collections::BTreeSet<_> = ids.iter().collect();

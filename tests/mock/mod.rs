@@ -142,6 +142,39 @@ impl Deployment {
         }
     }
 
+    /// Asserts that the fraud stage's committed state has consumed `order.created` to its
+    /// end: per partition, the input position its changelog restores to (written in the
+    /// same transaction as the outputs and the group offsets) equals the partition's end.
+    /// The mock does not store transactional group offsets, so the changelog is where a
+    /// committed position can be read back.
+    pub fn assert_committed_to_the_end(&self) {
+        let topic = self.topic(ORDER_CREATED);
+        let changelog = self.settings.topics().changelog("fraud");
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.brokers)
+            .create()
+            .expect("a metadata consumer");
+        let partitions: Vec<i32> = (0..PARTITIONS).collect();
+        let restored =
+            orderflow::runtime::restore::restore::<orderflow::stages::fraud::FraudState>(
+                &self.settings,
+                &changelog,
+                &partitions,
+            )
+            .unwrap_or_else(|e| panic!("[{}] reading the fraud changelog back: {e}", self.name));
+        for (p, ps) in restored {
+            let (_, end) = consumer
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("[{}] watermarks of {topic}/{p}: {e}", self.name));
+            let committed = ps.positions.get(ORDER_CREATED).copied().unwrap_or(0);
+            assert_eq!(
+                committed, end,
+                "[{}] partition {p}: committed position {committed}, input end {end}",
+                self.name
+            );
+        }
+    }
+
     /// Publishes `orders` to `order.created` (key = store ID, JSON value) and waits until
     /// every one is acknowledged.
     pub fn produce(&self, orders: &[TestOrder]) {
