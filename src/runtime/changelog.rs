@@ -4,15 +4,17 @@
 //! A batch writes, to the changelog partition of its input partition, every changed key
 //! (`s/` stage state, `t/` timers, `e/` recorded call outcomes, `p/` input positions), the
 //! event IDs it processed (`d/<seq>`, the dedup window), under `at_least_once` its outputs
-//! (`x/<seq>/<n>`, the outbox), and last a commit marker `commit/<gen>` whose value is the
-//! batch's sequence number. Every record carries the batch's sequence number and the
+//! (`x/<seq>/<n>`, the outbox), and last a commit marker `commit/<gen>` whose value is
+//! `<seq>:<records before it>`. Every record carries the batch's sequence number and the
 //! writer's generation in headers.
 //!
-//! - **Cut-off batches.** Without transactions a crash can cut a batch short. Records after
-//!   the last commit marker in log order are left out on restore, and the next owner
-//!   rewrites those keys with their committed values in its first batch, so that the
-//!   newest record of every key is a committed one again (compaction stays safe). No abort
-//!   record is needed: once the rewrite is durable the cut-off records are superseded.
+//! - **Cut-off batches.** Without transactions a crash can cut a batch short, and a broker
+//!   can refuse one record of a batch and take the rest. Records after the last complete
+//!   marker (one preceded by all the records it counts) are left out on restore, and the
+//!   next owner rewrites those keys with their committed values in its first batch, so
+//!   that the newest record of every key is a committed one again (compaction stays safe).
+//!   No abort record is needed: once the rewrite is durable the cut-off records are
+//!   superseded, and a later marker commits them together with their rewrite.
 //! - **One writer.** Under `at_least_once` a new owner appends a claim `claim/<gen>` (a
 //!   fresh random generation) before it reads the partition, and reads up to its claim.
 //!   Records after a claim whose generation is not that claim's were written by a fenced
