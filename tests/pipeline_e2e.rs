@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::pipeline::{mix, rank, sku, store, worker_env};
 use common::{Collector, Outgoing, TestEnv, Worker, deadline};
 use orderflow::events::codec::{Codec, DecodeHints};
 use orderflow::events::{Event, EventType, PaymentFailureReason};
@@ -55,28 +56,12 @@ fn a_worker_killed_mid_run_changes_nothing_for_the_orders() {
     run("e2e-kill", true);
 }
 
-fn sku(i: usize) -> String {
-    format!("SKU-{i}")
-}
-
-fn store(i: usize) -> String {
-    format!("store-{i:02}")
-}
-
 fn initial_units(sku_index: usize) -> i32 {
     if sku_index < 2 {
         SCARCE_UNITS
     } else {
         PLENTY_UNITS
     }
-}
-
-/// A small deterministic generator, so a failure can be reproduced exactly.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// Order `i` as its producer publishes it (JSON, the producer contract).
@@ -228,43 +213,6 @@ impl Observed {
             .filter(|evs| status::of(evs).is_some_and(|s| s.is_terminal()))
             .count()
     }
-}
-
-/// Saga order of event types, for sorting one order's events read from several topics.
-fn rank(t: EventType) -> u8 {
-    use EventType::*;
-    match t {
-        OrderCreated => 0,
-        OrderScreened => 1,
-        StockReserved | StockRejected => 2,
-        PaymentRetrying => 3,
-        PaymentAuthorized | PaymentFailed => 4,
-        StockReleased => 5,
-        Picking => 6,
-        Packed => 7,
-        ReadyToShip => 8,
-        Shipped => 9,
-        InTransit => 10,
-        OutForDelivery => 11,
-        Delivered | DeliveryFailed => 12,
-        PaymentRefunded => 13,
-        _ => 14,
-    }
-}
-
-fn worker_env(gateway: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("ORDERFLOW_GATEWAY_URL", format!("http://{gateway}")),
-        ("ORDERFLOW_PAYMENT_TIMEOUT_MS", "1000".into()),
-        ("ORDERFLOW_PAYMENT_RETRY_BASE_MS", "200".into()),
-        ("ORDERFLOW_PAYMENT_RETRY_CAP_MS", "1000".into()),
-        // 5 attempts span at most about 2.4 s of backoff: orders that start paying early
-        // in the 5 s outage exhaust them, orders that start late recover.
-        ("ORDERFLOW_PAYMENT_MAX_ATTEMPTS", "5".into()),
-        ("ORDERFLOW_FULFILLMENT_PICK_MS", "50".into()),
-        ("ORDERFLOW_FULFILLMENT_PACK_MS", "50".into()),
-        ("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", "1000".into()),
-    ]
 }
 
 fn run(name: &str, kill: bool) {
