@@ -255,10 +255,16 @@ impl<S: Stage> Worker<S> {
             self.install_restored()?;
             if !self.send_outboxes() {
                 // The outputs of committed batches go first; nothing new until they are out.
-                self.consumer.poll(Duration::ZERO);
+                // The consumer is polled to stay in the group; a record it hands over now
+                // is read again once the partition is moved back to its position.
+                if let Some(Ok(m)) = self.consumer.poll(Duration::ZERO) {
+                    self.fetched_ahead
+                        .insert((m.topic().to_owned(), m.partition()));
+                }
                 self.apply_rebalances(&mut Vec::new())?;
                 continue;
             }
+            self.move_back_fetched_ahead();
             let batch = self.poll_batch(shutdown)?;
             // After a poll, so that a worker the group has expelled learns it before it
             // claims anything again.
@@ -568,6 +574,23 @@ impl<S: Stage> Worker<S> {
             } else {
                 self.unpositioned.insert(tp, (target, None));
             }
+        }
+    }
+
+    /// Moves restored partitions whose consumer handed over records that were not
+    /// processed back to their position.
+    fn move_back_fetched_ahead(&mut self) {
+        if self.fetched_ahead.is_empty() {
+            return;
+        }
+        let ahead: BTreeSet<i32> = self
+            .fetched_ahead
+            .iter()
+            .map(|(_, p)| *p)
+            .filter(|p| self.parts.contains_key(p))
+            .collect();
+        for p in ahead {
+            self.position_inputs(p);
         }
     }
 
