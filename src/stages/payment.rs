@@ -265,24 +265,18 @@ impl PaymentStage {
         outcome: &EffectOutcome,
     ) {
         let attempts = p.attempt;
-        match outcome {
-            EffectOutcome::Succeeded { reference } => {
-                let message = format!(
-                    "gateway unavailable after {attempts} attempts: {error} (void: {reference})"
-                );
-                self.fail(
-                    ctx,
-                    key,
-                    &mut p,
-                    PaymentFailureReason::GatewayUnavailable,
-                    message,
-                );
-            }
+        let void = match outcome {
+            EffectOutcome::Succeeded { reference } => Some(format!("void: {reference}")),
             EffectOutcome::Rejected { reason } => {
                 tracing::error!(order_key = key, %reason, "the gateway refused a void");
-                let message = format!(
-                    "gateway unavailable after {attempts} attempts: {error} (void refused: {reason})"
-                );
+                Some(format!("void refused: {reason}"))
+            }
+            EffectOutcome::Transient { .. } => None,
+        };
+        match void {
+            Some(void) => {
+                let message =
+                    format!("gateway unavailable after {attempts} attempts: {error} ({void})");
                 self.fail(
                     ctx,
                     key,
@@ -292,7 +286,7 @@ impl PaymentStage {
                 );
             }
             // Until the gateway answers, the order can be neither paid nor failed.
-            EffectOutcome::Transient { .. } => {
+            None => {
                 let next = attempt + 1;
                 let next_at = ctx.now() + self.retry_delay_ms(key, next.min(64));
                 p.status = Status::Voiding {
