@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::pipeline::{mix, rank, sku, store, worker_env};
+use common::pipeline::{Shop, rank, sku, store, worker_env};
 use common::{Collector, Outgoing, TestEnv, Worker, deadline};
 use orderflow::events::codec::{Codec, DecodeHints};
 use orderflow::events::{Event, EventType, PaymentFailureReason};
@@ -40,6 +40,11 @@ const ORDERS_PER_SECOND: f64 = 150.0;
 const OUTAGE: Duration = Duration::from_secs(5);
 /// One order in this many is far above the fraud amount limit.
 const HUGE_EVERY: usize = 97;
+const SHOP: Shop = Shop {
+    stores: STORES,
+    skus: SKUS,
+    huge_every: HUGE_EVERY,
+};
 
 /// These tests start four worker processes each on a two-core machine: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -62,39 +67,6 @@ fn initial_units(sku_index: usize) -> i32 {
     } else {
         PLENTY_UNITS
     }
-}
-
-/// Order `i` as its producer publishes it (JSON, the producer contract).
-fn order_json(i: usize) -> (String, String, Vec<u8>) {
-    let store_id = store(i % STORES);
-    let order_id = format!("o-{i:05}");
-    let lines = 1 + (mix(i as u64) % 2) as usize;
-    let items: Vec<serde_json::Value> = (0..lines)
-        .map(|l| {
-            let r = mix((i * 10 + l) as u64);
-            let price = if i.is_multiple_of(HUGE_EVERY) {
-                2_000_000
-            } else {
-                500 + (r % 4_500) as i64
-            };
-            serde_json::json!({
-                "sku": sku((r as usize / 7 + l) % SKUS),
-                "quantity": 1 + (r % 2),
-                "unit_price_cents": price,
-            })
-        })
-        .collect();
-    let json = serde_json::json!({
-        "order_id": order_id,
-        "store_id": store_id,
-        "customer_id": format!("c-{i}"),
-        "email": format!("c{i}@example.com"),
-        "currency": "USD",
-        "shipping_country": "US",
-        "items": items,
-        "placed_at": chrono::Utc::now().timestamp_millis(),
-    });
-    (store_id, order_id, serde_json::to_vec(&json).expect("JSON"))
 }
 
 /// Every lifecycle event of the run, deduplicated by event ID, per (store, order).
@@ -303,7 +275,7 @@ fn run(name: &str, kill: bool) {
     let mut created: HashMap<(String, String), Event> = HashMap::new();
     let mut orders = Vec::new();
     for i in 0..ORDERS {
-        let (store_id, order_id, json) = order_json(i);
+        let (store_id, order_id, json) = SHOP.order_json(i);
         let hints = DecodeHints {
             topic_default: Some(EventType::OrderCreated),
             ..DecodeHints::default()
