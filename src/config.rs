@@ -69,6 +69,13 @@ pub struct Settings {
     /// the producer's `message.max.bytes`: a larger output dead-letters its input, and a
     /// dead letter is truncated to fit.
     pub max_record_bytes: usize,
+    /// Directory of the workers' local state files (one per owned partition, deleted
+    /// when the partition goes; a copy of the changelog, never a source of truth).
+    /// Empty: `orderflow-state` in the system's temporary directory.
+    pub state_dir: String,
+    /// State entries a partition keeps in memory between batches; the rest is read from
+    /// its state file when an input needs it.
+    pub state_cache_entries: usize,
     /// Address of the metrics and health endpoint; port 0 picks a free port.
     pub http_addr: String,
     /// librdkafka properties passed through to every client (after OrderFlow's own).
@@ -171,6 +178,17 @@ impl Default for FraudSettings {
     }
 }
 
+impl Settings {
+    /// Where local state files go.
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        if self.state_dir.is_empty() {
+            std::env::temp_dir().join("orderflow-state")
+        } else {
+            std::path::PathBuf::from(&self.state_dir)
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -185,6 +203,8 @@ impl Default for Settings {
             batch_interval_ms: 100,
             dedup_window_records: 100_000,
             max_record_bytes: 900_000,
+            state_dir: String::new(),
+            state_cache_entries: 10_000,
             http_addr: "127.0.0.1:9464".into(),
             kafka: BTreeMap::new(),
             fraud: FraudSettings::default(),
@@ -285,6 +305,12 @@ impl Settings {
         }
         if let Some(v) = get("ORDERFLOW_MAX_RECORD_BYTES") {
             self.max_record_bytes = parse("ORDERFLOW_MAX_RECORD_BYTES", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_STATE_DIR") {
+            self.state_dir = v;
+        }
+        if let Some(v) = get("ORDERFLOW_STATE_CACHE_ENTRIES") {
+            self.state_cache_entries = parse("ORDERFLOW_STATE_CACHE_ENTRIES", v)?;
         }
         if let Some(v) = get("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS") {
             self.fraud.velocity_max_orders = parse("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", v)?;

@@ -33,12 +33,13 @@
 //! the next commit.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::effects::RecordedOutcome;
 use super::outbox::{self, Out};
-use crate::stages::{Store, Timer};
+use crate::stages::{Disk, Store, Timer};
 
 pub const SEQ_HEADER: &str = "orderflow.seq";
 pub const GEN_HEADER: &str = "orderflow.gen";
@@ -103,10 +104,15 @@ pub struct SeenWindow {
     capacity: usize,
 }
 
+/// Room for the batch in progress beyond a full window.
+const SEEN_SLACK: usize = 4_096;
+
 impl SeenWindow {
     pub fn new(capacity: usize) -> Self {
         SeenWindow {
-            set: HashSet::new(),
+            // Sized for a full window (plus a batch) from the start: its memory is what a
+            // partition costs, not something that grows with the traffic seen so far.
+            set: HashSet::with_capacity(capacity.saturating_add(SEEN_SLACK)),
             batches: VecDeque::new(),
             total: 0,
             pending: Vec::new(),
@@ -219,6 +225,8 @@ pub struct PartitionState<V> {
     pub generation: u64,
     /// Whether this writer has committed a batch since its claim.
     committed_once: bool,
+    /// The local file holding `state` and `timers` (none: everything in memory).
+    disk: Option<Arc<Disk>>,
     /// Offset of the last changelog record known to be in the partition; this writer's
     /// next record must directly follow it (`at_least_once`).
     pub log_end: Option<i64>,
@@ -239,6 +247,7 @@ impl<V> PartitionState<V> {
             next_seq: 1,
             generation: 0,
             committed_once: false,
+            disk: None,
             log_end: None,
         }
     }
@@ -330,6 +339,9 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
     pub fn committed(&mut self, batch: &BatchRecords, outputs: Vec<Out>) {
         self.state.commit();
         self.timers.commit();
+        if let Some(disk) = &self.disk {
+            disk.flush();
+        }
         self.outcomes.commit();
         self.positions.commit();
         self.seen.commit(batch.seq);
@@ -364,7 +376,7 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
     }
 }
 
-fn push_changes<T: Serialize + Clone>(
+fn push_changes<T: Serialize + DeserializeOwned + Clone>(
     out: &mut Vec<ChangelogRecord>,
     prefix: &str,
     store: &Store<T>,
@@ -398,7 +410,9 @@ struct Entry {
 /// newest committed value of each key and the records since the last commit marker.
 #[derive(Debug, Default)]
 pub struct Restorer {
+    /// Committed values, but those of stage state and timers when they go to a file.
     committed: HashMap<String, Vec<u8>>,
+    disk: Option<Arc<Disk>>,
     /// Records of the current writer since its last commit marker, with their batch.
     tail: Vec<(String, Option<Vec<u8>>, u64)>,
     /// Records of fenced writers, by key.
@@ -411,6 +425,20 @@ pub struct Restorer {
 }
 
 impl Restorer {
+    /// A restorer that writes stage state and timers to `disk` instead of memory.
+    pub fn with_disk(disk: Arc<Disk>) -> Self {
+        Restorer {
+            disk: Some(disk),
+            ..Restorer::default()
+        }
+    }
+
+    fn on_disk(&self, key: &str) -> Option<&Disk> {
+        self.disk
+            .as_deref()
+            .filter(|_| key.starts_with(STATE_PREFIX) || key.starts_with(TIMER_PREFIX))
+    }
+
     /// Takes the next record of the partition, in log order.
     pub fn push(
         &mut self,
@@ -485,6 +513,10 @@ impl Restorer {
     fn apply(&mut self, e: Entry) {
         // A committed record supersedes whatever a cut-off batch or a fenced writer left.
         self.stale.remove(&e.key);
+        if let Some(disk) = self.on_disk(&e.key) {
+            disk.put(&e.key, e.value.as_deref());
+            return;
+        }
         match e.value {
             Some(v) => {
                 self.committed.insert(e.key, v);
@@ -499,25 +531,48 @@ impl Restorer {
     /// of cut-off batches and fenced writers are queued for rewriting; earlier writers'
     /// claims and markers for retirement.
     pub fn finish<V: Serialize + DeserializeOwned + Clone>(
-        self,
+        mut self,
         partition: i32,
         generation: u64,
         dedup_window: usize,
+        cache_entries: usize,
     ) -> Result<PartitionState<V>, ChangelogError> {
         let mut ps = PartitionState::<V>::new(dedup_window);
-        let mut repair: HashSet<String> = self.stale;
-        repair.extend(self.tail.into_iter().map(|(k, _, _)| k));
+        if let Some(disk) = &self.disk {
+            let state = disk.check_each(STATE_PREFIX, |k, v| decode::<V>(k, v).map(drop))?;
+            let timers =
+                disk.index_timers(TIMER_PREFIX, |k, v| decode::<Timer>(k, v).map(|t| t.due_at))?;
+            ps.state = Store::on_disk(disk.clone(), STATE_PREFIX, None, state, cache_entries);
+            ps.timers = Store::on_disk(
+                disk.clone(),
+                TIMER_PREFIX,
+                Some(|t: &Timer| t.due_at),
+                timers,
+                cache_entries,
+            );
+            ps.disk = Some(disk.clone());
+        }
+        let mut repair: HashSet<String> = std::mem::take(&mut self.stale);
+        repair.extend(
+            std::mem::take(&mut self.tail)
+                .into_iter()
+                .map(|(k, _, _)| k),
+        );
         let mut seen: BTreeMap<u64, &[u8]> = BTreeMap::new();
         let mut outbox: BTreeMap<(u64, u64), &[u8]> = BTreeMap::new();
         for (key, value) in &self.committed {
             if let Some(k) = key.strip_prefix(STATE_PREFIX) {
-                ps.state.load(k.to_owned(), Some(decode(key, value)?));
+                ps.state
+                    .load_committed(k.to_owned(), Some(decode(key, value)?));
             } else if let Some(k) = key.strip_prefix(TIMER_PREFIX) {
-                ps.timers.load(k.to_owned(), Some(decode(key, value)?));
+                ps.timers
+                    .load_committed(k.to_owned(), Some(decode(key, value)?));
             } else if let Some(k) = key.strip_prefix(OUTCOME_PREFIX) {
-                ps.outcomes.load(k.to_owned(), Some(decode(key, value)?));
+                ps.outcomes
+                    .load_committed(k.to_owned(), Some(decode(key, value)?));
             } else if let Some(k) = key.strip_prefix(POSITION_PREFIX) {
-                ps.positions.load(k.to_owned(), Some(decode(key, value)?));
+                ps.positions
+                    .load_committed(k.to_owned(), Some(decode(key, value)?));
             } else if let Some(s) = key.strip_prefix(SEEN_PREFIX) {
                 seen.insert(parse_u64(key, s)?, value);
             } else if let Some(rest) = key.strip_prefix(OUTBOX_PREFIX) {
@@ -552,7 +607,10 @@ impl Restorer {
             entry.1 = entry.1.max(n as usize + 1);
         }
         for key in repair {
-            let value = self.committed.get(&key).cloned();
+            let value = match self.on_disk(&key) {
+                Some(disk) => disk.committed(&key),
+                None => self.committed.get(&key).cloned(),
+            };
             ps.repairs.insert(key, value);
         }
         ps.generation = generation;

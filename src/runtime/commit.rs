@@ -333,7 +333,7 @@ impl<S: Stage> Worker<S> {
         let mut tpl = TopicPartitionList::new();
         for (t, p) in &self.assigned {
             let base = self.topics.base(t).unwrap_or(t);
-            if let Some(o) = self.parts.get(p).and_then(|ps| ps.positions.get(base))
+            if let Some(o) = self.parts.get(p).and_then(|ps| ps.positions.peek(base))
                 && let Err(e) = tpl.add_partition_offset(t, *p, Offset::Offset(*o))
             {
                 tracing::warn!(topic = %t, partition = p, error = %e, "invalid position");
@@ -354,7 +354,7 @@ impl<S: Stage> Worker<S> {
             let target = self
                 .parts
                 .get(p)
-                .and_then(|ps| ps.positions.get(base).copied())
+                .and_then(|ps| ps.positions.peek(base).copied())
                 .unwrap_or(*first);
             if let Err(e) = self.seek(t, *p, Offset::Offset(target)) {
                 tracing::error!(topic = %t, partition = p, error = %e, "seek failed; restoring the partition");

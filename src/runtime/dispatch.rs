@@ -272,16 +272,8 @@ impl<S: Stage> Worker<S> {
         let partitions: Vec<i32> = self.parts.keys().copied().collect();
         for p in partitions {
             let ps = self.parts.get_mut(&p).expect("listed above");
-            let mut due: Vec<Timer> = ps
-                .timers
-                .iter()
-                .filter(|(_, t)| t.due_at <= now)
-                .map(|(_, t)| t.clone())
-                .collect();
-            if due.is_empty() {
-                continue;
-            }
-            due.sort_by(|a, b| (a.due_at, &a.id).cmp(&(b.due_at, &b.id)));
+            // In (due, ID) order: the timer store's keys are the timers' IDs.
+            let due: Vec<Timer> = ps.timers.due(now, |t| t.due_at);
             for timer in due {
                 let ps = self.parts.get_mut(&p).expect("listed above");
                 ps.timers.remove(&timer.id);
@@ -369,11 +361,7 @@ impl<S: Stage> Worker<S> {
             if ps.outcomes.is_empty() {
                 continue;
             }
-            let mut recorded: Vec<(String, RecordedOutcome)> = ps
-                .outcomes
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            let mut recorded: Vec<(String, RecordedOutcome)> = ps.outcomes.scan("");
             recorded.sort_by(|a, b| (a.1.order, &a.0).cmp(&(b.1.order, &b.0)));
             for (id, r) in recorded {
                 let ps = self.parts.get_mut(&p).expect("listed above");

@@ -526,7 +526,7 @@ impl<S: Stage> Worker<S> {
             let from_state = self
                 .parts
                 .get(&p)
-                .and_then(|ps| ps.positions.get(base).copied());
+                .and_then(|ps| ps.positions.peek(base).copied());
             let target = from_state
                 .or_else(|| {
                     committed

@@ -23,6 +23,7 @@ use super::changelog::{
 };
 use super::kafka::apply_pass_through;
 use crate::config::{Guarantee, Settings};
+use crate::stages::Disk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -43,6 +44,15 @@ pub enum RestoreError {
         topic: String,
         partition: i32,
         source: ChangelogError,
+    },
+    #[error(
+        "creating the state file of {topic}[{partition}] in {dir} failed: {source} (set `state_dir` / ORDERFLOW_STATE_DIR)"
+    )]
+    StateFile {
+        topic: String,
+        partition: i32,
+        dir: String,
+        source: std::io::Error,
     },
     #[error("restoring {topic}[{partition}] made no progress for {0:?}", STALL)]
     Stalled { topic: String, partition: i32 },
@@ -181,7 +191,15 @@ where
     let mut reading: HashMap<i32, i64> = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for &p in partitions {
-        restorers.insert(p, Restorer::default());
+        let disk = Disk::create(&settings.state_dir(), &format!("{topic}-{p}")).map_err(|e| {
+            RestoreError::StateFile {
+                topic: topic.to_owned(),
+                partition: p,
+                dir: settings.state_dir().display().to_string(),
+                source: e,
+            }
+        })?;
+        restorers.insert(p, Restorer::with_disk(disk));
         let last = match claims.get(&p) {
             Some((_, offset)) => *offset,
             None => {
@@ -253,10 +271,17 @@ where
     }
     let mut restored: Vec<(i32, PartitionState<V>)> = Vec::with_capacity(partitions.len());
     for &p in partitions {
-        let r = restorers.remove(&p).unwrap_or_default();
+        let r = restorers
+            .remove(&p)
+            .expect("every partition has a restorer");
         let generation = claims.get(&p).map_or(0, |(g, _)| *g);
         let mut ps = r
-            .finish(p, generation, settings.dedup_window_records)
+            .finish(
+                p,
+                generation,
+                settings.dedup_window_records,
+                settings.state_cache_entries,
+            )
             .map_err(corrupt(p))?;
         if let Some((_, offset)) = claims.get(&p) {
             ps.log_end = Some(*offset);

@@ -706,7 +706,7 @@ mod tests {
         }
 
         fn tracking(&self) -> Option<&Tracking> {
-            match self.state.get(&order_key("s-1", "o-1")) {
+            match self.state.peek(&order_key("s-1", "o-1")) {
                 Some(DeliveryState::Order(t)) => Some(t),
                 None => None,
             }
@@ -718,7 +718,7 @@ mod tests {
 
         fn retire_due(&self) -> Option<i64> {
             self.timers
-                .get(&retire_timer_id("s-1", "o-1"))
+                .peek(&retire_timer_id("s-1", "o-1"))
                 .map(|t| t.due_at)
         }
 

@@ -275,25 +275,22 @@ impl Stage for FraudStage {
             return Ok(());
         }
         let newest = |w: &VelocityWindow| w.orders.values().copied().max();
-        let watermark = ctx
+        // One read of every window: with a state file this is a scan of the file.
+        let windows: Vec<(String, Option<i64>)> = ctx
             .state
-            .iter()
-            .filter_map(|(_, v)| match v {
-                FraudState::Velocity(w) => newest(w),
+            .scan("")
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                FraudState::Velocity(w) => Some((k, newest(&w))),
                 FraudState::Sweep => None,
             })
-            .max();
+            .collect();
+        let watermark = windows.iter().filter_map(|(_, t)| *t).max();
         if let Some(watermark) = watermark {
-            let idle: Vec<String> = ctx
-                .state
-                .iter()
-                .filter(|(_, v)| match v {
-                    FraudState::Velocity(w) => {
-                        newest(w).is_none_or(|t| t < watermark.saturating_sub(self.window_ms))
-                    }
-                    FraudState::Sweep => false,
-                })
-                .map(|(k, _)| k.clone())
+            let idle: Vec<String> = windows
+                .into_iter()
+                .filter(|(_, t)| t.is_none_or(|t| t < watermark.saturating_sub(self.window_ms)))
+                .map(|(k, _)| k)
                 .collect();
             for k in idle {
                 ctx.state.remove(&k);
@@ -414,7 +411,7 @@ mod tests {
         }
 
         fn window(&self, store: &str, customer: &str) -> Option<&BTreeMap<String, i64>> {
-            match self.state.get(&velocity_key(store, customer)) {
+            match self.state.peek(&velocity_key(store, customer)) {
                 Some(FraudState::Velocity(w)) => Some(&w.orders),
                 _ => None,
             }
@@ -635,7 +632,7 @@ mod tests {
         h.screen(&order("s-1", "idle", "o-1", 0))?;
         h.screen(&order("s-1", "active", "o-2", HOUR_MS + 1))?;
         h.screen(&order("s-1", "active", "o-3", 2 * HOUR_MS))?;
-        let [(_, timer)] = h.timers.iter().collect::<Vec<_>>()[..] else {
+        let [(_, ref timer)] = h.timers.iter().collect::<Vec<_>>()[..] else {
             return Err("expected exactly one timer, the sweep".into());
         };
         let timer = timer.clone();
@@ -908,7 +905,7 @@ mod tests {
                 prop_assert_eq!(&window.orders, &expected_window);
                 for (other, state) in h.state.iter() {
                     let FraudState::Velocity(w) = state else { continue };
-                    let newest = seen[other].1;
+                    let newest = seen[&other].1;
                     prop_assert!(w.orders.values().all(|&t| newest - PROP_WINDOW_MS <= t && t <= newest));
                 }
             }

@@ -416,7 +416,7 @@ mod tests {
 
         fn phase(&self, store: &str, order: &str) -> Option<Phase> {
             self.state
-                .get(&order_key(store, order))
+                .peek(&order_key(store, order))
                 .map(|FulfillmentState::Order(p)| p.phase)
         }
 

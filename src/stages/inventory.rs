@@ -185,7 +185,7 @@ impl InventoryStage {
     }
 
     /// The stock of a SKU; one never seen has none.
-    fn stock(&self, state: &Store<InventoryState>, key: &str) -> StockLevel {
+    fn stock(&self, state: &mut Store<InventoryState>, key: &str) -> StockLevel {
         match state.get(key) {
             Some(InventoryState::Stock(level)) => level.clone(),
             _ => {
@@ -541,11 +541,12 @@ impl InventoryStage {
         };
         let mut low: Vec<(String, String, StockLevel)> = ctx
             .state
-            .iter()
+            .scan("stock/")
+            .into_iter()
             .filter_map(|(key, value)| match value {
-                InventoryState::Stock(level) if level.available <= self.threshold(level) => {
-                    let (store, sku) = parse_stock_key(key)?;
-                    Some((store, sku, level.clone()))
+                InventoryState::Stock(level) if level.available <= self.threshold(&level) => {
+                    let (store, sku) = parse_stock_key(&key)?;
+                    Some((store, sku, level))
                 }
                 _ => None,
             })
@@ -971,7 +972,7 @@ mod tests {
         }
 
         fn stock(&self, store: &str, sku: &str) -> Option<StockLevel> {
-            match self.state.get(&stock_key(store, sku)) {
+            match self.state.peek(&stock_key(store, sku)) {
                 Some(InventoryState::Stock(level)) => Some(level.clone()),
                 _ => None,
             }
@@ -982,11 +983,11 @@ mod tests {
         }
 
         fn order(&self, store: &str, order: &str) -> Option<&InventoryState> {
-            self.state.get(&order_key(store, order))
+            self.state.peek(&order_key(store, order))
         }
 
         fn timer(&self, id: &str) -> Option<&Timer> {
-            self.timers.get(id)
+            self.timers.peek(id)
         }
 
         fn commit(&mut self) {

@@ -703,7 +703,7 @@ mod tests {
         }
 
         fn status(&self, order: &str) -> Option<Status> {
-            let PaymentState::Order(p) = self.state.get(&order_key("s-1", order))?;
+            let PaymentState::Order(p) = self.state.peek(&order_key("s-1", order))?;
             Some(p.status.clone())
         }
     }

@@ -166,7 +166,7 @@ impl Deployment {
             let (_, end) = consumer
                 .fetch_watermarks(&topic, p, Duration::from_secs(10))
                 .unwrap_or_else(|e| panic!("[{}] watermarks of {topic}/{p}: {e}", self.name));
-            let committed = ps.positions.get(ORDER_CREATED).copied().unwrap_or(0);
+            let committed = ps.positions.peek(ORDER_CREATED).copied().unwrap_or(0);
             assert_eq!(
                 committed, end,
                 "[{}] partition {p}: committed position {committed}, input end {end}",

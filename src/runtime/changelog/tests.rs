@@ -29,12 +29,27 @@ impl Log {
         generation
     }
 
+    /// Restores into memory and into a state file whose cache keeps nothing; both must
+    /// agree. Returns the one on a file, so that later batches go through the file too.
     fn restore(&self, generation: u64) -> Result<Ps, ChangelogError> {
-        let mut r = Restorer::default();
+        let dir = std::env::temp_dir().join("orderflow-changelog-tests");
+        let disk = Disk::create(&dir, "restore").expect("creating a state file");
+        let mut in_memory = Restorer::default();
+        let mut on_disk = Restorer::with_disk(disk);
         for (offset, (k, v, seq, g)) in self.records.iter().enumerate() {
-            r.push(offset as i64, k, v.as_deref(), Some(*seq), *g)?;
+            in_memory.push(offset as i64, k, v.as_deref(), Some(*seq), *g)?;
+            on_disk.push(offset as i64, k, v.as_deref(), Some(*seq), *g)?;
         }
-        r.finish(0, generation, 1_000)
+        let memory: Ps = in_memory.finish(0, generation, 1_000, 0)?;
+        let file: Ps = on_disk.finish(0, generation, 1_000, 0)?;
+        assert_eq!(memory.state.scan(""), file.state.scan(""));
+        assert_eq!(memory.timers.scan(""), file.timers.scan(""));
+        assert_eq!(memory.state.len(), file.state.len());
+        assert_eq!(memory.timers.len(), file.timers.len());
+        assert_eq!(memory.repairs, file.repairs);
+        assert_eq!(memory.retired, file.retired);
+        assert_eq!(memory.next_seq, file.next_seq);
+        Ok(file)
     }
 
     /// What compaction may leave: the newest record of every key, in log order.
@@ -86,7 +101,7 @@ fn committed_batches_restore() -> Result<(), ChangelogError> {
     ps.state.insert("b", 3);
     ps.positions.insert("order.created".to_string(), 12);
     commit(&mut ps, &mut log);
-    let back = log.restore(g)?;
+    let mut back = log.restore(g)?;
     assert_eq!(back.state.get("a"), None);
     assert_eq!(back.state.get("b"), Some(&3));
     assert_eq!(back.positions.get("order.created"), Some(&12));
@@ -136,7 +151,7 @@ fn a_batch_cut_off_before_its_marker_is_left_out_then_rewritten() -> Result<(), 
     log.append(&repair.records, g2);
     back.committed(&repair, Vec::new());
     for view in [log.clone(), log.compacted()] {
-        let again = view.restore(g2)?;
+        let mut again = view.restore(g2)?;
         assert_eq!(again.state.get("stock"), Some(&10));
         assert_eq!(again.state.get("reservation"), None);
         assert!(again.repairs.is_empty());
@@ -194,7 +209,7 @@ fn a_fenced_writers_records_after_a_claim_are_ignored_and_rewritten() -> Result<
     log.append(&first.records, new);
     owner.committed(&first, Vec::new());
     for view in [log.clone(), log.compacted()] {
-        let again = view.restore(new)?;
+        let mut again = view.restore(new)?;
         assert_eq!(again.state.get("stock"), Some(&10));
         assert!(again.outbox.is_empty());
     }
@@ -222,7 +237,7 @@ fn earlier_claims_and_markers_are_retired_after_the_first_commit() -> Result<(),
         .filter(|k| k.starts_with("claim/") || k.starts_with("commit/"))
         .collect();
     assert_eq!(live, vec!["claim/5", "commit/5"]);
-    let back = compacted.restore(generation)?;
+    let mut back = compacted.restore(generation)?;
     assert_eq!(back.state.len(), 5);
     assert_eq!(back.state.get("k1"), Some(&101));
     Ok(())
@@ -334,7 +349,7 @@ fn a_marker_whose_batch_lost_a_record_commits_nothing() -> Result<(), ChangelogE
     let mut landed = batch.records.clone();
     landed.remove(1);
     log.append(&landed, g);
-    let back = log.restore(log.clone().claim(2))?;
+    let mut back = log.restore(log.clone().claim(2))?;
     assert_eq!(back.state.get("a"), Some(&1));
     assert_eq!(back.state.get("b"), None);
     assert!(back.outbox.is_empty());
