@@ -6,7 +6,9 @@
 //! - one content per event ID on every output topic (a replay re-sends, never decides
 //!   again);
 //! - one stock decision per order, and stock that balances;
-//! - every input dead-lettered once at most, nothing stuck behind a bad record.
+//! - every input dead-lettered once at most, nothing stuck behind a bad record;
+//! - a timer's round (the inventory watchdog) decided once, whatever the clock says when
+//!   a crashed batch is taken up again.
 //!
 //! Crash points (`ORDERFLOW_CRASH_AT`), stalls and seek failures are injected through the
 //! environment of the worker process, never set in production.
@@ -292,6 +294,111 @@ fn a_crash_after_the_outputs_re_sends_them_unchanged() {
 #[test]
 fn a_crash_after_the_offsets_changes_nothing() {
     crash_between_decision_and_state("after_offsets");
+}
+
+/// A watchdog round is decided once. Its alerts are emitted in a batch like any other
+/// outputs, so a worker killed around that batch (after its changelog, or after its
+/// outputs) leaves the next owner nothing to decide again: it re-sends the round's alerts
+/// unchanged, with the round's own IDs, and no round is fired twice or early because the
+/// restarted worker's clock differs.
+fn crash_around_watchdog_rounds(point: &str) {
+    const INTERVAL_MS: i64 = 1_000;
+    let env = TestEnv::new(&format!("watchdog-{point}"), 2);
+    let producer = env.producer();
+    let commands = env.topic(topics::INVENTORY_COMMANDS);
+    let mut alerts = Outputs::new(&env, topics::INVENTORY_THRESHOLD_REACHED);
+    // Two SKUs at 0 units, at or below the default threshold (0): both low.
+    producer.send(&commands, &probe(STORE, "SKU-A", "init"));
+    producer.send(&commands, &probe(STORE, "SKU-B", "init"));
+    let interval = (
+        "ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS",
+        "1".to_string(),
+    );
+    // Commit 1 takes the stock commands and schedules the watchdog, commit 2 retires its
+    // sent outbox, commit 3 is the first watchdog round: the crash cuts that round.
+    let mut crashing = env.spawn_worker(
+        &["inventory"],
+        &[
+            interval.clone(),
+            ("ORDERFLOW_CRASH_AT", format!("{point}:3")),
+        ],
+    );
+    wait_until_exited(&mut crashing, Duration::from_secs(60));
+    let after = env.spawn_worker(&["inventory"], &[interval]);
+    let rounds = |alerts: &Outputs| -> BTreeMap<String, Vec<(String, String)>> {
+        let mut by_round: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for e in &alerts.events {
+            if let Event::LowStock(l) = e
+                && l.trigger == orderflow::events::LowStockTrigger::Watchdog
+            {
+                by_round
+                    .entry(l.envelope.correlation_id.clone())
+                    .or_default()
+                    .push((l.sku.clone(), l.envelope.event_id.clone()));
+            }
+        }
+        by_round
+    };
+    wait_for(
+        "three watchdog rounds by the restarted worker",
+        deadline(60),
+        &[&after],
+        |progress| {
+            alerts.poll();
+            let n = rounds(&alerts).len();
+            *progress = format!("{n} rounds");
+            (n >= 5).then_some(())
+        },
+    );
+    alerts.drain();
+    let by_round = rounds(&alerts);
+    // A round's firing ID is `timer/watchdog/<store>/<due_at>`.
+    let mut due: Vec<i64> = Vec::new();
+    for (round, skus) in &by_round {
+        let mut names: Vec<&str> = skus.iter().map(|(s, _)| s.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["SKU-A", "SKU-B"],
+            "[{point}] round {round}: each low SKU once"
+        );
+        let at = round
+            .rsplit('/')
+            .next()
+            .and_then(|t| t.parse::<i64>().ok())
+            .unwrap_or_else(|| panic!("[{point}] round ID {round:?} names no due time"));
+        due.push(at);
+    }
+    due.sort_unstable();
+    for pair in due.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= INTERVAL_MS,
+            "[{point}] rounds due at {} and {} are closer than the interval: a round was \
+             fired again under a new ID ({due:?})",
+            pair[0],
+            pair[1]
+        );
+    }
+    // After its outputs the round was out, and the next owner re-sent it from the outbox
+    // (both alerts, byte for byte); after its changelog it was not out yet, and the next
+    // owner sent it for the first time.
+    let resent = if point == "after_outputs" { 2 } else { 0 };
+    assert_eq!(alerts.duplicates, resent, "[{point}] re-sent alerts");
+    eprintln!(
+        "[{point}] {} watchdog rounds, due times {due:?}; {} identical re-sends",
+        by_round.len(),
+        alerts.duplicates
+    );
+}
+
+#[test]
+fn a_crash_after_a_watchdog_rounds_changelog_re_sends_the_round_unchanged() {
+    crash_around_watchdog_rounds("after_changelog");
+}
+
+#[test]
+fn a_crash_after_a_watchdog_rounds_outputs_fires_no_round_again() {
+    crash_around_watchdog_rounds("after_outputs");
 }
 
 /// Orders of `customers` customers, `per` each, in stores spread over the partitions.
