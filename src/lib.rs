@@ -11,6 +11,7 @@
 //!   commits, state changelogs and restore, timers, dead letters, shutdown.
 //! - [`metrics`]: every metric name and label, and the `/metrics` + `/health` server.
 //! - [`status`]: an order's status, derived from its events.
+//! - [`views`]: the SQL sinks' pure half — projector, stats and alerts as row operations.
 //! - [`gateway`]: the payment gateway's HTTP client, and a mock gateway server.
 //! - [`simulator`]: realistic traffic, and a carrier that scans shipped orders.
 //! - [`admin`]: topic provisioning.
@@ -28,3 +29,4 @@ pub mod simulator;
 pub mod stages;
 pub mod status;
 pub mod topics;
+pub mod views;
