@@ -235,8 +235,10 @@ mod tests {
 
     #[test]
     fn retries_count_towards_an_outage_that_an_authorization_ends() {
-        let mut settings = AlertSettings::default();
-        settings.gateway_outage_retries_per_minute = 7;
+        let settings = AlertSettings {
+            gateway_outage_retries_per_minute: 7,
+            ..AlertSettings::default()
+        };
         assert_eq!(
             ops(&retrying("e-r", T0), &settings),
             vec![RowOp::CountRetry {
