@@ -80,10 +80,61 @@ pub struct Settings {
     pub http_addr: String,
     /// librdkafka properties passed through to every client (after OrderFlow's own).
     pub kafka: BTreeMap<String, String>,
+    /// Where the SQL sinks write: `postgres://…` in production, `sqlite://…` embedded.
+    pub database_url: String,
     pub fraud: FraudSettings,
     pub inventory: InventorySettings,
     pub payment: PaymentSettings,
     pub fulfillment: FulfillmentSettings,
+    pub alerts: AlertSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertSettings {
+    /// Publish a `ReplenishmentRequested` when a low-stock alert opens.
+    pub replenishment_enabled: bool,
+    /// Units a `ReplenishmentRequested` asks for.
+    pub replenishment_quantity: i32,
+    /// `PaymentRetrying` events of one store within one clock minute that open a
+    /// `gateway_outage` alert.
+    pub gateway_outage_retries_per_minute: i64,
+    /// Per-store overrides of the replenishment settings, keyed by store ID.
+    pub stores: BTreeMap<String, StoreAlertSettings>,
+}
+
+/// A store's own replenishment settings; what is unset falls back to [`AlertSettings`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreAlertSettings {
+    pub replenishment_enabled: Option<bool>,
+    pub replenishment_quantity: Option<i32>,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        AlertSettings {
+            replenishment_enabled: true,
+            replenishment_quantity: 100,
+            gateway_outage_retries_per_minute: 20,
+            stores: BTreeMap::new(),
+        }
+    }
+}
+
+impl AlertSettings {
+    /// The quantity to request when a low-stock alert of `store_id` opens; `None` when the
+    /// store does not replenish automatically.
+    pub fn replenishment_quantity(&self, store_id: &str) -> Option<i32> {
+        let store = self.stores.get(store_id);
+        let enabled = store
+            .and_then(|s| s.replenishment_enabled)
+            .unwrap_or(self.replenishment_enabled);
+        let quantity = store
+            .and_then(|s| s.replenishment_quantity)
+            .unwrap_or(self.replenishment_quantity);
+        (enabled && quantity > 0).then_some(quantity)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,13 +258,18 @@ impl Default for Settings {
             state_cache_entries: 10_000,
             http_addr: "127.0.0.1:9464".into(),
             kafka: BTreeMap::new(),
+            database_url: DEFAULT_DATABASE_URL.into(),
             fraud: FraudSettings::default(),
             inventory: InventorySettings::default(),
             payment: PaymentSettings::default(),
             fulfillment: FulfillmentSettings::default(),
+            alerts: AlertSettings::default(),
         }
     }
 }
+
+/// The embedded default: an SQLite file in the working directory, created when missing.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://orderflow.db";
 
 fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -339,6 +395,20 @@ impl Settings {
         if let Some(v) = get("ORDERFLOW_FULFILLMENT_PACK_MS") {
             self.fulfillment.pack_ms = parse("ORDERFLOW_FULFILLMENT_PACK_MS", v)?;
         }
+        if let Some(v) = get("ORDERFLOW_DATABASE_URL") {
+            self.database_url = v;
+        }
+        if let Some(v) = get("ORDERFLOW_ALERTS_REPLENISHMENT_ENABLED") {
+            self.alerts.replenishment_enabled = parse("ORDERFLOW_ALERTS_REPLENISHMENT_ENABLED", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_ALERTS_REPLENISHMENT_QUANTITY") {
+            self.alerts.replenishment_quantity =
+                parse("ORDERFLOW_ALERTS_REPLENISHMENT_QUANTITY", v)?;
+        }
+        if let Some(v) = get("ORDERFLOW_ALERTS_GATEWAY_OUTAGE_RETRIES_PER_MINUTE") {
+            self.alerts.gateway_outage_retries_per_minute =
+                parse("ORDERFLOW_ALERTS_GATEWAY_OUTAGE_RETRIES_PER_MINUTE", v)?;
+        }
         if let Some(v) = get("ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS") {
             self.inventory.watchdog_interval_secs =
                 parse("ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS", v)?;
@@ -403,6 +473,22 @@ mod tests {
     }
 
     #[test]
+    fn replenishment_is_configured_per_store() -> Result<(), Box<dyn std::error::Error>> {
+        let mut s: Settings = toml::from_str(
+            "[alerts]\nreplenishment_quantity = 40\n\
+             [alerts.stores.s-off]\nreplenishment_enabled = false\n\
+             [alerts.stores.s-big]\nreplenishment_quantity = 500\n",
+        )?;
+        assert_eq!(s.alerts.replenishment_quantity("s-any"), Some(40));
+        assert_eq!(s.alerts.replenishment_quantity("s-off"), None);
+        assert_eq!(s.alerts.replenishment_quantity("s-big"), Some(500));
+        s.apply_env(|k| (k == "ORDERFLOW_ALERTS_REPLENISHMENT_ENABLED").then(|| "false".into()))?;
+        assert_eq!(s.alerts.replenishment_quantity("s-any"), None);
+        assert_eq!(s.alerts.replenishment_quantity("s-big"), None);
+        Ok(())
+    }
+
+    #[test]
     fn bad_guarantee_names_the_variable() {
         let mut s = Settings::default();
         let err = s
@@ -428,6 +514,8 @@ mod example_file {
         assert_eq!(s.payment, d.payment);
         assert_eq!(s.fulfillment, d.fulfillment);
         assert_eq!(s.guarantee, d.guarantee);
+        assert_eq!(s.database_url, d.database_url);
+        assert_eq!(s.alerts, d.alerts);
         Ok(())
     }
 }

@@ -11,6 +11,9 @@
 //!   commits, state changelogs and restore, timers, dead letters, shutdown.
 //! - [`metrics`]: every metric name and label, and the `/metrics` + `/health` server.
 //! - [`status`]: an order's status, derived from its events.
+//! - [`views`]: the SQL sinks' pure half — projector, stats and alerts as row operations.
+//! - [`sql`]: the SQL sinks' database half — PostgreSQL or SQLite, migrations, fenced
+//!   commits of row operations with their offsets, and the read queries.
 //! - [`gateway`]: the payment gateway's HTTP client, and a mock gateway server.
 //! - [`simulator`]: realistic traffic, and a carrier that scans shipped orders.
 //! - [`admin`]: topic provisioning.
@@ -25,6 +28,8 @@ pub mod gateway;
 pub mod metrics;
 pub mod runtime;
 pub mod simulator;
+pub mod sql;
 pub mod stages;
 pub mod status;
 pub mod topics;
+pub mod views;

@@ -14,7 +14,7 @@
 //! | `DeliveryFailed`                        | `shipped` (until the refund) |
 //! | `Delivered`                             | `delivered`              |
 //! | `PaymentRefunded`                       | `refunded`               |
-//! | anything else (`CarrierScan`, `DeliveryAnomaly`, stock commands and levels, `LowStock`) | unchanged |
+//! | anything else (`CarrierScan`, `DeliveryAnomaly`, stock commands and levels, `LowStock`, `ReplenishmentRequested`) | unchanged |
 //!
 //! [`next`] is forgiving, because read models see an order's events from several topics
 //! that are not ordered relative to each other: a status never moves backwards (a late
@@ -94,6 +94,38 @@ impl OrderStatus {
         }
     }
 
+    /// The rejection reason of a `rejected` status, which [`as_str`](Self::as_str) leaves
+    /// out; a read model stores it beside the status.
+    pub fn rejection_reason(&self) -> Option<RejectionReason> {
+        match self {
+            OrderStatus::Rejected(r) => Some(*r),
+            _ => None,
+        }
+    }
+
+    /// The status stored as [`as_str`](Self::as_str) and
+    /// [`rejection_reason`](Self::rejection_reason); `None` for text no status displays
+    /// as, or `rejected` without a known reason.
+    pub fn from_parts(status: &str, reason: Option<&str>) -> Option<OrderStatus> {
+        Some(match status {
+            "created" => OrderStatus::Created,
+            "screened" => OrderStatus::Screened,
+            "reserved" => OrderStatus::Reserved,
+            "paid" => OrderStatus::Paid,
+            "fulfilling" => OrderStatus::Fulfilling,
+            "shipped" => OrderStatus::Shipped,
+            "delivered" => OrderStatus::Delivered,
+            "cancelled" => OrderStatus::Cancelled,
+            "refunded" => OrderStatus::Refunded,
+            "rejected" => OrderStatus::Rejected(match reason? {
+                "fraud" => RejectionReason::Fraud,
+                "out_of_stock" => RejectionReason::OutOfStock,
+                _ => return None,
+            }),
+            _ => return None,
+        })
+    }
+
     /// Whether the order is over: no later event changes its status.
     pub fn is_terminal(&self) -> bool {
         matches!(
@@ -159,21 +191,29 @@ pub fn implied(event: &Event) -> Option<OrderStatus> {
         | Event::StockAdjusted(_)
         | Event::ThresholdSet(_)
         | Event::StockLevelChanged(_)
-        | Event::LowStock(_) => return None,
+        | Event::LowStock(_)
+        | Event::ReplenishmentRequested(_) => return None,
     })
 }
 
 /// The status after `event`, given the status before it.
 pub fn next(current: Option<OrderStatus>, event: &Event) -> Option<OrderStatus> {
-    let Some(target) = implied(event) else {
-        return current;
-    };
+    match implied(event) {
+        Some(target) => Some(advance(current, target)),
+        None => current,
+    }
+}
+
+/// The status after an event that implies `target`, given the status before it: the
+/// rule of [`next`] for a caller that keeps only the implied status of an event (a read
+/// model that stores the status and folds one event into it at a time).
+pub fn advance(current: Option<OrderStatus>, target: OrderStatus) -> OrderStatus {
     match current {
-        None => Some(target),
-        Some(c) if c.is_terminal() => Some(c),
-        Some(_) if target.is_terminal() => Some(target),
-        Some(c) if target.rank() > c.rank() => Some(target),
-        Some(c) => Some(c),
+        None => target,
+        Some(c) if c.is_terminal() => c,
+        Some(_) if target.is_terminal() => target,
+        Some(c) if target.rank() > c.rank() => target,
+        Some(c) => c,
     }
 }
 
@@ -236,7 +276,8 @@ impl Fact {
             | Event::StockAdjusted(_)
             | Event::ThresholdSet(_)
             | Event::StockLevelChanged(_)
-            | Event::LowStock(_) => return None,
+            | Event::LowStock(_)
+            | Event::ReplenishmentRequested(_) => return None,
         })
     }
 
@@ -546,6 +587,14 @@ mod tests {
                 message: "m".into(),
             }
             .into(),
+            EventType::ReplenishmentRequested => ReplenishmentRequested {
+                envelope: e,
+                sku: "sku-1".into(),
+                quantity: 10,
+                available: 0,
+                threshold: 1,
+            }
+            .into(),
         }
     }
 
@@ -600,7 +649,8 @@ mod tests {
                 | E::StockAdjusted
                 | E::ThresholdSet
                 | E::StockLevelChanged
-                | E::LowStock => None,
+                | E::LowStock
+                | E::ReplenishmentRequested => None,
             };
             assert_eq!(implied(&sample(t)), want, "{t}");
         }
@@ -1177,5 +1227,29 @@ mod tests {
         }
         assert_eq!(RejectionReason::OutOfStock.to_string(), "out_of_stock");
         Ok(())
+    }
+
+    #[test]
+    fn stored_parts_round_trip() {
+        let all = [
+            S::Created,
+            S::Screened,
+            S::Reserved,
+            S::Paid,
+            S::Fulfilling,
+            S::Shipped,
+            S::Delivered,
+            FRAUD,
+            OUT_OF_STOCK,
+            S::Cancelled,
+            S::Refunded,
+        ];
+        for status in all {
+            let reason = status.rejection_reason().map(RejectionReason::as_str);
+            assert_eq!(S::from_parts(status.as_str(), reason), Some(status));
+        }
+        assert_eq!(S::from_parts("rejected", None), None);
+        assert_eq!(S::from_parts("rejected", Some("tired")), None);
+        assert_eq!(S::from_parts("lost", None), None);
     }
 }

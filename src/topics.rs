@@ -15,6 +15,7 @@ pub const PAYMENT_PROCESSED: &str = "payment.processed";
 pub const FULFILLMENT_UPDATED: &str = "fulfillment.updated";
 pub const CARRIER_UPDATES: &str = "carrier.updates";
 pub const DELIVERY_UPDATED: &str = "delivery.updated";
+pub const PURCHASING_REPLENISHMENT: &str = "purchasing.replenishment";
 pub const DLQ: &str = "orderflow.dlq";
 
 /// Topics that carry events through the pipeline (not changelogs, not the DLQ).
@@ -29,6 +30,9 @@ pub const PIPELINE: &[&str] = &[
     CARRIER_UPDATES,
     DELIVERY_UPDATED,
 ];
+
+/// Topics the SQL sinks publish to, for systems outside the pipeline (purchasing).
+pub const SINK_OUTPUTS: &[&str] = &[PURCHASING_REPLENISHMENT];
 
 /// Stages that keep state, each with a compacted `<stage>.changelog` topic.
 pub const STATEFUL_STAGES: &[&str] = &["fraud", "inventory", "payment", "fulfillment", "delivery"];
@@ -67,6 +71,7 @@ impl Topics {
     /// Every topic `orderflow topics create` provisions: (name, compacted).
     pub fn all(&self) -> Vec<(String, bool)> {
         let mut all: Vec<(String, bool)> = PIPELINE.iter().map(|t| (self.name(t), false)).collect();
+        all.extend(SINK_OUTPUTS.iter().map(|t| (self.name(t), false)));
         all.push((self.name(DLQ), false));
         all.extend(STATEFUL_STAGES.iter().map(|s| (self.changelog(s), true)));
         all
@@ -100,5 +105,6 @@ pub fn topic_of(t: EventType) -> &'static str {
         Shipped | InTransit | OutForDelivery | Delivered | DeliveryFailed | DeliveryAnomaly => {
             DELIVERY_UPDATED
         }
+        ReplenishmentRequested => PURCHASING_REPLENISHMENT,
     }
 }

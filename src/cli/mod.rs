@@ -3,6 +3,7 @@
 
 mod gateway;
 mod load;
+mod migrate;
 mod run;
 mod topics;
 
@@ -37,6 +38,8 @@ pub enum Command {
     Gateway(gateway::GatewayArgs),
     /// Publish realistic traffic and play the carrier for shipped orders.
     Load(load::LoadArgs),
+    /// Create or upgrade the read side's SQL tables (idempotent).
+    Migrate(migrate::MigrateArgs),
 }
 
 /// Entry point of the binary.
@@ -56,6 +59,7 @@ pub fn main() -> anyhow::Result<()> {
             Command::Topics(cmd) => topics::run(settings, cmd).await,
             Command::Gateway(args) => gateway::run(args).await,
             Command::Load(args) => load::run(settings, args).await,
+            Command::Migrate(args) => migrate::run(settings, args).await,
         }
     })
 }
@@ -63,8 +67,8 @@ pub fn main() -> anyhow::Result<()> {
 /// Logs go to stderr; `ORDERFLOW_LOG_FORMAT=json` for structured logs, `RUST_LOG` filters.
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,sqlx=warn"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -232,6 +232,12 @@ event_struct!(InTransit { #[serde(default)] location: Option<String> });
 event_struct!(OutForDelivery {});
 event_struct!(Delivered {});
 event_struct!(DeliveryFailed { reason: String });
+event_struct!(ReplenishmentRequested {
+    sku: String,
+    quantity: i32,
+    available: i32,
+    threshold: i32
+});
 event_struct!(DeliveryAnomaly {
     state: String,
     scan: String,
@@ -296,6 +302,17 @@ macro_rules! events {
             fn from_json(t: EventType, v: serde_json::Value) -> Result<Event, serde_json::Error> {
                 Ok(match t { $(EventType::$name => Event::$name(serde_json::from_value(v)?)),* })
             }
+
+            /// The event as the flat JSON object of the producer contract (no type
+            /// field): what a read model stores as an event's payload.
+            pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+                match self { $(Event::$name(e) => serde_json::to_value(e)),* }
+            }
+
+            /// The event of type `t` whose [`to_json`](Self::to_json) is `v`.
+            pub fn from_json_value(t: EventType, v: serde_json::Value) -> Result<Event, serde_json::Error> {
+                Event::from_json(t, v)
+            }
         }
 
         $(impl From<$name> for Event {
@@ -329,6 +346,7 @@ events! {
     Delivered => "delivered.avsc",
     DeliveryFailed => "delivery_failed.avsc",
     DeliveryAnomaly => "delivery_anomaly.avsc",
+    ReplenishmentRequested => "replenishment_requested.avsc",
 }
 
 impl std::fmt::Display for EventType {

@@ -70,6 +70,7 @@ macro_rules! with_inner {
             Event::Delivered($e) => $body,
             Event::DeliveryFailed($e) => $body,
             Event::DeliveryAnomaly($e) => $body,
+            Event::ReplenishmentRequested($e) => $body,
         }
     };
 }
@@ -398,7 +399,7 @@ fn check_round_trip(codec: &Codec, t: EventType, value: &Value) -> Result<(), Te
 
 #[test]
 fn every_schema_parses_and_its_record_is_named_after_its_event_type() -> TestResult {
-    assert_eq!(EventType::ALL.len(), 24);
+    assert_eq!(EventType::ALL.len(), 25);
     let codec = Codec::new();
     for &t in EventType::ALL {
         let schema = Schema::parse_str(t.schema_source())?;

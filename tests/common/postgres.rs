@@ -4,8 +4,8 @@
 //! Invariant: every database a test creates has a fresh random name and is dropped with
 //! its guard; without `ORDERFLOW_TEST_POSTGRES_URL` a test panics, it never skips.
 //!
-//! sqlx is not a dependency, so the helpers shell out to `psql`, which the server's
-//! package brings along.
+//! The helpers shell out to `psql`, which the server's package brings along, so that
+//! creating and dropping a database needs no async runtime (a guard drops it in `Drop`).
 
 use std::path::PathBuf;
 use std::process::Command;
