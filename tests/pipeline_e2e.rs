@@ -10,6 +10,14 @@
 //! authorization the pipeline recorded, and every authorized order was charged exactly
 //! once; orders hit by the outage retried, some then succeeded and the exhausted ones
 //! failed and had their stock released; some SKUs ran out; nothing was dead-lettered.
+//!
+//! The SQL sinks (projector, stats, alerts) run beside the pipeline, once on PostgreSQL
+//! and once on SQLite, each in a worker process of its own. In the run with the killed
+//! worker the PostgreSQL sinks' worker is SIGKILLed too, and the SQLite one aborts right
+//! after one of its SQL commits (a crash point); both are restarted. Afterwards, on both
+//! databases: `order_events` holds every event of every order exactly once, `orders`
+//! says what the status module says, and the per-minute stats equal a recomputation
+//! from `order_events`.
 
 mod common;
 
@@ -19,11 +27,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::pipeline::{Shop, rank, sku, store, worker_env};
+use common::postgres::TestDatabase;
 use common::{Collector, Outgoing, TestEnv, Worker, deadline};
 use orderflow::events::codec::{Codec, DecodeHints};
 use orderflow::events::{Event, EventType, PaymentFailureReason};
 use orderflow::gateway::server::{Gateway, GatewayConfig, LedgerStatus, serve_gateway};
 use orderflow::simulator::carrier::{CarrierConfig, play_carrier};
+use orderflow::sql::Db;
 use orderflow::status::{self, OrderStatus};
 use orderflow::topics;
 use tokio_util::sync::CancellationToken;
@@ -248,6 +258,9 @@ fn run(name: &str, kill: bool) {
 
     let wenv = worker_env(&gateway_addr.to_string());
     let mut workers: Vec<Worker> = vec![env.spawn_worker(&[], &wenv), env.spawn_worker(&[], &wenv)];
+    let sinks = SinkDbs::new(name);
+    let mut pg_sinks = sinks.spawn(&env, "postgres", None);
+    let mut lite_sinks = sinks.spawn(&env, "sqlite", kill.then_some("after_sql_commit:30"));
     // The shelves are stocked before the shop opens: Kafka orders records within a
     // partition, not across the inventory's input topics, so orders published alongside
     // the restocks could be taken first.
@@ -298,7 +311,8 @@ fn run(name: &str, kill: bool) {
     producer.send_paced(&order_topic, second, Some(ORDERS_PER_SECOND));
     if kill {
         workers[0].kill9();
-        eprintln!("[{name}] killed worker 1");
+        pg_sinks.kill9();
+        eprintln!("[{name}] killed worker 1 and the PostgreSQL sinks' worker");
     }
     if let Some(left) = OUTAGE.checked_sub(outage_started.elapsed()) {
         std::thread::sleep(left);
@@ -307,6 +321,18 @@ fn run(name: &str, kill: bool) {
     eprintln!("[{name}] outage over after {:?}", outage_started.elapsed());
     if kill {
         workers.push(env.spawn_worker(&[], &wenv));
+        pg_sinks = sinks.spawn(&env, "postgres", None);
+        let until = deadline(60);
+        while lite_sinks.exit_status().is_none() {
+            assert!(
+                Instant::now() < until,
+                "[{name}] the SQLite sinks never reached their crash point; log:\n{}",
+                lite_sinks.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("[{name}] the SQLite sinks aborted after an SQL commit; restarting them");
+        lite_sinks = sinks.spawn(&env, "sqlite", None);
     }
     // Mid-run deliveries of the scarce SKU to half the stores.
     let mut restocked: BTreeMap<(String, String), i64> = BTreeMap::new();
@@ -394,6 +420,7 @@ fn run(name: &str, kill: bool) {
     let mut refunded = BTreeSet::new();
     // Orders whose one stock decision is a reservation: the only orders that may be charged.
     let mut stock_reserved = BTreeSet::new();
+    let mut end_of: HashMap<(String, String), OrderStatus> = HashMap::new();
     for (key, order) in &created {
         let mut events = vec![order.clone()];
         events.extend(seen.by_order.get(key).cloned().unwrap_or_default());
@@ -420,6 +447,7 @@ fn run(name: &str, kill: bool) {
         let end = status::check_complete(&events)
             .unwrap_or_else(|e| panic!("[{name}] order {key:?} is inconsistent: {e}\n{events:#?}"));
         *ends.entry(format!("{end:?}")).or_default() += 1;
+        end_of.insert(key.clone(), end);
         let retried = events
             .iter()
             .any(|e| e.event_type() == EventType::PaymentRetrying);
@@ -569,7 +597,38 @@ fn run(name: &str, kill: bool) {
         "[{name}] no failed delivery was refunded"
     );
 
-    // 5. Nothing was dead-lettered.
+    // 5. The SQL sinks hold every order's timeline, status and stats, on both databases.
+    for (label, url) in [
+        ("postgres", sinks.pg.url.clone()),
+        ("sqlite", sinks.sqlite_url()),
+    ] {
+        let db = rt
+            .block_on(Db::connect(&url))
+            .expect("the sinks' database opens");
+        let until = deadline(120);
+        let timelines = loop {
+            match rt.block_on(read_back(&db, &seen, &end_of)) {
+                Ok(t) => break t,
+                Err(e) => assert!(
+                    Instant::now() < until,
+                    "[{name}] {label}: the sinks did not catch up within 120 s: {e}"
+                ),
+            }
+            for w in [&pg_sinks, &lite_sinks] {
+                w.assert_alive();
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let (counted, rows) = rt.block_on(compare_stats(&db, &timelines));
+        eprintln!(
+            "[{name}] {label}: {} orders with {} timeline events exactly once, statuses as the status module says; {counted} counted events in {rows} stats rows, equal to a recomputation",
+            timelines.len(),
+            timelines.values().map(Vec::len).sum::<usize>()
+        );
+        rt.block_on(db.close());
+    }
+
+    // 6. Nothing was dead-lettered.
     let dlq = common::read_topic(&env.settings.brokers, &env.topic(topics::DLQ));
     assert!(
         dlq.is_empty(),
@@ -578,4 +637,160 @@ fn run(name: &str, kill: bool) {
         dlq.first()
     );
     drop(workers);
+    drop((pg_sinks, lite_sinks));
+}
+
+/// The sinks' databases: one of their own on the test's PostgreSQL server, and an SQLite
+/// file.
+struct SinkDbs {
+    pg: TestDatabase,
+    dir: tempfile::TempDir,
+}
+
+impl SinkDbs {
+    fn new(name: &str) -> Self {
+        SinkDbs {
+            pg: TestDatabase::create(&name.replace('-', "_")),
+            dir: tempfile::tempdir().expect("a temporary directory"),
+        }
+    }
+
+    fn sqlite_url(&self) -> String {
+        format!(
+            "sqlite://{}",
+            self.dir.path().join("orderflow.db").display()
+        )
+    }
+
+    /// A worker running the three sinks on `label`'s database, in consumer groups of
+    /// their own (the two databases' sinks each read every record).
+    fn spawn(&self, env: &TestEnv, label: &str, crash_at: Option<&str>) -> Worker {
+        let url = match label {
+            "postgres" => self.pg.url.clone(),
+            _ => self.sqlite_url(),
+        };
+        let mut vars = vec![
+            ("ORDERFLOW_DATABASE_URL", url),
+            (
+                "ORDERFLOW_GROUP_PREFIX",
+                format!("{}-{label}", env.settings.group_prefix),
+            ),
+        ];
+        if let Some(point) = crash_at {
+            vars.push(("ORDERFLOW_CRASH_AT", point.to_owned()));
+        }
+        env.spawn_worker(&["projector", "stats", "alerts"], &vars)
+    }
+}
+
+/// Every order's timeline as the projector stored it, once it holds exactly the order's
+/// events (each once; `OrderCreated` once; carrier scans, which the test does not read,
+/// aside) and `orders` gives the status the status module gives: `Err` says what is not
+/// there yet, or what is wrong.
+async fn read_back(
+    db: &Db,
+    seen: &Observed,
+    end_of: &HashMap<(String, String), OrderStatus>,
+) -> Result<BTreeMap<(String, String), Vec<orderflow::sql::read::TimelineEntry>>, String> {
+    let mut out = BTreeMap::new();
+    for (key, end) in end_of {
+        let got = db
+            .order(&key.0, &key.1)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("order {key:?} is not in `orders`"))?;
+        let mut ids: Vec<&str> = got
+            .timeline
+            .iter()
+            .filter(|e| !matches!(e.event_type.as_str(), "OrderCreated" | "CarrierScan"))
+            .map(|e| e.event_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        let mut expected: Vec<&str> = seen
+            .by_order
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|e| e.envelope().event_id.as_str())
+            .collect();
+        expected.sort_unstable();
+        if ids != expected {
+            return Err(format!(
+                "order {key:?}: timeline {ids:?}, events on the topics {expected:?}"
+            ));
+        }
+        let created = got
+            .timeline
+            .iter()
+            .filter(|e| e.event_type == "OrderCreated")
+            .count();
+        if created != 1 {
+            return Err(format!(
+                "order {key:?}: {created} OrderCreated in its timeline"
+            ));
+        }
+        if got.order.status != Some(*end) {
+            return Err(format!(
+                "order {key:?}: `orders` says {:?}, the status module {end:?}",
+                got.order.status
+            ));
+        }
+        out.insert(key.clone(), got.timeline);
+    }
+    Ok(out)
+}
+
+/// The per-minute counters recomputed from the timelines, against `stats_minute`:
+/// (events counted, rows compared).
+async fn compare_stats(
+    db: &Db,
+    timelines: &BTreeMap<(String, String), Vec<orderflow::sql::read::TimelineEntry>>,
+) -> (i64, usize) {
+    let minute = |t: i64| t - t.rem_euclid(60_000);
+    let mut expected: BTreeMap<(String, i64, String), i64> = BTreeMap::new();
+    let (mut from, mut to) = (i64::MAX, i64::MIN);
+    for ((store_id, _), timeline) in timelines {
+        for e in timeline {
+            let column = match e.event_type.as_str() {
+                "OrderCreated" => "orders_created",
+                "OrderScreened" if e.payload["decision"] == "rejected" => "orders_rejected",
+                "StockRejected" => "stock_rejections",
+                "PaymentAuthorized" => "payments_authorized",
+                "PaymentFailed" => "payments_failed",
+                "PaymentRetrying" => "payments_retried",
+                "PaymentRefunded" => "refunds",
+                "Shipped" => "shipped",
+                "Delivered" => "delivered",
+                "DeliveryFailed" => "delivery_failures",
+                _ => continue,
+            };
+            from = from.min(e.occurred_at);
+            to = to.max(e.occurred_at);
+            *expected
+                .entry((store_id.clone(), minute(e.occurred_at), column.to_owned()))
+                .or_default() += 1;
+        }
+    }
+    let stores: BTreeSet<&String> = timelines.keys().map(|(s, _)| s).collect();
+    let mut stored: BTreeMap<(String, i64, String), i64> = BTreeMap::new();
+    let mut rows = 0;
+    for s in stores {
+        let minutes = db
+            .stats(s, minute(from), to + 60_000)
+            .await
+            .expect("stats read back");
+        rows += minutes.len();
+        for m in minutes {
+            for (c, v) in &m.counters {
+                if *v != 0 {
+                    stored.insert((s.clone(), m.time, c.column().to_owned()), *v);
+                }
+            }
+        }
+    }
+    assert_eq!(
+        stored, expected,
+        "stats_minute against a recomputation from order_events"
+    );
+    (expected.values().sum(), rows)
 }

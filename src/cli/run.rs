@@ -9,26 +9,69 @@ use crate::config::Settings;
 use crate::gateway::client::GatewayClient;
 use crate::metrics::{self, Health, Metrics};
 use crate::runtime::{self, RuntimeError, clock::SystemClock};
+use crate::sql::Db;
 use crate::stages::StageName;
 use crate::stages::delivery::DeliveryStage;
 use crate::stages::fraud::FraudStage;
 use crate::stages::fulfillment::FulfillmentStage;
 use crate::stages::inventory::InventoryStage;
 use crate::stages::payment::PaymentStage;
+use crate::views::Sink;
+
+/// What one worker thread runs: a pipeline stage or an SQL sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Stage(StageName),
+    Sink(Sink),
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Stage(s) => s.as_str(),
+            Role::Sink(s) => s.name(),
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(sink) = Sink::from_name(s) {
+            return Ok(Role::Sink(sink));
+        }
+        s.parse::<StageName>().map(Role::Stage).map_err(|_| {
+            let stages: Vec<_> = StageName::ALL.iter().map(|n| n.as_str()).collect();
+            let sinks: Vec<_> = Sink::ALL.iter().map(|n| n.name()).collect();
+            format!(
+                "unknown stage {s:?}; stages: {}; SQL sinks: {}",
+                stages.join(", "),
+                sinks.join(", ")
+            )
+        })
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Stages to run, comma-separated (default: every stage).
+    /// Stages to run, comma-separated: fraud, inventory, payment, fulfillment, delivery,
+    /// and the SQL sinks projector, stats, alerts (default: the five pipeline stages).
+    /// Sinks write to ORDERFLOW_DATABASE_URL, whose migrations are applied at start-up.
     #[arg(long, value_delimiter = ',')]
-    pub stages: Vec<StageName>,
+    pub stages: Vec<Role>,
 }
 
 pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<()> {
     let stages = if args.stages.is_empty() {
-        StageName::ALL.to_vec()
+        StageName::ALL.iter().copied().map(Role::Stage).collect()
     } else {
         args.stages
     };
+    if stages.iter().any(|r| matches!(r, Role::Sink(_))) {
+        let db = Db::connect(&settings.database_url).await?;
+        db.migrate().await?;
+        db.close().await;
+    }
     let shutdown = super::shutdown_on_signal();
     let metrics = Metrics::new();
     let health = Health::default();
@@ -67,15 +110,19 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The one place a stage name becomes a running stage.
+/// The one place a stage or sink name becomes a running worker.
 fn spawn_stage(
-    name: StageName,
+    role: Role,
     settings: &Settings,
     metrics: &Metrics,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<Result<(), RuntimeError>>> {
     let clock = Arc::new(SystemClock);
     let (s, m) = (settings.clone(), metrics.clone());
+    let name = match role {
+        Role::Sink(sink) => return Ok(runtime::sink::spawn(sink, s, m, clock, shutdown)),
+        Role::Stage(name) => name,
+    };
     Ok(match name {
         StageName::Fraud => runtime::spawn(FraudStage::new(s.fraud.clone()), s, m, clock, shutdown),
         StageName::Inventory => runtime::spawn(

@@ -24,7 +24,8 @@ use super::crash::{self, Point};
 use super::dispatch::{Outputs, fit};
 use super::disposition::{Disposition, backoff, classify};
 use super::outbox::Out;
-use super::{RuntimeError, Worker, dlq_headers, kafka};
+use super::stage::StageBackend;
+use super::{Backend, RuntimeError, Worker, dlq_headers, kafka};
 use crate::config::Guarantee;
 use crate::stages::Stage;
 
@@ -35,7 +36,7 @@ const MAX_IN_PLACE_RETRIES: u32 = 5;
 /// Size to which an output the broker refused for good is cut, as a dead letter.
 const REFUSED_OUTPUT_BYTES: usize = 64 * 1024;
 
-impl<S: Stage> Worker<S> {
+impl<S: Stage> Worker<StageBackend<S>> {
     pub(super) fn commit(
         &mut self,
         outs: Outputs,
@@ -82,7 +83,7 @@ impl<S: Stage> Worker<S> {
 
     fn changelog_out(&self, partition: i32, generation: u64, r: &ChangelogRecord) -> Out {
         Out {
-            topic: self.changelog.clone(),
+            topic: self.b.changelog.clone(),
             partition,
             key: r.key.clone().into_bytes(),
             payload: r.value.clone(),
@@ -434,7 +435,12 @@ impl<S: Stage> Worker<S> {
             .with_label_values(&[self.name])
             .inc();
         tracing::warn!("rebuilding the producer");
-        self.producer = kafka::producer(&self.settings, self.name).map_err(RuntimeError::Client)?;
+        self.producer = kafka::producer(
+            &self.settings,
+            self.name,
+            StageBackend::<S>::transactional(&self.settings),
+        )
+        .map_err(RuntimeError::Client)?;
         if self.settings.guarantee == Guarantee::ExactlyOnce {
             self.init_transactions()?;
         }

@@ -21,14 +21,17 @@ pub enum Point {
     AfterOutputs,
     /// The input offsets are committed too.
     AfterOffsets,
+    /// A sink's SQL transaction (rows and offsets) committed, nothing after it done.
+    AfterSqlCommit,
 }
 
 impl Point {
-    const ALL: [Point; 4] = [
+    const ALL: [Point; 5] = [
         Point::MidChangelog,
         Point::AfterChangelog,
         Point::AfterOutputs,
         Point::AfterOffsets,
+        Point::AfterSqlCommit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -37,6 +40,7 @@ impl Point {
             Point::AfterChangelog => "after_changelog",
             Point::AfterOutputs => "after_outputs",
             Point::AfterOffsets => "after_offsets",
+            Point::AfterSqlCommit => "after_sql_commit",
         }
     }
 }

@@ -12,7 +12,10 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use super::changelog::{PartitionState, id_bits};
 use super::effects::{self, RecordedOutcome};
 use super::outbox::Out;
-use super::{CORRELATION_HEADER, EVENT_TYPE_HEADER, RuntimeError, Worker, dlq_headers, header};
+use super::stage::StageBackend;
+use super::{
+    Backend, CORRELATION_HEADER, EVENT_TYPE_HEADER, RuntimeError, Worker, dlq_headers, header,
+};
 use crate::events::codec::DecodeHints;
 use crate::events::{Envelope, Event, EventType};
 use crate::stages::{Ctx, Effect, EffectOutcome, Input, Stage, StageError, Timer};
@@ -32,7 +35,7 @@ pub(super) struct PendingEffect {
 /// Why one input's (or timer's) outputs cannot be produced.
 type Failure = (&'static str, String);
 
-impl<S: Stage> Worker<S> {
+impl<S: Stage> Worker<StageBackend<S>> {
     pub(super) fn process_and_commit(
         &mut self,
         batch: Vec<OwnedMessage>,
@@ -147,7 +150,7 @@ impl<S: Stage> Worker<S> {
                 topic: base,
                 event: &event,
             };
-            let r = self.stage.process(&mut ctx, input);
+            let r = self.b.stage.process(&mut ctx, input);
             (r, ctx.take_effects())
         };
         let encoded = result
@@ -198,76 +201,6 @@ impl<S: Stage> Worker<S> {
             .collect()
     }
 
-    fn output(&self, t: EventType, e: &Event, partition: i32, payload: Vec<u8>) -> Out {
-        let env = e.envelope();
-        Out {
-            topic: self.topics.name(topics::topic_of(t)),
-            partition,
-            key: env.store_id.clone().into_bytes(),
-            payload: Some(payload),
-            headers: vec![
-                (EVENT_TYPE_HEADER.to_owned(), t.name().as_bytes().to_vec()),
-                (
-                    CORRELATION_HEADER.to_owned(),
-                    env.correlation_id.as_bytes().to_vec(),
-                ),
-            ],
-        }
-    }
-
-    /// Queues `m` for the DLQ, with headers saying where it came from and why. A record
-    /// too large to be written with them is cut to fit (a header gives its original
-    /// size): a dead letter must always be writable.
-    fn dead_letter(&self, m: &OwnedMessage, class: &str, message: &str, outs: &mut Outputs) {
-        use dlq_headers::*;
-        self.metrics
-            .dead_lettered
-            .with_label_values(&[self.name, class])
-            .inc();
-        tracing::warn!(
-            topic = m.topic(),
-            partition = m.partition(),
-            offset = m.offset(),
-            error_class = class,
-            error = message,
-            "dead-lettering record"
-        );
-        let mut message = message.to_owned();
-        if message.len() > 4096 {
-            let mut cut = 4096;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        let mut headers: Vec<(String, Vec<u8>)> = vec![
-            (SOURCE_TOPIC.into(), m.topic().as_bytes().to_vec()),
-            (
-                SOURCE_PARTITION.into(),
-                m.partition().to_string().into_bytes(),
-            ),
-            (SOURCE_OFFSET.into(), m.offset().to_string().into_bytes()),
-            (STAGE.into(), self.name.as_bytes().to_vec()),
-            (ERROR_CLASS.into(), class.as_bytes().to_vec()),
-            (ERROR_MESSAGE.into(), message.into_bytes()),
-        ];
-        if let Some(original) = m.headers() {
-            for h in original.iter() {
-                headers.push((h.key.to_owned(), h.value.unwrap_or_default().to_vec()));
-            }
-        }
-        let dl = Out {
-            topic: self.dlq.clone(),
-            partition: m.partition(),
-            key: m.key().unwrap_or_default().to_vec(),
-            payload: Some(m.payload().unwrap_or_default().to_vec()),
-            headers,
-        };
-        outs.entry(m.partition())
-            .or_default()
-            .push(fit(dl, self.settings.max_record_bytes));
-    }
-
     fn fire_timers(&mut self, now: i64, outs: &mut Outputs) {
         let partitions: Vec<i32> = self.parts.keys().copied().collect();
         for p in partitions {
@@ -290,7 +223,7 @@ impl<S: Stage> Worker<S> {
                         &mut ps.timers,
                         &mut produced,
                     );
-                    let r = self.stage.on_timer(&mut ctx, &timer);
+                    let r = self.b.stage.on_timer(&mut ctx, &timer);
                     (r, ctx.take_effects())
                 };
                 self.metrics
@@ -344,7 +277,8 @@ impl<S: Stage> Worker<S> {
     }
 
     fn queue_effects(&mut self, partition: i32, cause: Option<&Envelope>, requested: Vec<Effect>) {
-        self.pending_effects
+        self.b
+            .pending_effects
             .extend(requested.into_iter().map(|effect| PendingEffect {
                 partition,
                 cause: cause.cloned(),
@@ -380,7 +314,7 @@ impl<S: Stage> Worker<S> {
                         &mut ps.timers,
                         &mut produced,
                     );
-                    let result = self.stage.on_effect(&mut ctx, &r.effect, &r.outcome);
+                    let result = self.b.stage.on_effect(&mut ctx, &r.effect, &r.outcome);
                     (result, ctx.take_effects())
                 };
                 self.settle(
@@ -399,15 +333,15 @@ impl<S: Stage> Worker<S> {
     /// Performs the batch's requests concurrently and records each outcome in its
     /// partition's state; the stage reacts in the next batch (see [`RecordedOutcome`]).
     fn perform_effects(&mut self, now: i64) {
-        let pending = std::mem::take(&mut self.pending_effects);
+        let pending = std::mem::take(&mut self.b.pending_effects);
         if pending.is_empty() {
             return;
         }
-        let outcomes: Vec<EffectOutcome> = match &self.effects {
+        let outcomes: Vec<EffectOutcome> = match &self.b.effects {
             Some(handler) => {
                 let effects = pending.iter().map(|p| p.effect.clone()).collect();
                 let concurrency = self.settings.payment.concurrency;
-                self.effect_runtime.block_on(effects::perform_all(
+                self.b.effect_runtime.block_on(effects::perform_all(
                     handler.clone(),
                     effects,
                     concurrency,
@@ -441,6 +375,84 @@ impl<S: Stage> Worker<S> {
             };
             ps.outcomes.insert(recorded.effect.id(), recorded);
         }
+    }
+}
+
+impl<B: Backend> Worker<B> {
+    pub(super) fn output(&self, t: EventType, e: &Event, partition: i32, payload: Vec<u8>) -> Out {
+        let env = e.envelope();
+        Out {
+            topic: self.topics.name(topics::topic_of(t)),
+            partition,
+            key: env.store_id.clone().into_bytes(),
+            payload: Some(payload),
+            headers: vec![
+                (EVENT_TYPE_HEADER.to_owned(), t.name().as_bytes().to_vec()),
+                (
+                    CORRELATION_HEADER.to_owned(),
+                    env.correlation_id.as_bytes().to_vec(),
+                ),
+            ],
+        }
+    }
+
+    /// Queues `m` for the DLQ, with headers saying where it came from and why. A record
+    /// too large to be written with them is cut to fit (a header gives its original
+    /// size): a dead letter must always be writable.
+    pub(super) fn dead_letter(
+        &self,
+        m: &OwnedMessage,
+        class: &str,
+        message: &str,
+        outs: &mut Outputs,
+    ) {
+        use dlq_headers::*;
+        self.metrics
+            .dead_lettered
+            .with_label_values(&[self.name, class])
+            .inc();
+        tracing::warn!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            error_class = class,
+            error = message,
+            "dead-lettering record"
+        );
+        let mut message = message.to_owned();
+        if message.len() > 4096 {
+            let mut cut = 4096;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let mut headers: Vec<(String, Vec<u8>)> = vec![
+            (SOURCE_TOPIC.into(), m.topic().as_bytes().to_vec()),
+            (
+                SOURCE_PARTITION.into(),
+                m.partition().to_string().into_bytes(),
+            ),
+            (SOURCE_OFFSET.into(), m.offset().to_string().into_bytes()),
+            (STAGE.into(), self.name.as_bytes().to_vec()),
+            (ERROR_CLASS.into(), class.as_bytes().to_vec()),
+            (ERROR_MESSAGE.into(), message.into_bytes()),
+        ];
+        if let Some(original) = m.headers() {
+            for h in original.iter() {
+                headers.push((h.key.to_owned(), h.value.unwrap_or_default().to_vec()));
+            }
+        }
+        let dl = Out {
+            topic: self.dlq.clone(),
+            partition: m.partition(),
+            key: m.key().unwrap_or_default().to_vec(),
+            payload: Some(m.payload().unwrap_or_default().to_vec()),
+            headers,
+        };
+        outs.entry(m.partition())
+            .or_default()
+            .push(fit(dl, self.settings.max_record_bytes));
     }
 }
 

@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 
-use crate::config::{Guarantee, Settings};
+use crate::config::Settings;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RebalanceEvent {
@@ -99,10 +99,14 @@ pub fn consumer(
     c.create_with_context(WorkerContext::default())
 }
 
-/// The producer of one stage worker: idempotent always, transactional under
-/// `exactly_once`. Records carry explicit partitions, so the partitioner matters only to
-/// keyed sends by other tools; murmur2 matches the Java client.
-pub fn producer(settings: &Settings, stage: &str) -> Result<FutureProducer, KafkaError> {
+/// The producer of one worker: idempotent always, transactional when `transactional`
+/// (a stage under `exactly_once`). Records carry explicit partitions, so the partitioner
+/// matters only to keyed sends by other tools; murmur2 matches the Java client.
+pub fn producer(
+    settings: &Settings,
+    stage: &str,
+    transactional: bool,
+) -> Result<FutureProducer, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &settings.brokers)
         .set("enable.idempotence", "true")
@@ -113,7 +117,7 @@ pub fn producer(settings: &Settings, stage: &str) -> Result<FutureProducer, Kafk
             "client.id",
             format!("orderflow-{stage}-{}", settings.instance_id),
         );
-    if settings.guarantee == Guarantee::ExactlyOnce {
+    if transactional {
         c.set("transactional.id", transactional_id(settings, stage));
     }
     apply_pass_through(&mut c, settings);

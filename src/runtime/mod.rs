@@ -35,6 +35,8 @@ pub mod effects;
 pub mod kafka;
 pub mod outbox;
 pub mod restore;
+pub mod sink;
+mod stage;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, mpsc};
@@ -53,9 +55,7 @@ use crate::events::codec::Codec;
 use crate::metrics::Metrics;
 use crate::stages::Stage;
 use crate::topics::{self, Topics};
-use changelog::PartitionState;
 use clock::Clock;
-use dispatch::PendingEffect;
 use effects::EffectHandler;
 use kafka::{RebalanceEvent, WorkerContext};
 use restore::{RestoreError, Restored};
@@ -101,6 +101,8 @@ pub enum RuntimeError {
     Restore(#[from] RestoreError),
     #[error("cannot start the runtime for external calls: {0}")]
     EffectRuntime(std::io::Error),
+    #[error(transparent)]
+    Database(crate::sql::SqlError),
     #[error("stage {0} stopped unexpectedly (thread panicked)")]
     Panicked(&'static str),
 }
@@ -132,8 +134,14 @@ pub fn spawn_with_effects<S: Stage>(
         .spawn(move || {
             let span = tracing::info_span!("stage", stage = name);
             let _g = span.enter();
-            let result = Worker::new(stage, settings, metrics, clock, effects)
-                .and_then(|mut w| w.run(&shutdown));
+            let result = stage::StageBackend::new(stage, &settings, effects)
+                .and_then(|b| Worker::new(b, settings, metrics, clock))
+                .and_then(|mut w| {
+                    if w.settings.guarantee == Guarantee::ExactlyOnce {
+                        w.init_transactions()?;
+                    }
+                    w.run(&shutdown)
+                });
             if let Err(e) = &result {
                 tracing::error!(error = %e, "stage worker stopped");
             }
@@ -142,8 +150,57 @@ pub fn spawn_with_effects<S: Stage>(
         .expect("spawning a thread")
 }
 
-struct Worker<S: Stage> {
-    stage: S,
+/// Where a worker's effects and input offsets become durable, and what it does with a
+/// batch: a stage ([`stage::StageBackend`]: its changelog, and Kafka transactions or the
+/// outbox) or an SQL sink ([`sink::SinkBackend`]: one SQL transaction). The loop —
+/// polling, rebalances, restores off the loop's thread, positioning inputs where the
+/// partition's durable state says they continue — is the same for both.
+pub(crate) trait Backend: Sized + 'static {
+    /// What the worker keeps per owned partition.
+    type Part: Part + Send + 'static;
+
+    fn name(&self) -> &'static str;
+
+    /// Prefix-free names of the input topics.
+    fn inputs(&self) -> &'static [&'static str];
+
+    /// Whether the worker's producer is transactional.
+    fn transactional(settings: &Settings) -> bool;
+
+    /// Builds `partitions`' parts off the loop's thread, reporting on
+    /// [`Worker::restored_tx`] under `job`.
+    fn restore(w: &Worker<Self>, partitions: Vec<i32>, job: u64);
+
+    /// Whether parked part `part` of partition `p` may be used again (nobody wrote for the
+    /// partition since this worker did).
+    fn reusable(w: &Worker<Self>, p: i32, part: &Self::Part) -> bool;
+
+    /// Work owed before the next poll; `false` while some remains.
+    fn before_poll(w: &mut Worker<Self>) -> bool;
+
+    /// Processes a batch and commits it (or rolls it back and rewinds).
+    fn process_and_commit(
+        w: &mut Worker<Self>,
+        batch: Vec<OwnedMessage>,
+    ) -> Result<(), RuntimeError>;
+}
+
+/// What the loop needs to know of a partition's part.
+pub(crate) trait Part {
+    /// The offset of the first input of `base` (prefix-free topic) the part does not
+    /// reflect.
+    fn position(&self, base: &str) -> Option<i64>;
+
+    /// Whether the part may be parked at a revocation, for reuse if the partition comes
+    /// back.
+    fn parkable(&self) -> bool;
+
+    /// Logs what a restored part holds.
+    fn log_restored(&self, partition: i32, elapsed: Duration);
+}
+
+pub(crate) struct Worker<B: Backend> {
+    b: B,
     name: &'static str,
     settings: Settings,
     topics: Topics,
@@ -154,10 +211,10 @@ struct Worker<S: Stage> {
     producer: FutureProducer,
     /// State per assigned and restored partition number (shared by all co-partitioned
     /// input topics).
-    parts: BTreeMap<i32, PartitionState<S::State>>,
+    parts: BTreeMap<i32, B::Part>,
     /// State of revoked partitions, kept until the next assignment says whether this
     /// worker gets them back; reused only if nobody wrote their changelog meanwhile.
-    parked: BTreeMap<i32, PartitionState<S::State>>,
+    parked: BTreeMap<i32, B::Part>,
     /// Partitions whose state is being restored, with the restore job's number.
     restoring: BTreeMap<i32, u64>,
     /// Input topic-partitions of restored partitions not yet seen at their position: the
@@ -171,38 +228,31 @@ struct Worker<S: Stage> {
     /// the next poll; their state is already dropped.
     to_restore: BTreeSet<i32>,
     next_job: u64,
-    restored_tx: mpsc::Sender<Restored<S::State>>,
-    restored_rx: mpsc::Receiver<Restored<S::State>>,
+    restored_tx: mpsc::Sender<Restored<B::Part>>,
+    restored_rx: mpsc::Receiver<Restored<B::Part>>,
     /// Input topic-partitions currently assigned.
     assigned: HashSet<(String, i32)>,
-    changelog: String,
     dlq: String,
     /// Consecutive failed batches, for backoff.
     failures: u32,
-    effects: Option<Arc<dyn EffectHandler>>,
-    /// Drives effect calls from this worker's thread.
-    effect_runtime: tokio::runtime::Runtime,
-    /// Requests made by the batch being processed.
-    pending_effects: Vec<PendingEffect>,
 }
 
-impl<S: Stage> Worker<S> {
+impl<B: Backend> Worker<B> {
     fn new(
-        stage: S,
+        b: B,
         settings: Settings,
         metrics: Metrics,
         clock: Arc<dyn Clock>,
-        effects: Option<Arc<dyn EffectHandler>>,
     ) -> Result<Self, RuntimeError> {
-        let name = stage.name();
+        let name = b.name();
         let topics = settings.topics();
         let consumer = kafka::consumer(&settings, name).map_err(RuntimeError::Client)?;
-        let producer = kafka::producer(&settings, name).map_err(RuntimeError::Client)?;
+        let producer = kafka::producer(&settings, name, B::transactional(&settings))
+            .map_err(RuntimeError::Client)?;
         let (restored_tx, restored_rx) = mpsc::channel();
-        let w = Worker {
-            changelog: topics.changelog(name),
+        Ok(Worker {
             dlq: topics.name(topics::DLQ),
-            stage,
+            b,
             name,
             settings,
             topics,
@@ -223,22 +273,12 @@ impl<S: Stage> Worker<S> {
             restored_rx,
             assigned: HashSet::new(),
             failures: 0,
-            effects,
-            effect_runtime: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(RuntimeError::EffectRuntime)?,
-            pending_effects: Vec::new(),
-        };
-        if w.settings.guarantee == Guarantee::ExactlyOnce {
-            w.init_transactions()?;
-        }
-        Ok(w)
+        })
     }
 
     fn run(&mut self, shutdown: &CancellationToken) -> Result<(), RuntimeError> {
         let inputs: Vec<String> = self
-            .stage
+            .b
             .inputs()
             .iter()
             .map(|t| self.topics.name(t))
@@ -253,7 +293,7 @@ impl<S: Stage> Worker<S> {
         tracing::info!(inputs = ?inputs, guarantee = %self.settings.guarantee, "stage started");
         while !shutdown.is_cancelled() {
             self.install_restored()?;
-            if !self.send_outboxes() {
+            if !B::before_poll(self) {
                 // The outputs of committed batches go first; nothing new until they are out.
                 // The consumer is polled to stay in the group; a record it hands over now
                 // is read again once the partition is moved back to its position.
@@ -269,7 +309,7 @@ impl<S: Stage> Worker<S> {
             // After a poll, so that a worker the group has expelled learns it before it
             // claims anything again.
             self.restore_again();
-            self.process_and_commit(batch)?;
+            B::process_and_commit(self, batch)?;
         }
         tracing::info!("stage stopped");
         Ok(())
@@ -359,7 +399,7 @@ impl<S: Stage> Worker<S> {
                         let ps = self.parts.remove(&p).expect("listed above");
                         // Only a writer that knows where its log ends can tell later
                         // whether anybody wrote since.
-                        if !lost && ps.log_end.is_some() {
+                        if !lost && ps.parkable() {
                             self.parked.insert(p, ps);
                         }
                     }
@@ -378,7 +418,7 @@ impl<S: Stage> Worker<S> {
                             continue;
                         }
                         match parked.remove(&p) {
-                            Some(ps) if self.untouched_since(p, &ps) => {
+                            Some(ps) if B::reusable(self, p, &ps) => {
                                 self.parts.insert(p, ps);
                                 self.position_inputs(p);
                             }
@@ -401,23 +441,6 @@ impl<S: Stage> Worker<S> {
         Ok(())
     }
 
-    /// Whether nobody wrote partition `p`'s changelog since this worker's last write.
-    fn untouched_since(&self, p: i32, ps: &PartitionState<S::State>) -> bool {
-        let Some(end) = ps.log_end else {
-            return false;
-        };
-        match self
-            .consumer
-            .fetch_watermarks(&self.changelog, p, Duration::from_secs(10))
-        {
-            Ok((_, high)) => high == end + 1,
-            Err(e) => {
-                tracing::warn!(partition = p, error = %e, "cannot read the changelog's end; restoring");
-                false
-            }
-        }
-    }
-
     /// Restores the state of `partitions` on another thread; their records are dropped
     /// meanwhile.
     fn start_restore(&mut self, partitions: Vec<i32>) {
@@ -433,13 +456,7 @@ impl<S: Stage> Worker<S> {
             self.restoring.insert(*p, job);
         }
         tracing::info!(?partitions, job, "restoring state");
-        restore::spawn(
-            self.settings.clone(),
-            self.changelog.clone(),
-            partitions,
-            job,
-            self.restored_tx.clone(),
-        );
+        B::restore(self, partitions, job);
     }
 
     /// Restores the partitions queued by the last cycle. Their consumer has read past
@@ -479,16 +496,7 @@ impl<S: Stage> Worker<S> {
                         if !wanted.contains(&p) {
                             continue;
                         }
-                        tracing::info!(
-                            partition = p,
-                            keys = ps.state.len(),
-                            seen = ps.seen.len(),
-                            timers = ps.timers.len(),
-                            pending_outcomes = ps.outcomes.len(),
-                            unsent_batches = ps.outbox.len(),
-                            elapsed_ms = done.elapsed.as_millis() as u64,
-                            "state restored"
-                        );
+                        ps.log_restored(p, done.elapsed);
                         self.restoring.remove(&p);
                         self.parts.insert(p, ps);
                         self.position_inputs(p);
@@ -523,10 +531,7 @@ impl<S: Stage> Worker<S> {
         let mut targets = Vec::new();
         for e in tpl.elements() {
             let base = self.topics.base(e.topic()).unwrap_or(e.topic());
-            let from_state = self
-                .parts
-                .get(&p)
-                .and_then(|ps| ps.positions.peek(base).copied());
+            let from_state = self.parts.get(&p).and_then(|ps| ps.position(base));
             let target = from_state
                 .or_else(|| {
                     committed

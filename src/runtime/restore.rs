@@ -54,6 +54,12 @@ pub enum RestoreError {
         dir: String,
         source: std::io::Error,
     },
+    #[error("sink {sink} cannot claim partition {partition}: {source}")]
+    SinkClaim {
+        sink: &'static str,
+        partition: i32,
+        source: crate::sql::SqlError,
+    },
     #[error("restoring {topic}[{partition}] made no progress for {0:?}", STALL)]
     Stalled { topic: String, partition: i32 },
 }
@@ -61,11 +67,12 @@ pub enum RestoreError {
 const STALL: Duration = Duration::from_secs(60);
 
 /// The outcome of one restore job: the partitions it was asked for, and their state.
-pub struct Restored<V> {
+/// What a restore (or a sink's claim) reports: the parts of its partitions.
+pub struct Restored<P> {
     pub job: u64,
     pub partitions: Vec<i32>,
     pub elapsed: Duration,
-    pub result: Result<Vec<(i32, PartitionState<V>)>, RestoreError>,
+    pub result: Result<Vec<(i32, P)>, RestoreError>,
 }
 
 /// Starts restoring `partitions` of `topic`; the result arrives on `done`.
@@ -74,7 +81,7 @@ pub fn spawn<V>(
     topic: String,
     partitions: Vec<i32>,
     job: u64,
-    done: mpsc::Sender<Restored<V>>,
+    done: mpsc::Sender<Restored<PartitionState<V>>>,
 ) where
     V: Serialize + DeserializeOwned + Clone + Send + 'static,
 {
