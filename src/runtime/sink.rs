@@ -233,6 +233,7 @@ impl Worker<SinkBackend> {
             });
         }
         positions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        crash::stall_before_commit();
         let result = self
             .b
             .rt
@@ -328,7 +329,7 @@ impl Worker<SinkBackend> {
         match e.disposition() {
             Disposition::Fenced => {
                 self.metrics.fenced.with_label_values(&[self.name]).inc();
-                tracing::warn!(error = %e, "fenced; dropping the batch's partitions");
+                tracing::warn!(error = %e, "fenced by a newer claim: the batch was rolled back; dropping its partitions");
                 let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p).collect();
                 for p in partitions {
                     self.parts.remove(&p);
