@@ -11,6 +11,7 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 
 use super::changelog::{PartitionState, id_bits};
 use super::effects::{self, RecordedOutcome};
+use super::invoke::{self, Called, Trigger};
 use super::outbox::Out;
 use super::stage::StageBackend;
 use super::{
@@ -18,7 +19,7 @@ use super::{
 };
 use crate::events::codec::DecodeHints;
 use crate::events::{Envelope, Event, EventType};
-use crate::stages::{Ctx, Effect, EffectOutcome, Input, Stage, StageError, Timer};
+use crate::stages::{Effect, EffectOutcome, Stage, StageError};
 use crate::topics;
 
 /// Outputs of a batch, per partition number.
@@ -133,42 +134,29 @@ impl<S: Stage> Worker<StageBackend<S>> {
             .event_latency_seconds
             .with_label_values(&[self.name])
             .observe(((now - env.occurred_at).max(0) as f64) / 1000.0);
-        let mut produced = Vec::new();
-        ps.state.savepoint();
-        ps.timers.savepoint();
-        let (result, requested) = {
-            let mut ctx = Ctx::new(
-                self.name,
-                now,
-                env.event_id.clone(),
-                Some(env.clone()),
-                &mut ps.state,
-                &mut ps.timers,
-                &mut produced,
-            );
-            let input = Input {
-                topic: base,
-                event: &event,
-            };
-            let r = self.b.stage.process(&mut ctx, input);
-            (r, ctx.take_effects())
+        let input = Trigger::Input {
+            topic: base,
+            event: &event,
         };
+        let Called {
+            result,
+            produced,
+            requested,
+        } = invoke::call(&mut self.b.stage, now, &mut ps.state, &mut ps.timers, input);
         let encoded = result
             .map_err(|e| (e.class(), e.to_string()))
             .and_then(|()| self.encode_all(&produced, p));
         let ps = self.parts.get_mut(&p).expect("checked above");
         match encoded {
             Ok(encoded) => {
-                ps.state.release_savepoint();
-                ps.timers.release_savepoint();
+                invoke::keep(&mut ps.state, &mut ps.timers);
                 ps.seen.insert(id);
                 outs.entry(p).or_default().extend(encoded);
                 self.queue_effects(p, Some(&env), requested);
             }
             Err((class, message)) => {
                 // The input takes no effect at all: its state writes go with its outputs.
-                ps.state.undo_savepoint();
-                ps.timers.undo_savepoint();
+                invoke::undo(&mut ps.state, &mut ps.timers);
                 self.dead_letter(m, class, &message, outs);
             }
         }
@@ -205,27 +193,20 @@ impl<S: Stage> Worker<StageBackend<S>> {
         let partitions: Vec<i32> = self.parts.keys().copied().collect();
         for p in partitions {
             let ps = self.parts.get_mut(&p).expect("listed above");
-            // In (due, ID) order: the timer store's keys are the timers' IDs.
-            let due: Vec<Timer> = ps.timers.due(now, |t| t.due_at);
-            for timer in due {
+            for timer in invoke::due(&ps.timers, now) {
                 let ps = self.parts.get_mut(&p).expect("listed above");
                 ps.timers.remove(&timer.id);
-                ps.state.savepoint();
-                ps.timers.savepoint();
-                let mut produced = Vec::new();
-                let (result, requested) = {
-                    let mut ctx = Ctx::new(
-                        self.name,
-                        now,
-                        timer.firing_id(),
-                        timer.cause.clone(),
-                        &mut ps.state,
-                        &mut ps.timers,
-                        &mut produced,
-                    );
-                    let r = self.b.stage.on_timer(&mut ctx, &timer);
-                    (r, ctx.take_effects())
-                };
+                let Called {
+                    result,
+                    produced,
+                    requested,
+                } = invoke::call(
+                    &mut self.b.stage,
+                    now,
+                    &mut ps.state,
+                    &mut ps.timers,
+                    Trigger::Timer(&timer),
+                );
                 self.metrics
                     .timers_fired
                     .with_label_values(&[self.name])
@@ -263,14 +244,12 @@ impl<S: Stage> Worker<StageBackend<S>> {
         let ps = self.parts.get_mut(&p).expect("partition is present");
         match encoded {
             Ok(encoded) => {
-                ps.state.release_savepoint();
-                ps.timers.release_savepoint();
+                invoke::keep(&mut ps.state, &mut ps.timers);
                 outs.entry(p).or_default().extend(encoded);
                 self.queue_effects(p, cause, requested);
             }
             Err((class, message)) => {
-                ps.state.undo_savepoint();
-                ps.timers.undo_savepoint();
+                invoke::undo(&mut ps.state, &mut ps.timers);
                 tracing::error!(what = %what(), error_class = class, error = %message, "dropped: its outputs cannot be produced");
             }
         }
@@ -300,23 +279,21 @@ impl<S: Stage> Worker<StageBackend<S>> {
             for (id, r) in recorded {
                 let ps = self.parts.get_mut(&p).expect("listed above");
                 ps.outcomes.remove(&id);
-                ps.state.savepoint();
-                ps.timers.savepoint();
-                let cause_id = format!("effect/{id}/{}", r.outcome.class());
-                let mut produced = Vec::new();
-                let (result, requested) = {
-                    let mut ctx = Ctx::new(
-                        self.name,
-                        now,
-                        cause_id,
-                        r.cause.clone(),
-                        &mut ps.state,
-                        &mut ps.timers,
-                        &mut produced,
-                    );
-                    let result = self.b.stage.on_effect(&mut ctx, &r.effect, &r.outcome);
-                    (result, ctx.take_effects())
-                };
+                let Called {
+                    result,
+                    produced,
+                    requested,
+                } = invoke::call(
+                    &mut self.b.stage,
+                    now,
+                    &mut ps.state,
+                    &mut ps.timers,
+                    Trigger::Outcome {
+                        effect: &r.effect,
+                        outcome: &r.outcome,
+                        cause: r.cause.as_ref(),
+                    },
+                );
                 self.settle(
                     p,
                     result,

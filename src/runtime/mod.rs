@@ -32,6 +32,7 @@ pub mod crash;
 mod dispatch;
 pub mod disposition;
 pub mod effects;
+pub mod invoke;
 pub mod kafka;
 pub mod outbox;
 pub mod restore;

@@ -584,7 +584,7 @@ mod tests {
 
     use super::*;
     use crate::events::{EventType, Packed, Picking, derive_id};
-    use crate::stages::Store;
+    use crate::stages::driver::Driver;
 
     type TestResult = Result<(), Box<dyn Error>>;
 
@@ -637,72 +637,20 @@ mod tests {
         s
     }
 
-    struct Harness {
-        stage: DeliveryStage,
-        state: Store<DeliveryState>,
-        timers: Store<Timer>,
-        now: i64,
+    /// The stage on the runtime's own calls, from `T0`.
+    type Harness = Driver<DeliveryStage>;
+
+    fn harness() -> Harness {
+        Driver::new(DeliveryStage::new(), T0)
     }
 
-    impl Harness {
-        fn new() -> Self {
-            Harness {
-                stage: DeliveryStage::new(),
-                state: Store::default(),
-                timers: Store::default(),
-                now: T0,
-            }
-        }
-
-        fn process_on(&mut self, topic: &str, event: &Event) -> Result<Vec<Event>, StageError> {
-            let mut out = Vec::new();
-            let cause = event.envelope().clone();
-            let mut ctx = Ctx::new(
-                STAGE,
-                self.now,
-                cause.event_id.clone(),
-                Some(cause),
-                &mut self.state,
-                &mut self.timers,
-                &mut out,
-            );
-            self.stage.process(&mut ctx, Input { topic, event })?;
-            Ok(out)
-        }
-
+    impl Driver<DeliveryStage> {
         fn ready(&mut self, event_id: &str) -> Result<Vec<Event>, StageError> {
             self.process_on(topics::FULFILLMENT_UPDATED, &ready(event_id))
         }
 
         fn scan(&mut self, s: &CarrierScan) -> Result<Vec<Event>, StageError> {
             self.process_on(topics::CARRIER_UPDATES, &Event::CarrierScan(s.clone()))
-        }
-
-        /// Moves the clock and fires due timers as the runtime does.
-        fn advance_to(&mut self, now: i64) -> Result<Vec<Event>, StageError> {
-            self.now = now;
-            let mut out = Vec::new();
-            let mut due: Vec<Timer> = self
-                .timers
-                .iter()
-                .filter(|(_, t)| t.due_at <= now)
-                .map(|(_, t)| t.clone())
-                .collect();
-            due.sort_by(|a, b| (a.due_at, &a.id).cmp(&(b.due_at, &b.id)));
-            for timer in due {
-                self.timers.remove(&timer.id);
-                let mut ctx = Ctx::new(
-                    STAGE,
-                    self.now,
-                    timer.firing_id(),
-                    timer.cause.clone(),
-                    &mut self.state,
-                    &mut self.timers,
-                    &mut out,
-                );
-                self.stage.on_timer(&mut ctx, &timer)?;
-            }
-            Ok(out)
         }
 
         fn tracking(&self) -> Option<&Tracking> {
@@ -720,11 +668,6 @@ mod tests {
             self.timers
                 .peek(&retire_timer_id("s-1", "o-1"))
                 .map(|t| t.due_at)
-        }
-
-        fn commit(&mut self) {
-            self.state.commit();
-            self.timers.commit();
         }
 
         fn untouched(&self) -> bool {
@@ -755,7 +698,7 @@ mod tests {
 
     /// A harness with order `o-1` in `phase` (never `awaiting_ready_to_ship`), committed.
     fn at(phase: Phase) -> Result<Harness, Box<dyn Error>> {
-        let mut h = Harness::new();
+        let mut h = harness();
         h.ready("rts-1")?;
         for s in path_to(phase) {
             h.scan(&s)?;
@@ -824,7 +767,7 @@ mod tests {
 
     #[test]
     fn ready_to_ship_awaits_pickup_and_emits_nothing() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         assert_eq!(h.ready("rts-1")?, vec![]);
         let t = h.tracking().ok_or("no record")?;
         assert_eq!(t.phase, Phase::AwaitingPickup);
@@ -972,7 +915,7 @@ mod tests {
 
     #[test]
     fn a_full_journey_emits_each_event_with_its_fields() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         h.ready("rts-1")?;
         let mut out = Vec::new();
         out.extend(h.scan(&scan(ScanKind::PickedUp, 1, Some("warehouse")))?);
@@ -1090,7 +1033,7 @@ mod tests {
             }),
             Event::Packed(Packed { envelope: env }),
         ] {
-            let mut h = Harness::new();
+            let mut h = harness();
             assert_eq!(h.process_on(topics::FULFILLMENT_UPDATED, &event)?, vec![]);
             assert!(h.state.is_empty() && h.untouched());
         }
@@ -1099,7 +1042,7 @@ mod tests {
 
     #[test]
     fn early_scans_are_buffered_then_applied_in_scan_order() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let up = scan(ScanKind::PickedUp, 10, None);
         let hub = scan(ScanKind::InTransit, 20, Some("hub-a"));
         let ofd = scan(ScanKind::OutForDelivery, 30, None);
@@ -1154,7 +1097,7 @@ mod tests {
 
     #[test]
     fn early_scans_reaching_a_terminal_state_schedule_retirement() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         h.scan(&scan(ScanKind::Delivered, 20, None))?;
         h.scan(&scan(ScanKind::PickedUp, 10, None))?;
         h.now = T0 + 1_000;
@@ -1167,7 +1110,7 @@ mod tests {
 
     #[test]
     fn impossible_early_scans_become_anomalies_when_applied() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         // Delivered before picked up, by scan time: delivered is an anomaly in
         // awaiting_pickup; the later pickup then ships the order.
         h.scan(&scan(ScanKind::PickedUp, 20, None))?;
@@ -1186,7 +1129,7 @@ mod tests {
 
     #[test]
     fn equal_scan_times_keep_arrival_order() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         h.scan(&scan(ScanKind::PickedUp, 10, None))?;
         h.scan(&scan(ScanKind::InTransit, 10, Some("hub-a")))?;
         let out = h.ready("rts-1")?;
@@ -1196,7 +1139,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_reports_further_scans_as_anomalies() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         for i in 0..MAX_BUFFERED {
             h.scan(&scan(
                 ScanKind::InTransit,
@@ -1223,7 +1166,7 @@ mod tests {
 
     #[test]
     fn scans_without_a_ready_to_ship_are_reported_and_dropped_after_retention() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let first = scan(ScanKind::PickedUp, 10, None);
         h.scan(&first)?;
         h.now = T0 + 60_000;
@@ -1354,7 +1297,7 @@ mod tests {
             ),
         ];
         for (topic, event, class) in cases {
-            let mut h = Harness::new();
+            let mut h = harness();
             let result = h.process_on(topic, &event);
             assert_eq!(
                 result.as_ref().map_err(StageError::class),
@@ -1394,7 +1337,7 @@ mod tests {
 
     #[test]
     fn state_has_a_stable_changelog_shape_and_round_trips() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         h.scan(&scan(ScanKind::PickedUp, 10, Some("dock")))?;
         let waiting = h
             .state

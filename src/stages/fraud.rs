@@ -318,6 +318,7 @@ mod tests {
 
     use super::*;
     use crate::events::{Envelope, OrderLine, Picking, derive_id, order_created_id};
+    use crate::stages::driver::Driver;
 
     type TestResult = Result<(), Box<dyn Error>>;
 
@@ -361,44 +362,14 @@ mod tests {
         }
     }
 
-    struct Harness {
-        stage: FraudStage,
-        state: Store<FraudState>,
-        timers: Store<Timer>,
+    /// The stage on the runtime's own calls, at `NOW`.
+    type Harness = Driver<FraudStage>;
+
+    fn harness(settings: FraudSettings) -> Harness {
+        Driver::new(FraudStage::new(settings), NOW)
     }
 
-    impl Harness {
-        fn new(settings: FraudSettings) -> Self {
-            Harness {
-                stage: FraudStage::new(settings),
-                state: Store::default(),
-                timers: Store::default(),
-            }
-        }
-
-        /// Feeds one event as the runtime would: the cause is the input's envelope.
-        fn process(&mut self, event: &Event) -> Result<Vec<Event>, StageError> {
-            let mut out = Vec::new();
-            let cause = event.envelope().clone();
-            let mut ctx = Ctx::new(
-                "fraud",
-                NOW,
-                cause.event_id.clone(),
-                Some(cause),
-                &mut self.state,
-                &mut self.timers,
-                &mut out,
-            );
-            self.stage.process(
-                &mut ctx,
-                Input {
-                    topic: topics::ORDER_CREATED,
-                    event,
-                },
-            )?;
-            Ok(out)
-        }
-
+    impl Driver<FraudStage> {
         /// Feeds one order and returns its single output.
         fn screen(&mut self, order: &OrderCreated) -> Result<OrderScreened, Box<dyn Error>> {
             match self
@@ -431,7 +402,7 @@ mod tests {
 
     #[test]
     fn approves_an_order_that_passes_every_rule_and_carries_it_forward() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         let input = order("s-1", "c-1", "o-1", HOUR_MS);
         let screened = h.screen(&input)?;
         assert_eq!(screened.decision, ScreeningDecision::Approved);
@@ -452,7 +423,7 @@ mod tests {
 
     #[test]
     fn rejects_a_total_above_the_limit_but_not_at_it() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         let mut at_limit = order("s-1", "c-1", "o-1", 0);
         at_limit.items = vec![OrderLine {
             sku: "tv".into(),
@@ -479,7 +450,7 @@ mod tests {
 
     #[test]
     fn rejects_a_blocked_customer() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         let screened = h.screen(&order("s-1", "c-9", "o-1", 0))?;
         assert_eq!(screened.decision, ScreeningDecision::Rejected);
         assert_eq!(screened.reasons, ["blocked_customer: c-9"]);
@@ -493,7 +464,7 @@ mod tests {
 
     #[test]
     fn rejects_a_blocked_email_ignoring_case_and_surrounding_space() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         let mut input = order("s-1", "c-1", "o-1", 0);
         input.email = "  fraud@EXAMPLE.com\t".into();
         let screened = h.screen(&input)?;
@@ -506,7 +477,7 @@ mod tests {
 
     #[test]
     fn rejects_the_order_that_exceeds_the_velocity_limit() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         for i in 0..5 {
             let screened = h.screen(&order("s-1", "c-1", &format!("o-{i}"), i * 60_000))?;
             assert_eq!(screened.decision, ScreeningDecision::Approved, "order {i}");
@@ -524,7 +495,7 @@ mod tests {
 
     #[test]
     fn lists_every_failed_rule_in_a_stable_order() -> TestResult {
-        let mut h = Harness::new(FraudSettings {
+        let mut h = harness(FraudSettings {
             velocity_max_orders: 0,
             ..settings()
         });
@@ -551,7 +522,7 @@ mod tests {
 
     #[test]
     fn velocity_window_includes_its_boundary_and_prunes_older_orders() -> TestResult {
-        let mut h = Harness::new(FraudSettings {
+        let mut h = harness(FraudSettings {
             velocity_max_orders: 2,
             velocity_window_secs: 10,
             ..settings()
@@ -593,7 +564,7 @@ mod tests {
 
     #[test]
     fn velocity_is_counted_per_customer_and_per_store() -> TestResult {
-        let mut h = Harness::new(FraudSettings {
+        let mut h = harness(FraudSettings {
             velocity_max_orders: 1,
             ..settings()
         });
@@ -628,7 +599,7 @@ mod tests {
 
     #[test]
     fn the_sweep_drops_idle_windows_and_keeps_active_ones() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.screen(&order("s-1", "idle", "o-1", 0))?;
         h.screen(&order("s-1", "active", "o-2", HOUR_MS + 1))?;
         h.screen(&order("s-1", "active", "o-3", 2 * HOUR_MS))?;
@@ -668,7 +639,7 @@ mod tests {
 
     #[test]
     fn the_same_order_twice_counts_once_and_writes_nothing() -> TestResult {
-        let mut h = Harness::new(FraudSettings {
+        let mut h = harness(FraudSettings {
             velocity_max_orders: 1,
             ..settings()
         });
@@ -695,7 +666,7 @@ mod tests {
 
     #[test]
     fn a_late_order_older_than_the_window_is_screened_but_not_recorded() -> TestResult {
-        let mut h = Harness::new(FraudSettings {
+        let mut h = harness(FraudSettings {
             velocity_max_orders: 1,
             velocity_window_secs: 10,
             ..settings()
@@ -727,7 +698,7 @@ mod tests {
     #[test]
     fn output_envelope_is_caused_by_the_input_and_deterministic() -> TestResult {
         let input = order("s-1", "c-1", "o-1", 0);
-        let screened = Harness::new(settings()).screen(&input)?;
+        let screened = harness(settings()).screen(&input)?;
         let env = &screened.envelope;
         assert_eq!(
             env.event_id,
@@ -742,19 +713,19 @@ mod tests {
         assert_eq!(env.store_id, "s-1");
         assert_eq!(env.occurred_at, NOW);
 
-        let replayed = Harness::new(settings()).screen(&input)?;
+        let replayed = harness(settings()).screen(&input)?;
         assert_eq!(replayed.envelope.event_id, env.event_id);
         Ok(())
     }
 
     #[test]
     fn another_event_type_is_unexpected_and_leaves_no_trace() {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         let picking = Event::Picking(Picking {
             envelope: order("s-1", "c-1", "o-1", 0).envelope,
         });
         assert_eq!(
-            h.process(&picking),
+            h.process_on(topics::ORDER_CREATED, &picking),
             Err(StageError::Unexpected {
                 event_type: "Picking".into(),
                 topic: "order.created".into()
@@ -765,7 +736,7 @@ mod tests {
 
     #[test]
     fn an_order_whose_total_overflows_is_invalid_and_leaves_no_trace() {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         let mut input = order("s-1", "c-1", "o-1", 0);
         input.items = vec![OrderLine {
             sku: "x".into(),
@@ -782,7 +753,7 @@ mod tests {
 
     #[test]
     fn an_order_without_an_order_id_is_invalid() {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         let mut input = order("s-1", "c-1", "o-1", 0);
         input.envelope.order_id = None;
         assert!(matches!(
@@ -873,7 +844,7 @@ mod tests {
             orders in orders(),
             dups in prop::collection::vec(any::<(prop::sample::Index, prop::sample::Index)>(), 0..20),
         ) {
-            let mut h = Harness::new(prop_settings());
+            let mut h = harness(prop_settings());
             // The model: per key, every distinct order delivered and the newest placed_at.
             let mut seen: BTreeMap<String, (BTreeMap<String, i64>, i64)> = BTreeMap::new();
             for i in with_redeliveries(orders.len(), &dups) {
@@ -918,13 +889,13 @@ mod tests {
             orders in orders(),
             dups in prop::collection::vec(any::<(prop::sample::Index, prop::sample::Index)>(), 1..20),
         ) {
-            let mut clean = Harness::new(prop_settings());
+            let mut clean = harness(prop_settings());
             let mut expected = Vec::new();
             for o in &orders {
                 expected.push(clean.screen(o).map_err(fail)?);
             }
 
-            let mut noisy = Harness::new(prop_settings());
+            let mut noisy = harness(prop_settings());
             let mut first = Vec::new();
             let mut delivered = vec![false; orders.len()];
             for i in with_redeliveries(orders.len(), &dups) {

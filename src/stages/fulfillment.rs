@@ -302,7 +302,7 @@ mod tests {
         Envelope, EventType, PaymentFailed, PaymentFailureReason, PaymentRefunded, PaymentRetrying,
         derive_id,
     };
-    use crate::stages::Store;
+    use crate::stages::driver::Driver;
 
     type TestResult = Result<(), Box<dyn Error>>;
 
@@ -339,81 +339,14 @@ mod tests {
         })
     }
 
-    struct Harness {
-        stage: FulfillmentStage,
-        state: Store<FulfillmentState>,
-        timers: Store<Timer>,
-        now: i64,
+    /// The stage on the runtime's own calls, from `T0`.
+    type Harness = Driver<FulfillmentStage>;
+
+    fn harness() -> Harness {
+        Driver::new(FulfillmentStage::new(settings()), T0)
     }
 
-    impl Harness {
-        fn new() -> Self {
-            Harness {
-                stage: FulfillmentStage::new(settings()),
-                state: Store::default(),
-                timers: Store::default(),
-                now: T0,
-            }
-        }
-
-        fn process_on(&mut self, topic: &str, event: &Event) -> Result<Vec<Event>, StageError> {
-            let mut out = Vec::new();
-            let cause = event.envelope().clone();
-            let mut ctx = Ctx::new(
-                "fulfillment",
-                self.now,
-                cause.event_id.clone(),
-                Some(cause),
-                &mut self.state,
-                &mut self.timers,
-                &mut out,
-            );
-            self.stage.process(&mut ctx, Input { topic, event })?;
-            Ok(out)
-        }
-
-        fn process(&mut self, event: &Event) -> Result<Vec<Event>, StageError> {
-            self.process_on(topics::PAYMENT_PROCESSED, event)
-        }
-
-        /// Moves the clock to `now` and fires every due timer as the runtime does: in
-        /// (due_at, id) order, each removed from state before the stage sees it; timers
-        /// that firings schedule already due fire in the next round (the runtime's next
-        /// cycle).
-        fn advance_to(&mut self, now: i64) -> Result<Vec<Event>, StageError> {
-            self.now = now;
-            let mut out = Vec::new();
-            loop {
-                let mut due: Vec<Timer> = self
-                    .timers
-                    .iter()
-                    .filter(|(_, t)| t.due_at <= now)
-                    .map(|(_, t)| t.clone())
-                    .collect();
-                if due.is_empty() {
-                    return Ok(out);
-                }
-                due.sort_by(|a, b| (a.due_at, &a.id).cmp(&(b.due_at, &b.id)));
-                for timer in due {
-                    self.timers.remove(&timer.id);
-                    self.fire(&timer, &mut out)?;
-                }
-            }
-        }
-
-        fn fire(&mut self, timer: &Timer, out: &mut Vec<Event>) -> Result<(), StageError> {
-            let mut ctx = Ctx::new(
-                "fulfillment",
-                self.now,
-                timer.firing_id(),
-                timer.cause.clone(),
-                &mut self.state,
-                &mut self.timers,
-                out,
-            );
-            self.stage.on_timer(&mut ctx, timer)
-        }
-
+    impl Driver<FulfillmentStage> {
         fn phase(&self, store: &str, order: &str) -> Option<Phase> {
             self.state
                 .peek(&order_key(store, order))
@@ -442,7 +375,7 @@ mod tests {
     /// timers and outputs after each.
     #[test]
     fn every_transition_from_authorized_to_retired() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let auth = authorized("pa-1", "s-1", "o-1");
         let pack = timer_id(Step::Pack, "s-1", "o-1");
         let ready = timer_id(Step::Ready, "s-1", "o-1");
@@ -499,7 +432,7 @@ mod tests {
                 h.now = clock;
                 h.process(&auth)?
             } else {
-                h.advance_to(clock)?
+                h.advance_until_idle(clock)?
             };
             assert_eq!(types(&out), outputs, "row {i}: outputs");
             assert_eq!(h.phase("s-1", "o-1"), phase, "row {i}: phase");
@@ -519,7 +452,7 @@ mod tests {
 
     #[test]
     fn outputs_inherit_the_orders_envelope_with_deterministic_ids() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let auth = authorized("pa-1", "s-1", "o-1");
         let picking = h.process(&auth)?;
         let pack_timer = h
@@ -527,13 +460,13 @@ mod tests {
             .get(&timer_id(Step::Pack, "s-1", "o-1"))
             .cloned()
             .ok_or("no pack timer")?;
-        let packed = h.advance_to(T0 + PICK)?;
+        let packed = h.advance_until_idle(T0 + PICK)?;
         let ready_timer = h
             .timers
             .get(&timer_id(Step::Ready, "s-1", "o-1"))
             .cloned()
             .ok_or("no ready timer")?;
-        let ready = h.advance_to(T0 + PICK + PACK)?;
+        let ready = h.advance_until_idle(T0 + PICK + PACK)?;
 
         let expected = [
             (&picking, derive_id("pa-1", "fulfillment", 0), T0),
@@ -568,10 +501,10 @@ mod tests {
     #[test]
     fn a_replayed_firing_emits_the_same_ids() -> TestResult {
         let run = || -> Result<Vec<Event>, Box<dyn Error>> {
-            let mut h = Harness::new();
+            let mut h = harness();
             let mut out = h.process(&authorized("pa-1", "s-1", "o-1"))?;
-            out.extend(h.advance_to(T0 + PICK)?);
-            out.extend(h.advance_to(T0 + PICK + PACK)?);
+            out.extend(h.advance_until_idle(T0 + PICK)?);
+            out.extend(h.advance_until_idle(T0 + PICK + PACK)?);
             Ok(out)
         };
         assert_eq!(run()?, run()?);
@@ -591,9 +524,9 @@ mod tests {
         ];
         for (clock, phase) in cases {
             for dup_id in ["pa-1", "pa-replayed"] {
-                let mut h = Harness::new();
+                let mut h = harness();
                 h.process(&authorized("pa-1", "s-1", "o-1"))?;
-                h.advance_to(clock)?;
+                h.advance_until_idle(clock)?;
                 let timers_before = h.timer_ids();
                 let dues_before: Vec<i64> = timers_before
                     .iter()
@@ -631,9 +564,9 @@ mod tests {
     fn after_retirement_a_replay_starts_again() -> TestResult {
         // The dedup memory is bounded: past `RETAIN_MS` the order is forgotten, as the
         // runtime's seen-set forgets event IDs after its retention.
-        let mut h = Harness::new();
+        let mut h = harness();
         h.process(&authorized("pa-1", "s-1", "o-1"))?;
-        h.advance_to(T0 + PICK + PACK + RETAIN_MS)?;
+        h.advance_until_idle(T0 + PICK + PACK + RETAIN_MS)?;
         assert!(h.state.is_empty());
         let out = h.process(&authorized("pa-late", "s-1", "o-1"))?;
         assert_eq!(types(&out), [EventType::Picking]);
@@ -642,19 +575,19 @@ mod tests {
 
     #[test]
     fn orders_progress_independently_per_store_and_order() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         h.process(&authorized("a", "s-1", "o-1"))?;
         h.now = T0 + 500;
         h.process(&authorized("b", "s-2", "o-1"))?;
         h.process(&authorized("c", "s-1", "o-2"))?;
-        let out = h.advance_to(T0 + PICK)?;
+        let out = h.advance_until_idle(T0 + PICK)?;
         assert_eq!(types(&out), [EventType::Packed]);
         assert_eq!(out[0].envelope().store_id, "s-1");
         assert_eq!(out[0].envelope().order_id.as_deref(), Some("o-1"));
         assert_eq!(h.phase("s-1", "o-1"), Some(Phase::Packed));
         assert_eq!(h.phase("s-2", "o-1"), Some(Phase::Picking));
         assert_eq!(h.phase("s-1", "o-2"), Some(Phase::Picking));
-        let out = h.advance_to(T0 + 500 + PICK)?;
+        let out = h.advance_until_idle(T0 + 500 + PICK)?;
         assert_eq!(types(&out), [EventType::Packed, EventType::Packed]);
         Ok(())
     }
@@ -663,7 +596,7 @@ mod tests {
     fn a_late_firing_keeps_the_orders_schedule() -> TestResult {
         // The worker was down: the pack timer fires 10 s late, and the ready timer is
         // due `pack_ms` after the pack timer was due, not after it fired.
-        let mut h = Harness::new();
+        let mut h = harness();
         h.process(&authorized("pa-1", "s-1", "o-1"))?;
         h.now = T0 + PICK + 10_000;
         let pack = h
@@ -672,8 +605,7 @@ mod tests {
             .cloned()
             .ok_or("no pack timer")?;
         h.timers.remove(&pack.id);
-        let mut out = Vec::new();
-        h.fire(&pack, &mut out)?;
+        let out = h.fire_timer(&pack)?;
         assert_eq!(types(&out), [EventType::Packed]);
         assert_eq!(out[0].envelope().occurred_at, T0 + PICK + 10_000);
         let ready = h
@@ -681,7 +613,7 @@ mod tests {
             .get(&timer_id(Step::Ready, "s-1", "o-1"))
             .ok_or("no ready timer")?;
         assert_eq!(ready.due_at, T0 + PICK + PACK);
-        let out = h.advance_to(T0 + PICK + 10_000)?;
+        let out = h.advance_until_idle(T0 + PICK + 10_000)?;
         assert_eq!(types(&out), [EventType::ReadyToShip]);
         assert_eq!(
             h.timers
@@ -694,13 +626,13 @@ mod tests {
 
     #[test]
     fn zero_delays_still_give_distinct_ids() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         h.stage = FulfillmentStage::new(FulfillmentSettings {
             pick_ms: 0,
             pack_ms: 0,
         });
         let mut out = h.process(&authorized("pa-1", "s-1", "o-1"))?;
-        out.extend(h.advance_to(T0)?);
+        out.extend(h.advance_until_idle(T0)?);
         assert_eq!(
             types(&out),
             [
@@ -745,7 +677,7 @@ mod tests {
             }),
         ];
         for event in &others {
-            let mut h = Harness::new();
+            let mut h = harness();
             assert_eq!(h.process(event)?, vec![], "{}", event.event_type());
             assert!(h.state.is_empty() && !h.state.has_changes());
             assert!(h.timers.is_empty());
@@ -755,12 +687,12 @@ mod tests {
 
     #[test]
     fn another_event_type_or_topic_is_unexpected_and_leaves_no_trace() {
-        let mut h = Harness::new();
+        let mut h = harness();
         let picking = Event::Picking(Picking {
             envelope: envelope("x", "s-1", "o-1"),
         });
         assert_eq!(
-            h.process(&picking),
+            h.process_on(topics::PAYMENT_PROCESSED, &picking),
             Err(StageError::Unexpected {
                 event_type: "Picking".into(),
                 topic: "payment.processed".into()
@@ -779,7 +711,7 @@ mod tests {
 
     #[test]
     fn an_authorization_without_an_order_id_is_invalid_and_leaves_no_trace() {
-        let mut h = Harness::new();
+        let mut h = harness();
         let mut auth = authorized("pa-1", "s-1", "o-1");
         auth.envelope_mut().order_id = None;
         assert!(matches!(
@@ -794,10 +726,10 @@ mod tests {
     fn stale_timers_do_nothing() -> TestResult {
         // A timer whose step does not match the phase (or whose record is gone) is
         // ignored: e.g. a pack timer restored from an older changelog than the state.
-        let mut h = Harness::new();
+        let mut h = harness();
         let auth = authorized("pa-1", "s-1", "o-1");
         h.process(&auth)?;
-        h.advance_to(T0 + PICK)?;
+        h.advance_until_idle(T0 + PICK)?;
         h.state.commit();
         let key = order_key("s-1", "o-1");
         for step in [Step::Pack, Step::Retire] {
@@ -810,8 +742,7 @@ mod tests {
                     step,
                 })?,
             };
-            let mut out = Vec::new();
-            h.fire(&stale, &mut out)?;
+            let out = h.fire_timer(&stale)?;
             assert!(out.is_empty(), "{step:?}");
             assert_eq!(h.phase("s-1", "o-1"), Some(Phase::Packed));
             assert!(!h.state.has_changes(), "{step:?}");
@@ -825,24 +756,22 @@ mod tests {
                 step: Step::Ready,
             })?,
         };
-        let mut out = Vec::new();
-        h.fire(&gone, &mut out)?;
+        let out = h.fire_timer(&gone)?;
         assert!(out.is_empty() && !h.state.has_changes());
         Ok(())
     }
 
     #[test]
     fn a_timer_with_a_bad_payload_is_an_error_not_a_panic() {
-        let mut h = Harness::new();
+        let mut h = harness();
         let bad = Timer {
             id: "pack/s-1/o-1".into(),
             due_at: T0,
             cause: None,
             payload: serde_json::json!({"nope": 1}),
         };
-        let mut out = Vec::new();
         assert!(matches!(
-            h.fire(&bad, &mut out),
+            h.fire_timer(&bad),
             Err(StageError::Invalid(ref m)) if m.contains("pack/s-1/o-1")
         ));
     }
@@ -867,7 +796,7 @@ mod tests {
         assert_eq!(json, r#"{"order":{"phase":"ready_to_ship","since":5}}"#);
         assert_eq!(serde_json::from_str::<FulfillmentState>(&json)?, state);
 
-        let mut h = Harness::new();
+        let mut h = harness();
         h.process(&authorized("pa-1", "s-1", "o-1"))?;
         let timer = h.timers.get("pack/s-1/o-1").ok_or("no pack timer")?;
         assert_eq!(

@@ -709,6 +709,7 @@ mod tests {
 
     use super::*;
     use crate::events::{PaymentFailureReason, PaymentRefunded, PaymentRetrying, derive_id};
+    use crate::stages::driver::Driver;
 
     type TestResult = Result<(), Box<dyn Error>>;
 
@@ -882,45 +883,14 @@ mod tests {
         events.iter().map(brief).collect()
     }
 
-    struct Harness {
-        stage: InventoryStage,
-        state: Store<InventoryState>,
-        timers: Store<Timer>,
-        now: i64,
+    /// The stage on the runtime's own calls, at `NOW`.
+    type Harness = Driver<InventoryStage>;
+
+    fn harness(settings: InventorySettings) -> Harness {
+        Driver::new(InventoryStage::new(settings), NOW)
     }
 
-    impl Harness {
-        fn new(settings: InventorySettings) -> Self {
-            Harness {
-                stage: InventoryStage::new(settings),
-                state: Store::default(),
-                timers: Store::default(),
-                now: NOW,
-            }
-        }
-
-        /// Feeds one event on the topic its type is published to.
-        fn process(&mut self, event: &Event) -> Result<Vec<Event>, StageError> {
-            self.process_on(topics::topic_of(event.event_type()), event)
-        }
-
-        /// Feeds one event as the runtime would: the cause is the input's envelope.
-        fn process_on(&mut self, topic: &str, event: &Event) -> Result<Vec<Event>, StageError> {
-            let mut out = Vec::new();
-            let cause = event.envelope().clone();
-            let mut ctx = Ctx::new(
-                "inventory",
-                self.now,
-                cause.event_id.clone(),
-                Some(cause),
-                &mut self.state,
-                &mut self.timers,
-                &mut out,
-            );
-            self.stage.process(&mut ctx, Input { topic, event })?;
-            Ok(out)
-        }
-
+    impl Driver<InventoryStage> {
         /// Feeds events that must all succeed; returns their outputs, concatenated.
         fn run(&mut self, events: &[Event]) -> Result<Vec<Event>, StageError> {
             let mut out = Vec::new();
@@ -930,45 +900,9 @@ mod tests {
             Ok(out)
         }
 
-        /// Fires one timer as the runtime does: removed from state, then handed over.
-        fn fire(&mut self, id: &str) -> Result<Vec<Event>, Box<dyn Error>> {
-            let timer = self
-                .timers
-                .remove(id)
-                .ok_or_else(|| format!("no timer {id}"))?;
-            self.fire_timer(&timer)
-        }
-
-        fn fire_timer(&mut self, timer: &Timer) -> Result<Vec<Event>, Box<dyn Error>> {
-            let mut out = Vec::new();
-            let mut ctx = Ctx::new(
-                "inventory",
-                self.now,
-                timer.firing_id(),
-                timer.cause.clone(),
-                &mut self.state,
-                &mut self.timers,
-                &mut out,
-            );
-            self.stage.on_timer(&mut ctx, timer)?;
-            Ok(out)
-        }
-
-        /// Moves the clock and fires every due timer in the runtime's order.
-        fn advance_to(&mut self, now: i64) -> Result<Vec<Event>, Box<dyn Error>> {
-            self.now = now;
-            let mut due: Vec<(i64, String)> = self
-                .timers
-                .iter()
-                .filter(|(_, t)| t.due_at <= now)
-                .map(|(id, t)| (t.due_at, id.clone()))
-                .collect();
-            due.sort();
-            let mut out = Vec::new();
-            for (_, id) in due {
-                out.extend(self.fire(&id)?);
-            }
-            Ok(out)
+        /// Fires timer `id`, which must exist.
+        fn fire_id(&mut self, id: &str) -> Result<Vec<Event>, Box<dyn Error>> {
+            Ok(self.fire(id).ok_or_else(|| format!("no timer {id}"))??)
         }
 
         fn stock(&self, store: &str, sku: &str) -> Option<StockLevel> {
@@ -988,11 +922,6 @@ mod tests {
 
         fn timer(&self, id: &str) -> Option<&Timer> {
             self.timers.peek(id)
-        }
-
-        fn commit(&mut self) {
-            self.state.commit();
-            self.timers.commit();
         }
 
         fn untouched(&self) -> bool {
@@ -1096,7 +1025,7 @@ mod tests {
             ),
         ];
         for &(case, before, items, outputs, after) in cases {
-            let mut h = Harness::new(settings());
+            let mut h = harness(settings());
             for &(sku, n) in before {
                 h.process(&restock("s-1", sku, n))?;
             }
@@ -1117,7 +1046,7 @@ mod tests {
 
     #[test]
     fn a_reservation_carries_the_order_forward() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&restock("s-1", "a", 5))?;
         let input = approved("s-1", "o-1", &[("a", 2)]);
         let Event::OrderScreened(screened) = &input else {
@@ -1146,7 +1075,7 @@ mod tests {
         assert_eq!(r.envelope.occurred_at, NOW);
 
         // The same input again (a fresh partition replaying it) yields the same IDs.
-        let mut again = Harness::new(settings());
+        let mut again = harness(settings());
         again.process(&restock("s-1", "a", 5))?;
         assert_eq!(again.process(&input)?, out);
         Ok(())
@@ -1154,7 +1083,7 @@ mod tests {
 
     #[test]
     fn rejected_screenings_are_ignored() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&restock("s-1", "a", 5))?;
         h.commit();
         let rejected = screening("s-1", "o-1", &[("a", 2)], ScreeningDecision::Rejected);
@@ -1194,7 +1123,7 @@ mod tests {
             ),
         ];
         for (case, history, record) in cases {
-            let mut h = Harness::new(settings());
+            let mut h = harness(settings());
             h.process(&restock("s-1", "a", 5))?;
             h.run(history)?;
             // Plenty of stock now, so only the order's record can prevent a reservation.
@@ -1266,7 +1195,7 @@ mod tests {
             ),
         ];
         for (case, before, command, outputs, available) in cases {
-            let mut h = Harness::new(settings());
+            let mut h = harness(settings());
             h.run(before)?;
             let out = h.process(command)?;
             assert_eq!(briefs(&out), *outputs, "{case}");
@@ -1291,7 +1220,7 @@ mod tests {
 
     #[test]
     fn an_adjustment_below_zero_is_invalid_and_leaves_no_trace() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&restock("s-1", "a", 3))?;
         let before = h.stock("s-1", "a");
         h.commit();
@@ -1306,7 +1235,7 @@ mod tests {
         assert_eq!(h.stock("s-1", "a"), before);
 
         // On a partition that never saw an input, not even the watchdog is scheduled.
-        let mut fresh = Harness::new(settings());
+        let mut fresh = harness(settings());
         assert!(matches!(
             fresh.process(&adjust("s-1", "a", -1)),
             Err(StageError::Invalid(_))
@@ -1421,7 +1350,7 @@ mod tests {
             ),
         ];
         for (case, before, input, message) in cases {
-            let mut h = Harness::new(settings());
+            let mut h = harness(settings());
             h.run(&before)?;
             h.commit();
             let snapshot: BTreeMap<String, InventoryState> = h
@@ -1455,7 +1384,7 @@ mod tests {
             (topics::ORDER_CREATED, approved("s-1", "o-1", &[])),
         ];
         for (topic, event) in cases {
-            let mut h = Harness::new(settings());
+            let mut h = harness(settings());
             assert_eq!(
                 h.process_on(topic, &event),
                 Err(StageError::Unexpected {
@@ -1471,7 +1400,7 @@ mod tests {
 
     #[test]
     fn a_threshold_is_recorded_without_output() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         assert_eq!(h.process(&threshold("s-1", "a", 3))?, []);
         assert_eq!(
             h.stock("s-1", "a"),
@@ -1498,7 +1427,7 @@ mod tests {
 
     #[test]
     fn a_crossing_alerts_once_per_low_spell_and_rearms_above_the_threshold() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         // (step, outputs, available after, armed after)
         let steps: Vec<(Event, &[&str], i32, bool)> = vec![
             (threshold("s-1", "a", 3), &[], 0, false),
@@ -1552,7 +1481,7 @@ mod tests {
 
     #[test]
     fn a_crossing_alert_names_the_sku_not_the_order() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&restock("s-1", "a", 1))?;
         let input = approved("s-1", "o-1", &[("a", 1)]);
         let out = h.process(&input)?;
@@ -1584,7 +1513,7 @@ mod tests {
             (5, 7, 1, &["reserved a:1"]),
         ];
         for &(default, stock, reserve, outputs) in cases {
-            let mut h = Harness::new(InventorySettings {
+            let mut h = harness(InventorySettings {
                 default_low_stock_threshold: default,
                 ..settings()
             });
@@ -1601,7 +1530,7 @@ mod tests {
 
     #[test]
     fn a_new_threshold_does_not_alert_by_itself() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&restock("s-1", "a", 5))?;
         // Raised above the stock: no alert now (the watchdog reports it), but the next
         // decrease alerts, once, because this low spell has not alerted yet.
@@ -1626,7 +1555,7 @@ mod tests {
 
     #[test]
     fn a_failed_payment_releases_the_reservation_exactly_once() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.run(&[restock("s-1", "a", 5), restock("s-1", "b", 2)])?;
         h.process(&approved("s-1", "o-1", &[("a", 2), ("b", 1), ("a", 1)]))?;
         assert_eq!(
@@ -1671,7 +1600,7 @@ mod tests {
 
     #[test]
     fn a_release_rearms_the_alert() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&restock("s-1", "a", 1))?;
         assert_eq!(
             briefs(&h.process(&approved("s-1", "o-1", &[("a", 1)]))?),
@@ -1691,7 +1620,7 @@ mod tests {
 
     #[test]
     fn an_authorized_payment_sells_the_reservation_and_nothing_is_released_after() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&restock("s-1", "a", 5))?;
         h.process(&approved("s-1", "o-1", &[("a", 2)]))?;
         assert_eq!(h.process(&authorized("s-1", "o-1"))?, []);
@@ -1726,7 +1655,7 @@ mod tests {
             ("same order ID, other store", failed("s-2", "o-1")),
         ];
         for (case, event) in cases {
-            let mut h = Harness::new(settings());
+            let mut h = harness(settings());
             h.run(&[restock("s-1", "a", 5), approved("s-1", "o-1", &[("a", 2)])])?;
             h.run(&[restock("s-2", "a", 5)])?;
             h.commit();
@@ -1744,7 +1673,7 @@ mod tests {
 
     #[test]
     fn the_watchdog_is_scheduled_once_by_the_first_input() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         // Even an input that is otherwise ignored.
         let first = screening("s/1", "o-1", &[], ScreeningDecision::Rejected);
         h.process(&first)?;
@@ -1773,7 +1702,7 @@ mod tests {
 
     #[test]
     fn the_watchdog_lists_exactly_the_low_skus_and_reschedules() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.run(&[
             restock("s-1", "b", 5),
             restock("s-1", "a", 1),
@@ -1831,7 +1760,7 @@ mod tests {
 
     #[test]
     fn the_watchdog_skips_rounds_missed_while_nobody_ran_it() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&threshold("s-1", "a", 1))?;
         let late = NOW + WATCHDOG_MS * 4 + WATCHDOG_MS / 2;
         assert_eq!(briefs(&h.advance_to(late)?), ["low s-1/a 0<=1 watchdog"]);
@@ -1844,7 +1773,7 @@ mod tests {
 
     #[test]
     fn a_lost_watchdog_timer_is_scheduled_again() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&restock("s-1", "a", 1))?;
         h.timers.remove("watchdog/s-1");
         // Overdue, but by less than an interval: the runtime fires it at the batch's end.
@@ -1864,13 +1793,13 @@ mod tests {
             watchdog_interval_secs: 0,
             ..settings()
         };
-        let mut h = Harness::new(off.clone());
+        let mut h = harness(off.clone());
         h.process(&threshold("s-1", "a", 1))?;
         assert!(h.timers.is_empty());
         assert_eq!(h.state.get(WATCHDOG_KEY), None);
 
         // Turned off after it was scheduled: the next input cancels it...
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&threshold("s-1", "a", 1))?;
         h.stage = InventoryStage::new(off.clone());
         h.process(&restock("s-1", "a", 1))?;
@@ -1878,7 +1807,7 @@ mod tests {
         assert_eq!(h.state.get(WATCHDOG_KEY), None);
 
         // ... or, if it fires first, it says nothing and is not scheduled again.
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.process(&threshold("s-1", "a", 1))?;
         h.stage = InventoryStage::new(off);
         assert_eq!(h.advance_to(NOW + WATCHDOG_MS)?, []);
@@ -1910,7 +1839,7 @@ mod tests {
             ),
         ];
         for (case, history, outcome) in cases {
-            let mut h = Harness::new(InventorySettings {
+            let mut h = harness(InventorySettings {
                 watchdog_interval_secs: 0,
                 ..settings()
             });
@@ -1934,7 +1863,7 @@ mod tests {
 
     #[test]
     fn a_retirement_timer_never_drops_a_live_reservation() -> TestResult {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         h.run(&[restock("s-1", "a", 5), approved("s-1", "o-1", &[("a", 2)])])?;
         h.commit();
         let stray = Timer {
@@ -1951,7 +1880,7 @@ mod tests {
 
     #[test]
     fn an_unknown_timer_is_invalid() {
-        let mut h = Harness::new(settings());
+        let mut h = harness(settings());
         let timer = Timer {
             id: "pick/o-1".into(),
             due_at: NOW,
@@ -2187,7 +2116,7 @@ mod tests {
         /// lists exactly the low SKUs.
         #[test]
         fn stock_balances_and_never_goes_negative(ops in prop::collection::vec(op(), 1..80)) {
-            let mut h = Harness::new(InventorySettings {
+            let mut h = harness(InventorySettings {
                 watchdog_interval_secs: 60,
                 default_low_stock_threshold: PROP_DEFAULT_THRESHOLD,
             });
@@ -2315,7 +2244,7 @@ mod tests {
                                 Vec::new()
                             }
                             Some(id) => {
-                                let out = h.fire(&id).map_err(fail)?;
+                                let out = h.fire_id(&id).map_err(fail)?;
                                 prop_assert!(h.timer(&id).is_some(), "watchdog not rescheduled");
                                 for ((store, sku), l) in &ledger {
                                     if l.known && l.available() <= l.threshold() {
@@ -2330,7 +2259,7 @@ mod tests {
                         let ids: Vec<String> = h.timers.iter().map(|(id, _)| id.clone()).filter(|id| id.starts_with("retire/")).collect();
                         let mut out = Vec::new();
                         for id in ids {
-                            out.extend(h.fire(&id).map_err(fail)?);
+                            out.extend(h.fire_id(&id).map_err(fail)?);
                         }
                         closed.clear();
                         out
@@ -2427,7 +2356,7 @@ mod tests {
         /// happened before: no order is reserved or released twice.
         #[test]
         fn replays_with_new_ids_change_nothing(ops in prop::collection::vec(op(), 1..80)) {
-            let mut h = Harness::new(InventorySettings {
+            let mut h = harness(InventorySettings {
                 watchdog_interval_secs: 60,
                 default_low_stock_threshold: PROP_DEFAULT_THRESHOLD,
             });
@@ -2436,7 +2365,7 @@ mod tests {
                     let prefix = if matches!(op, Op::Watchdog) { "watchdog/" } else { "retire/" };
                     let ids: Vec<String> = h.timers.iter().map(|(id, _)| id.clone()).filter(|id| id.starts_with(prefix)).collect();
                     for id in ids {
-                        h.fire(&id).map_err(fail)?;
+                        h.fire_id(&id).map_err(fail)?;
                     }
                     continue;
                 };

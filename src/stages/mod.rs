@@ -6,6 +6,8 @@
 //! runtime persists the state, produces the outputs and commits, together.
 
 pub mod delivery;
+#[cfg(test)]
+pub mod driver;
 pub mod fraud;
 pub mod fulfillment;
 pub mod inventory;

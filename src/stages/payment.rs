@@ -560,7 +560,8 @@ mod tests {
     use crate::events::{
         DeliveryFailed, Envelope, OrderLine, StockRejected, StockReserved, order_created_id,
     };
-    use crate::stages::Store;
+    use crate::runtime::invoke;
+    use crate::stages::driver::Driver;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -609,12 +610,11 @@ mod tests {
         })
     }
 
-    /// The stage, its partition's state and timers, and a clock.
-    struct Harness {
-        stage: PaymentStage,
-        state: Store<PaymentState>,
-        timers: Store<Timer>,
-        now: i64,
+    /// The stage on the runtime's own calls, from `T0`.
+    type Harness = Driver<PaymentStage>;
+
+    fn harness() -> Harness {
+        Driver::new(PaymentStage::new(settings()), T0)
     }
 
     /// What one call produced.
@@ -624,31 +624,15 @@ mod tests {
         effects: Vec<Effect>,
     }
 
-    impl Harness {
-        fn new() -> Self {
-            Harness {
-                stage: PaymentStage::new(settings()),
-                state: Store::default(),
-                timers: Store::default(),
-                now: T0,
-            }
+    impl Driver<PaymentStage> {
+        fn step(&mut self, out: Vec<Event>) -> Step {
+            let effects = self.requested.drain(..).map(|(e, _)| e).collect();
+            Step { out, effects }
         }
 
         fn input(&mut self, topic: &'static str, event: &Event) -> Result<Step, StageError> {
-            let mut out = Vec::new();
-            let env = event.envelope().clone();
-            let mut ctx = Ctx::new(
-                "payment",
-                self.now,
-                env.event_id.clone(),
-                Some(env),
-                &mut self.state,
-                &mut self.timers,
-                &mut out,
-            );
-            self.stage.process(&mut ctx, Input { topic, event })?;
-            let effects = ctx.take_effects();
-            Ok(Step { out, effects })
+            let out = self.process_on(topic, event)?;
+            Ok(self.step(out))
         }
 
         fn reserve(&mut self, order: &str) -> Result<Step, StageError> {
@@ -657,49 +641,20 @@ mod tests {
 
         /// Hands the outcome of `effect` back, with the cause the runtime would give it.
         fn outcome(&mut self, order: &str, effect: &Effect, outcome: EffectOutcome) -> Step {
-            let mut out = Vec::new();
             let cause = envelope(order, &format!("reserved/{order}"));
-            let cause_id = format!("effect/{}/{}", effect.id(), outcome.class());
-            let mut ctx = Ctx::new(
-                "payment",
-                self.now,
-                cause_id,
-                Some(cause),
-                &mut self.state,
-                &mut self.timers,
-                &mut out,
-            );
-            self.stage
-                .on_effect(&mut ctx, effect, &outcome)
+            let out = self
+                .react(effect, &outcome, Some(&cause))
                 .expect("reactions never fail");
-            let effects = ctx.take_effects();
-            Step { out, effects }
+            self.step(out)
         }
 
         /// Advances the clock to the next due timer and fires it.
         fn fire_next(&mut self) -> Option<(Timer, Step)> {
-            let timer = self
-                .timers
-                .iter()
-                .map(|(_, t)| t.clone())
-                .min_by_key(|t| t.due_at)?;
+            let timer = invoke::due(&self.timers, i64::MAX).into_iter().next()?;
             self.timers.remove(&timer.id);
             self.now = self.now.max(timer.due_at);
-            let mut out = Vec::new();
-            let mut ctx = Ctx::new(
-                "payment",
-                self.now,
-                timer.firing_id(),
-                timer.cause.clone(),
-                &mut self.state,
-                &mut self.timers,
-                &mut out,
-            );
-            self.stage
-                .on_timer(&mut ctx, &timer)
-                .expect("timers never fail");
-            let effects = ctx.take_effects();
-            Some((timer, Step { out, effects }))
+            let out = self.fire_timer(&timer).expect("timers never fail");
+            Some((timer, self.step(out)))
         }
 
         fn status(&self, order: &str) -> Option<Status> {
@@ -722,7 +677,7 @@ mod tests {
 
     #[test]
     fn a_reservation_requests_one_authorization_with_the_orders_key() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let step = h.reserve("o-1")?;
         assert!(step.out.is_empty());
         assert_eq!(
@@ -742,7 +697,7 @@ mod tests {
 
     #[test]
     fn success_emits_payment_authorized() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let effect = h.reserve("o-1")?.effects.remove(0);
         let step = h.outcome("o-1", &effect, ok("auth-9"));
         let [Event::PaymentAuthorized(a)] = step.out.as_slice() else {
@@ -769,7 +724,7 @@ mod tests {
 
     #[test]
     fn a_decline_fails_at_once_without_retrying() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let effect = h.reserve("o-1")?.effects.remove(0);
         let step = h.outcome(
             "o-1",
@@ -797,7 +752,7 @@ mod tests {
 
     #[test]
     fn transient_failures_retry_with_backoff_then_succeed() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let mut effect = h.reserve("o-1")?.effects.remove(0);
         let key = order_key("s-1", "o-1");
         let mut expected_due = T0;
@@ -844,7 +799,7 @@ mod tests {
 
     #[test]
     fn exhausted_attempts_fail_as_gateway_unavailable() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let mut effect = h.reserve("o-1")?.effects.remove(0);
         for _ in 1..settings().max_attempts {
             h.outcome("o-1", &effect, transient());
@@ -917,7 +872,7 @@ mod tests {
 
     #[test]
     fn a_replayed_reservation_does_not_authorize_again() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let effect = h.reserve("o-1")?.effects.remove(0);
         h.outcome("o-1", &effect, ok("auth-1"));
         let again = h.reserve("o-1")?;
@@ -927,7 +882,7 @@ mod tests {
 
     #[test]
     fn stale_outcomes_and_timers_change_nothing() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let first = h.reserve("o-1")?.effects.remove(0);
         h.outcome("o-1", &first, transient());
         // The outcome of attempt 1 arrives again (a replayed batch): attempt 2 is pending.
@@ -939,7 +894,7 @@ mod tests {
 
     #[test]
     fn a_failed_delivery_refunds_an_authorized_order_once() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let effect = h.reserve("o-1")?.effects.remove(0);
         h.outcome("o-1", &effect, ok("auth-1"));
         let step = h.input(topics::DELIVERY_UPDATED, &delivery_failed("o-1"))?;
@@ -999,7 +954,7 @@ mod tests {
 
     #[test]
     fn a_failed_delivery_of_an_unpaid_order_refunds_nothing() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         assert!(
             h.input(topics::DELIVERY_UPDATED, &delivery_failed("o-9"))?
                 .effects
@@ -1023,7 +978,7 @@ mod tests {
 
     #[test]
     fn other_inventory_events_are_ignored_and_foreign_ones_unexpected() -> TestResult {
-        let mut h = Harness::new();
+        let mut h = harness();
         let rejected = Event::StockRejected(StockRejected {
             envelope: envelope("o-2", "rej"),
             short: vec![],
@@ -1042,7 +997,7 @@ mod tests {
         // Retry notices of successive attempts and the final failure all react to the same
         // idempotency key with the same outcome class; consumers that deduplicate by event
         // ID must still see each of them.
-        let mut h = Harness::new();
+        let mut h = harness();
         let mut effect = h.reserve("o-1")?.effects.remove(0);
         let mut ids = Vec::new();
         for _ in 1..settings().max_attempts {
@@ -1070,8 +1025,8 @@ mod tests {
     fn outputs_of_different_outcomes_have_different_ids() -> TestResult {
         // A replay whose call fails transiently where the first call succeeded (or the
         // reverse) must not reuse the first outputs' IDs for different events.
-        let mut a = Harness::new();
-        let mut b = Harness::new();
+        let mut a = harness();
+        let mut b = harness();
         let effect = a.reserve("o-1")?.effects.remove(0);
         b.reserve("o-1")?;
         let authorized = a.outcome("o-1", &effect, ok("auth-1")).out;
@@ -1081,7 +1036,7 @@ mod tests {
             retrying[0].envelope().event_id
         );
         // The same outcome twice gives the same ID.
-        let mut c = Harness::new();
+        let mut c = harness();
         c.reserve("o-1")?;
         assert_eq!(
             c.outcome("o-1", &effect, ok("auth-1")).out[0]
