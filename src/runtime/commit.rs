@@ -21,7 +21,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::changelog::{BatchRecords, ChangelogRecord, GEN_HEADER, SEQ_HEADER};
 use super::crash::{self, Point};
-use super::dispatch::{Outputs, fit};
+use super::dead_letter::fit;
+use super::dispatch::Outputs;
 use super::disposition::{Disposition, backoff, classify};
 use super::outbox::Out;
 use super::stage::StageBackend;

@@ -180,7 +180,7 @@ impl Backend for SinkBackend {
 
 impl Worker<SinkBackend> {
     fn apply_batch(&mut self, batch: Vec<OwnedMessage>) {
-        let batch = super::in_time_order(batch);
+        let batch = super::consume::in_time_order(batch);
         self.batches += 1;
         let mut effects: Vec<Effects> = Vec::new();
         let mut dead = super::dispatch::Outputs::new();
