@@ -27,15 +27,15 @@
 //!
 //! # Layout
 //!
-//! - this module: the loop ([`Worker::run`]) and the [`Backend`] / [`Part`] seam;
-//! - [`consume`]: polling, rebalances, restores off the thread, input positioning;
-//! - [`stage`], [`dispatch`], [`commit`]: the stage backend — running the stage over a
+//! - this module: the loop (`Worker::run`) and the `Backend` / `Part` seam;
+//! - `consume`: polling, rebalances, restores off the thread, input positioning;
+//! - `stage`, `dispatch`, `commit`: the stage backend — running the stage over a
 //!   batch, and committing it (changelog, transactions or the outbox);
-//! - [`sink`]: the SQL sink backend;
-//! - [`invoke`]: one call of a stage, shared with the stages' test driver;
-//! - [`dead_letter`]: the DLQ record of a record that can never be processed;
-//! - [`changelog`], [`restore`], [`outbox`], [`effects`], [`disposition`], [`crash`],
-//!   [`kafka`], [`clock`]: what those build on.
+//! - `sink`: the SQL sink backend;
+//! - `invoke`: one call of a stage, shared with the stages' test driver;
+//! - `dead_letter`: the DLQ record of a record that can never be processed;
+//! - `changelog`, `restore`, `outbox`, `effects`, `disposition`, `crash`,
+//!   `kafka`, `clock`: what those build on.
 
 pub mod changelog;
 pub mod clock;
