@@ -98,15 +98,16 @@ async fn rebuild(settings: Settings, sink: Sink) -> anyhow::Result<()> {
     let mut probe = Probe::new(&settings)?;
     let mut last: BTreeMap<(String, i32), Option<i64>> = BTreeMap::new();
     let result = loop {
-        if worker.is_finished() {
-            break Err(anyhow::anyhow!(
-                "the {sink} sink stopped before catching up"
-            ));
-        }
+        // Interrupted first: a signal stops the sink too.
         if shutdown.is_cancelled() {
             break Err(anyhow::anyhow!(
                 "interrupted: the tables of {sink} are partly rebuilt; run the rebuild again \
                  (or let a running {sink} worker finish it)"
+            ));
+        }
+        if worker.is_finished() {
+            break Err(anyhow::anyhow!(
+                "the {sink} sink stopped before catching up"
             ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
