@@ -4,6 +4,7 @@
 mod gateway;
 mod load;
 mod migrate;
+mod replay;
 mod run;
 mod topics;
 
@@ -40,6 +41,9 @@ pub enum Command {
     Load(load::LoadArgs),
     /// Create or upgrade the read side's SQL tables (idempotent).
     Migrate(migrate::MigrateArgs),
+    /// Process again what the topics retain: `--rebuild SINK` rebuilds an SQL sink's
+    /// tables from scratch.
+    Replay(replay::ReplayArgs),
 }
 
 /// Entry point of the binary.
@@ -60,6 +64,7 @@ pub fn main() -> anyhow::Result<()> {
             Command::Gateway(args) => gateway::run(args).await,
             Command::Load(args) => load::run(settings, args).await,
             Command::Migrate(args) => migrate::run(settings, args).await,
+            Command::Replay(args) => replay::run(settings, args).await,
         }
     })
 }

@@ -128,8 +128,17 @@ pub(super) async fn apply(tx: &mut Tx, op: &RowOp, now: i64) -> Result<Option<Ev
                 Some(m) => (format!(", {}", m.column()), ", $12".to_owned()),
                 None => (String::new(), String::new()),
             };
+            // The earliest time wins, whichever event comes first: two events can mark the
+            // same milestone (PaymentFailed and StockReleased both cancel) and arrive from
+            // different topics in either order, and a rebuild must reproduce the row.
             let ms_set = milestone
-                .map(|m| format!(", {c} = COALESCE(orders.{c}, excluded.{c})", c = m.column()))
+                .map(|m| {
+                    format!(
+                        ", {c} = CASE WHEN orders.{c} IS NULL OR excluded.{c} < orders.{c} \
+                         THEN excluded.{c} ELSE orders.{c} END",
+                        c = m.column()
+                    )
+                })
                 .unwrap_or_default();
             let sql = format!(
                 "INSERT INTO orders (store_id, order_id, customer_id, status, rejection_reason, \

@@ -191,6 +191,33 @@ pub struct Committed {
     pub publish: Vec<Event>,
 }
 
+/// The tables each sink writes, besides its rows in the bookkeeping tables
+/// (`sink_offsets`, `sink_applied_events`, `sink_outbox`): what [`Db::reset`] empties.
+/// A table a sink starts writing must be listed here, or a rebuild would keep old rows.
+pub fn tables(sink: Sink) -> &'static [&'static str] {
+    match sink {
+        Sink::Projector => &["orders", "order_events"],
+        Sink::Stats => &[
+            "stats_minute",
+            "stats_revenue_minute",
+            "stats_rejections_minute",
+            "stats_durations_minute",
+            "stats_duration_totals_minute",
+            "stats_milestones",
+        ],
+        Sink::Alerts => &["alerts", "stock_levels", "alert_retry_counts"],
+    }
+}
+
+/// A sink's stored position in one input partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredOffset {
+    pub topic: String,
+    pub partition: i32,
+    /// The first offset not applied; `None` until the partition's first commit.
+    pub next_offset: Option<i64>,
+}
+
 /// Current time, milliseconds since the epoch.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -374,6 +401,69 @@ impl Db {
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Empties `sink`'s tables and forgets what it applied and still meant to publish, so
+    /// that it reads its topics again from the earliest retained offset — in one
+    /// transaction, so a reader sees the old rows or none.
+    ///
+    /// The offset rows are kept, with their position cleared and their epoch raised,
+    /// rather than deleted: a worker holding a claim then fails its next commit as fenced
+    /// and claims again (from the start). Deleting them would restart epochs at 1, and a
+    /// worker still holding epoch 1 could commit its old position over the reset.
+    /// On PostgreSQL the offsets table is locked first (blocking commits and claims of
+    /// every sink until the reset commits), so that no commit lands between clearing the
+    /// positions and emptying the tables; on SQLite the write transaction already
+    /// excludes every other writer. Returns the number of rows deleted.
+    pub async fn reset(&self, sink: Sink) -> Result<u64, SqlError> {
+        let mut tx = self.begin().await?;
+        if self.backend() == Backend::Postgres {
+            tx.execute("LOCK TABLE sink_offsets IN EXCLUSIVE MODE", &[])
+                .await?;
+        }
+        tx.execute(
+            "UPDATE sink_offsets SET next_offset = NULL, epoch = epoch + 1 WHERE sink = $1",
+            &[Arg::text(sink.name())],
+        )
+        .await?;
+        let mut deleted = 0;
+        for table in tables(sink) {
+            deleted += tx.execute(&format!("DELETE FROM {table}"), &[]).await?;
+        }
+        for table in ["sink_applied_events", "sink_outbox"] {
+            deleted += tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE sink = $1"),
+                    &[Arg::text(sink.name())],
+                )
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// `sink`'s stored positions, by topic and partition.
+    pub async fn offsets(&self, sink: Sink) -> Result<Vec<StoredOffset>, SqlError> {
+        let mut tx = self.begin_read().await?;
+        let rows = tx
+            .fetch_all(
+                "SELECT topic, CAST(partition AS BIGINT), next_offset FROM sink_offsets \
+                 WHERE sink = $1 ORDER BY topic, partition",
+                &[Arg::text(sink.name())],
+                &[Kind::Text, Kind::I64, Kind::I64],
+            )
+            .await?;
+        tx.commit().await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredOffset {
+                    topic: r.text(0)?,
+                    partition: i32::try_from(r.i64(1)?)
+                        .map_err(|e| SqlError::Corrupt(format!("partition: {e}")))?,
+                    next_offset: r.opt_i64(2)?,
+                })
+            })
+            .collect()
     }
 
     /// Events committed for publishing and not yet marked done, oldest first: what a

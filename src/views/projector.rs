@@ -4,8 +4,10 @@
 //! Invariant: only events with an order ID are projected (stock commands, levels and
 //! `LowStock` concern SKUs, not orders); the status comes from [`crate::status`] and
 //! nowhere else; an order's row never depends on the order its events arrive in, because
-//! every field is either set once (milestones, customer, total), advanced by the status
-//! rule that never moves backwards, or taken from the latest event by occurrence time.
+//! every field is either set once (customer, total: every event that carries them says
+//! the same), the earliest occurrence time (milestones: PaymentFailed and StockReleased
+//! both mark `cancelled_at`), advanced by the status rule that never moves backwards, or
+//! taken from the latest event by occurrence time.
 
 use crate::events::{Event, EventType};
 use crate::status;

@@ -15,10 +15,12 @@
 //! unless `ORDERFLOW_TEST_WORKER_LOG` says otherwise (e.g. `orderflow=debug`).
 //!
 //! Submodules: [`nisshi`], a broker a test owns (to restart it); [`postgres`], the test
-//! database server and throwaway databases; [`pipeline`], the whole order pipeline as
-//! end-to-end tests drive it.
+//! database server, throwaway databases and private clusters; [`pipeline`], the whole
+//! order pipeline as end-to-end tests drive it; [`lifecycle`], order and stock events
+//! built in code.
 #![allow(dead_code)]
 
+pub mod lifecycle;
 pub mod nisshi;
 pub mod pipeline;
 pub mod postgres;
