@@ -1,6 +1,7 @@
 //! The `orderflow` command line: one module per subcommand; doc comments are the help.
 //! `anyhow` lives here, at the binary's edge, and nowhere in the library.
 
+mod api;
 mod gateway;
 mod load;
 mod migrate;
@@ -40,6 +41,8 @@ pub enum Command {
     Load(load::LoadArgs),
     /// Create or upgrade the read side's SQL tables (idempotent).
     Migrate(migrate::MigrateArgs),
+    /// Serve the HTTP API: orders, inventory commands, stats and alerts per store.
+    Api(api::ApiArgs),
 }
 
 /// Entry point of the binary.
@@ -60,6 +63,7 @@ pub fn main() -> anyhow::Result<()> {
             Command::Gateway(args) => gateway::run(args).await,
             Command::Load(args) => load::run(settings, args).await,
             Command::Migrate(args) => migrate::run(settings, args).await,
+            Command::Api(args) => api::run(settings, args).await,
         }
     })
 }
