@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::postgres::TestDatabase;
-use common::{Collector, TestEnv, Worker, deadline, unique};
+use common::{Collector, TestEnv, Worker, deadline};
 use orderflow::api::{self, ApiOptions, ApiState};
 use orderflow::events::codec::{Codec, DecodeHints};
 use orderflow::events::{Event, order_retry_id};
@@ -938,7 +938,6 @@ fn the_binary_serves_its_openapi_document_and_health() {
                     .as_str()
                     .is_some_and(|m| m.contains("orderflow_api_requests_total"))
             );
-            let _ = unique();
         })
     });
     // Stop the process this test started, by its PID, whatever happened.

@@ -41,9 +41,7 @@ use super::{
     order_path, remember_idempotent, replay_idempotent,
 };
 use crate::events::codec::DecodeHints;
-use crate::events::{
-    Event, EventType, OrderCreated, RETRY_CAUSATION_PREFIX, order_created_id, retry_number,
-};
+use crate::events::{Event, EventType, RETRY_CAUSATION_PREFIX, order_created_id, retry_number};
 use crate::sql::api::IdempotencyRecord;
 use crate::sql::read::TimelineEntry;
 
@@ -557,10 +555,6 @@ pub async fn retry(
         .decode(&bytes, DecodeHints::default())
         .map_err(ApiError::from)?;
     debug_assert_eq!(retry_number(event.envelope()), Some(n));
-    let _: &OrderCreated = match &event {
-        Event::OrderCreated(o) => o,
-        _ => unreachable!("an OrderCreated re-encoded is an OrderCreated"),
-    };
     state.publish(&event).await?;
     Ok((
         StatusCode::ACCEPTED,
