@@ -78,6 +78,9 @@ pub struct Settings {
     pub state_cache_entries: usize,
     /// Address of the metrics and health endpoint; port 0 picks a free port.
     pub http_addr: String,
+    /// Address `orderflow api` listens on (the HTTP API, with its own `/metrics`);
+    /// port 0 picks a free port.
+    pub api_addr: String,
     /// librdkafka properties passed through to every client (after OrderFlow's own).
     pub kafka: BTreeMap<String, String>,
     /// Where the SQL sinks write: `postgres://…` in production, `sqlite://…` embedded.
@@ -257,6 +260,7 @@ impl Default for Settings {
             state_dir: String::new(),
             state_cache_entries: 10_000,
             http_addr: "127.0.0.1:9464".into(),
+            api_addr: "127.0.0.1:8080".into(),
             kafka: BTreeMap::new(),
             database_url: DEFAULT_DATABASE_URL.into(),
             fraud: FraudSettings::default(),
@@ -346,6 +350,9 @@ impl Settings {
         }
         if let Some(v) = get("ORDERFLOW_HTTP_ADDR") {
             self.http_addr = v;
+        }
+        if let Some(v) = get("ORDERFLOW_API_ADDR") {
+            self.api_addr = v;
         }
         if let Some(v) = get("ORDERFLOW_PARTITIONS") {
             self.partitions = parse("ORDERFLOW_PARTITIONS", v)?;

@@ -14,6 +14,8 @@
 //! - [`views`]: the SQL sinks' pure half — projector, stats and alerts as row operations.
 //! - [`sql`]: the SQL sinks' database half — PostgreSQL or SQLite, migrations, fenced
 //!   commits of row operations with their offsets, and the read queries.
+//! - [`api`]: the HTTP API (`orderflow api`) — orders, inventory commands, stats and alerts
+//!   per store, with one route table behind both the router and the OpenAPI document.
 //! - [`gateway`]: the payment gateway's HTTP client, and a mock gateway server.
 //! - [`simulator`]: realistic traffic, and a carrier that scans shipped orders.
 //! - [`admin`]: topic provisioning.
@@ -21,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod events;

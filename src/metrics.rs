@@ -183,6 +183,59 @@ impl Default for Metrics {
     }
 }
 
+/// The HTTP API's metrics (`orderflow api`), in a registry of its own so that its
+/// `/metrics` shows what the API process does. Labels are the route template
+/// (`/orders/{id}`), never a concrete path, and the status code.
+#[derive(Clone)]
+pub struct ApiMetrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub published: IntCounterVec,
+}
+
+impl ApiMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        ApiMetrics {
+            requests: counter(
+                &r,
+                "orderflow_api_requests_total",
+                "HTTP API requests answered, by route template, method and status code",
+                &["route", "method", "status"],
+            ),
+            request_seconds: histogram(
+                &r,
+                "orderflow_api_request_seconds",
+                "Time to answer an HTTP API request (to its first byte for a stream)",
+                &["route", "method"],
+                SECONDS.to_vec(),
+            ),
+            published: counter(
+                &r,
+                "orderflow_api_published_total",
+                "Events the HTTP API published, by topic",
+                &["topic"],
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("metrics are UTF-8")
+    }
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        ApiMetrics::new()
+    }
+}
+
 /// Readiness: set once every worker has joined and restored; cleared when one stops.
 #[derive(Clone, Default)]
 pub struct Health {

@@ -1,6 +1,7 @@
 //! The `orderflow` command line: one module per subcommand; doc comments are the help.
 //! `anyhow` lives here, at the binary's edge, and nowhere in the library.
 
+mod api;
 mod gateway;
 mod load;
 mod migrate;
@@ -44,6 +45,8 @@ pub enum Command {
     /// Process again what the topics retain: `--rebuild SINK` rebuilds an SQL sink's
     /// tables from scratch.
     Replay(replay::ReplayArgs),
+    /// Serve the HTTP API: orders, inventory commands, stats and alerts per store.
+    Api(api::ApiArgs),
 }
 
 /// Entry point of the binary.
@@ -65,6 +68,7 @@ pub fn main() -> anyhow::Result<()> {
             Command::Load(args) => load::run(settings, args).await,
             Command::Migrate(args) => migrate::run(settings, args).await,
             Command::Replay(args) => replay::run(settings, args).await,
+            Command::Api(args) => api::run(settings, args).await,
         }
     })
 }

@@ -48,6 +48,9 @@ pub enum DecodeError {
     #[error("invalid {event_type}: {reason}")]
     Invalid {
         event_type: EventType,
+        /// The offending field as a path (`items[1].quantity`), when one is to blame:
+        /// what an API names in its error so a client can point at the input.
+        field: Option<String>,
         reason: String,
     },
 }
@@ -231,9 +234,12 @@ impl Codec {
         };
         let t = resolve_type(named.as_deref(), hints)?;
         fill_envelope_defaults(t, &mut map, hints.origin);
-        Event::from_json(t, serde_json::Value::Object(map)).map_err(|e| DecodeError::Invalid {
-            event_type: t,
-            reason: e.to_string(),
+        Event::from_json_traced(t, serde_json::Value::Object(map)).map_err(|(field, e)| {
+            DecodeError::Invalid {
+                event_type: t,
+                field,
+                reason: e.to_string(),
+            }
         })
     }
 }
@@ -291,66 +297,95 @@ fn fill_envelope_defaults(
     }
 }
 
-/// Canonical IDs that do not depend on how a producer encoded the record.
+/// Canonical IDs that do not depend on how a producer encoded the record: an order's
+/// `OrderCreated` is identified by store and order ID, and a manual retry of it (see
+/// [`retry_number`](super::retry_number)) by store, order ID and the retry's number — never
+/// by an ID the producer chose.
 fn normalize(event: &mut Event) {
     if let Event::OrderCreated(o) = event
         && let Some(order_id) = &o.envelope.order_id
     {
-        o.envelope.event_id = order_created_id(&o.envelope.store_id, order_id).to_string();
+        let store_id = &o.envelope.store_id;
+        let id = match super::retry_number(&o.envelope) {
+            Some(n) => super::order_retry_id(store_id, order_id, n),
+            None => order_created_id(store_id, order_id),
+        };
+        o.envelope.event_id = id.to_string();
     }
 }
 
 /// Checks that decoding cannot express: what makes an event semantically impossible.
+/// The error names the offending field (`items[0].quantity`), so that an API can point at
+/// it; the stages dead-letter with the same words.
 pub fn validate(event: &Event) -> Result<(), DecodeError> {
     let t = event.event_type();
-    let bad = |reason: String| {
+    let bad = |field: String, reason: String| {
         Err(DecodeError::Invalid {
             event_type: t,
+            field: Some(field),
             reason,
         })
     };
     let env = event.envelope();
     if env.store_id.trim().is_empty() {
-        return bad("store_id is empty".into());
+        return bad("store_id".into(), "store_id is empty".into());
     }
     if uuid::Uuid::parse_str(&env.event_id).is_err() {
-        return bad(format!("event_id {:?} is not a UUID", env.event_id));
+        return bad(
+            "event_id".into(),
+            format!("event_id {:?} is not a UUID", env.event_id),
+        );
     }
     match event {
         Event::OrderCreated(o) => {
             match o.envelope.order_id.as_deref() {
-                None | Some("") => return bad("order_id is missing".into()),
+                None | Some("") => return bad("order_id".into(), "order_id is missing".into()),
                 Some(_) => {}
             }
             if o.customer_id.is_empty() {
-                return bad("customer_id is empty".into());
+                return bad("customer_id".into(), "customer_id is empty".into());
             }
             if o.currency.len() != 3 || !o.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-                return bad(format!("currency {:?} is not an ISO 4217 code", o.currency));
+                return bad(
+                    "currency".into(),
+                    format!("currency {:?} is not an ISO 4217 code", o.currency),
+                );
             }
             if o.items.is_empty() {
-                return bad("order has no items".into());
+                return bad("items".into(), "order has no items".into());
             }
-            for l in &o.items {
+            for (i, l) in o.items.iter().enumerate() {
                 if l.sku.is_empty() {
-                    return bad("an item has an empty sku".into());
+                    return bad(format!("items[{i}].sku"), "an item has an empty sku".into());
                 }
                 if l.quantity <= 0 {
-                    return bad(format!("item {} has quantity {}", l.sku, l.quantity));
+                    return bad(
+                        format!("items[{i}].quantity"),
+                        format!("item {} has quantity {}", l.sku, l.quantity),
+                    );
                 }
                 if l.unit_price_cents < 0 {
-                    return bad(format!("item {} has a negative price", l.sku));
+                    return bad(
+                        format!("items[{i}].unit_price_cents"),
+                        format!("item {} has a negative price", l.sku),
+                    );
                 }
             }
             if o.total_cents().is_none() {
-                return bad("order total overflows".into());
+                return bad("items".into(), "order total overflows".into());
             }
         }
         Event::StockRestocked(c) if c.quantity <= 0 => {
-            return bad(format!("restock quantity {} is not positive", c.quantity));
+            return bad(
+                "quantity".into(),
+                format!("restock quantity {} is not positive", c.quantity),
+            );
         }
         Event::ThresholdSet(c) if c.threshold < 0 => {
-            return bad(format!("threshold {} is negative", c.threshold));
+            return bad(
+                "threshold".into(),
+                format!("threshold {} is negative", c.threshold),
+            );
         }
         _ => {}
     }

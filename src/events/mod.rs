@@ -72,6 +72,32 @@ pub fn order_created_id(store_id: &str, order_id: &str) -> Uuid {
     )
 }
 
+/// The `causation_id` prefix that marks an `OrderCreated` as the `n`-th manual retry of
+/// its order (`retry/1`, `retry/2`, …): the marker travels in the envelope, so every
+/// encoding carries it and no schema changes.
+pub const RETRY_CAUSATION_PREFIX: &str = "retry/";
+
+/// The retry number of an `OrderCreated` envelope marked as a manual retry, if it is one.
+pub fn retry_number(envelope: &Envelope) -> Option<u32> {
+    envelope
+        .causation_id
+        .as_deref()?
+        .strip_prefix(RETRY_CAUSATION_PREFIX)?
+        .parse()
+        .ok()
+        .filter(|n| *n >= 1)
+}
+
+/// The event ID of the `n`-th manual retry of an order's `OrderCreated`: new to every
+/// stage's deduplication (so the pipeline takes it), yet the same for the same retry
+/// number (so a retry request repeated before it is seen publishes nothing new).
+pub fn order_retry_id(store_id: &str, order_id: &str, n: u32) -> Uuid {
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("order.created/{store_id}/{order_id}/retry/{n}").as_bytes(),
+    )
+}
+
 /// Timestamps are Avro `timestamp-millis`; JSON producers may send RFC 3339 strings.
 pub mod timestamp {
     use serde::{Deserializer, Serializer, de};
@@ -303,6 +329,11 @@ macro_rules! events {
                 Ok(match t { $(EventType::$name => Event::$name(serde_json::from_value(v)?)),* })
             }
 
+            /// Like `from_json`, naming the field at fault (`items[0].quantity`) if any.
+            fn from_json_traced(t: EventType, v: serde_json::Value) -> Result<Event, (Option<String>, serde_json::Error)> {
+                Ok(match t { $(EventType::$name => Event::$name(serde_path_to_error::deserialize(v).map_err(traced)?)),* })
+            }
+
             /// The event as the flat JSON object of the producer contract (no type
             /// field): what a read model stores as an event's payload.
             pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
@@ -349,6 +380,24 @@ events! {
     ReplenishmentRequested => "replenishment_requested.avsc",
 }
 
+/// A JSON error and the path of the field it concerns: serde reports a missing field at
+/// the path of the object that lacks it, so the field's name is appended.
+fn traced(e: serde_path_to_error::Error<serde_json::Error>) -> (Option<String>, serde_json::Error) {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let message = inner.to_string();
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    let field = match (path.as_str(), missing) {
+        (".", Some(m)) => Some(m.to_owned()),
+        (p, Some(m)) => Some(format!("{p}.{m}")),
+        (".", None) => None,
+        (p, None) => Some(p.to_owned()),
+    };
+    (field, inner)
+}
+
 impl std::fmt::Display for EventType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -356,6 +405,11 @@ impl std::fmt::Display for EventType {
 }
 
 impl OrderCreated {
+    /// Whether this is a manual retry of an order published before (see [`retry_number`]).
+    pub fn is_retry(&self) -> bool {
+        retry_number(&self.envelope).is_some()
+    }
+
     /// Sum of the order's lines in minor units; `None` on overflow, which no real order
     /// reaches and validation rejects.
     pub fn total_cents(&self) -> Option<i64> {

@@ -1018,8 +1018,13 @@ fn json_missing_a_required_field_names_it() -> TestResult {
         .decode(&serde_json::to_vec(&json)?, topic(topics::ORDER_CREATED))
         .unwrap_err();
     match &err {
-        DecodeError::Invalid { event_type, reason } => {
+        DecodeError::Invalid {
+            event_type,
+            field,
+            reason,
+        } => {
             assert_eq!(*event_type, EventType::OrderCreated);
+            assert_eq!(field.as_deref(), Some("items"));
             assert_eq!(reason, "missing field `items`");
         }
         other => panic!("expected Invalid, got {other:?}"),
@@ -1172,6 +1177,7 @@ fn every_decode_error_has_its_class_and_message() {
         (
             DecodeError::Invalid {
                 event_type: EventType::ThresholdSet,
+                field: Some("threshold".into()),
                 reason: "threshold -1 is negative".into(),
             },
             "invalid",
@@ -1190,7 +1196,9 @@ fn every_decode_error_has_its_class_and_message() {
 
 fn invalid_reason(event: &Event) -> String {
     match validate(event) {
-        Err(DecodeError::Invalid { event_type, reason }) => {
+        Err(DecodeError::Invalid {
+            event_type, reason, ..
+        }) => {
             assert_eq!(event_type, event.event_type());
             reason
         }
@@ -1789,5 +1797,114 @@ fn encoding_matches_apache_avros_single_object_writer_byte_for_byte() -> TestRes
             );
         }
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Field names in errors, and retry markers
+// ---------------------------------------------------------------------------------------
+
+/// The field an invalid JSON order is rejected for, after `edit`.
+fn field_at_fault(edit: impl FnOnce(&mut serde_json::Value)) -> Result<Option<String>, String> {
+    let mut json: serde_json::Value =
+        serde_json::from_str(CONTRACT_JSON).map_err(|e| e.to_string())?;
+    edit(&mut json);
+    let bytes = serde_json::to_vec(&json).map_err(|e| e.to_string())?;
+    match Codec::new().decode(&bytes, topic(topics::ORDER_CREATED)) {
+        Err(DecodeError::Invalid { field, .. }) => Ok(field),
+        other => Err(format!("expected Invalid, got {other:?}")),
+    }
+}
+
+#[test]
+fn errors_name_the_field_at_fault() -> TestResult {
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "email",
+            Box::new(|j| drop(j.as_object_mut().map(|o| o.remove("email")))),
+        ),
+        (
+            "store_id",
+            Box::new(|j| drop(j.as_object_mut().map(|o| o.remove("store_id")))),
+        ),
+        (
+            "items[0].sku",
+            Box::new(|j| drop(j["items"][0].as_object_mut().map(|o| o.remove("sku")))),
+        ),
+        (
+            "items[0].quantity",
+            Box::new(|j| j["items"][0]["quantity"] = json!("two")),
+        ),
+        (
+            "items[0].quantity",
+            Box::new(|j| j["items"][0]["quantity"] = json!(0)),
+        ),
+        (
+            "items[0].unit_price_cents",
+            Box::new(|j| j["items"][0]["unit_price_cents"] = json!(-1)),
+        ),
+        (
+            "items[0].sku",
+            Box::new(|j| j["items"][0]["sku"] = json!("")),
+        ),
+        ("items", Box::new(|j| j["items"] = json!([]))),
+        ("currency", Box::new(|j| j["currency"] = json!("usd"))),
+        ("customer_id", Box::new(|j| j["customer_id"] = json!(""))),
+        ("order_id", Box::new(|j| j["order_id"] = json!(""))),
+        (
+            "placed_at",
+            Box::new(|j| j["placed_at"] = json!("yesterday")),
+        ),
+    ];
+    for (expected, edit) in cases {
+        assert_eq!(field_at_fault(edit)?.as_deref(), Some(expected));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_retry_marker_gives_the_order_a_new_deterministic_id() -> TestResult {
+    let codec = Codec::new();
+    let decode = |causation: Option<&str>| -> Result<Event, Box<dyn std::error::Error>> {
+        let mut json: serde_json::Value = serde_json::from_str(CONTRACT_JSON)?;
+        if let Some(c) = causation {
+            json["causation_id"] = json!(c);
+        }
+        // A producer-chosen event ID never survives, marker or not.
+        json["event_id"] = json!(uuid::Uuid::new_v4().to_string());
+        Ok(codec.decode(&serde_json::to_vec(&json)?, topic(topics::ORDER_CREATED))?)
+    };
+    assert_eq!(decode(None)?.envelope().event_id, CONTRACT_EVENT_ID);
+    let first = decode(Some("retry/1"))?;
+    assert_eq!(
+        first.envelope().event_id,
+        order_retry_id("store-7", "o-1001", 1).to_string()
+    );
+    assert_ne!(first.envelope().event_id, CONTRACT_EVENT_ID);
+    assert_eq!(
+        decode(Some("retry/1"))?.envelope().event_id,
+        first.envelope().event_id
+    );
+    assert_ne!(
+        decode(Some("retry/2"))?.envelope().event_id,
+        first.envelope().event_id
+    );
+    let Event::OrderCreated(o) = &first else {
+        return Err("not an order".into());
+    };
+    assert!(o.is_retry());
+    // Not markers: no number, zero, another causation.
+    for c in ["retry/", "retry/0", "retry/x", "checkout-9"] {
+        assert_eq!(
+            decode(Some(c))?.envelope().event_id,
+            CONTRACT_EVENT_ID,
+            "{c}"
+        );
+    }
+    // The marker survives Avro.
+    let bytes = codec.encode(&first)?;
+    let back = codec.decode(&bytes, topic(topics::ORDER_CREATED))?;
+    assert_eq!(back, first);
     Ok(())
 }

@@ -20,6 +20,7 @@
 //! strings are built from fixed fragments and enum column names only; every value is a
 //! bound parameter.
 
+pub mod api;
 mod apply;
 pub mod read;
 

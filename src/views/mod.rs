@@ -238,7 +238,8 @@ impl Counter {
     pub fn of(event: &Event) -> Option<Counter> {
         use crate::events::ScreeningDecision;
         Some(match event {
-            Event::OrderCreated(_) => Counter::OrdersCreated,
+            // A manual retry re-publishes an order already counted.
+            Event::OrderCreated(o) if !o.is_retry() => Counter::OrdersCreated,
             Event::OrderScreened(s) if s.decision == ScreeningDecision::Rejected => {
                 Counter::OrdersRejected
             }

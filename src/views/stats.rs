@@ -19,7 +19,7 @@ pub fn reason_name(reason: &str) -> &str {
 
 fn stats_milestone(event: &Event) -> Option<StatsMilestone> {
     Some(match event {
-        Event::OrderCreated(_) => StatsMilestone::Created,
+        Event::OrderCreated(o) if !o.is_retry() => StatsMilestone::Created,
         Event::PaymentAuthorized(_) => StatsMilestone::Paid,
         Event::Shipped(_) => StatsMilestone::Shipped,
         Event::Delivered(_) => StatsMilestone::Delivered,
