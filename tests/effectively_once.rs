@@ -394,7 +394,7 @@ fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
         after.log_tail(40)
     );
     eprintln!(
-        "[{point}, {}] crashed as armed; o-2 {}; {} identical re-sends",
+        "[{point}, {}] crashed; o-2 {}; {} identical re-sends",
         env.settings.guarantee,
         if o2_reserved { "reserved" } else { "rejected" },
         out.duplicates

@@ -20,6 +20,16 @@
 //!   `transaction.timeout.ms=5000`): a worker killed mid-transaction must be restarted
 //!   under its instance ID ([`TestEnv::restart_worker`]), whose producer aborts it;
 //! - with memory storage nothing survives a restart of the broker.
+//!
+//! What that does to the runtime: its restore under `exactly_once` is a read_committed
+//! reader too, so it takes the changelog records of an aborted transaction, commit marker
+//! included, for a committed batch (the marker guards against a batch cut short, not
+//! against a whole aborted one). Observed in the chaos run: after a worker was killed
+//! mid-transaction, the next owner went on past the batch's inputs while the batch's
+//! outputs were nowhere, not even for a read_uncommitted reader — they had not reached
+//! the broker when the changelog records had. And a batch aborted and done again shows
+//! both attempts, with the same IDs and (outputs carry the batch's time) different
+//! `occurred_at`.
 
 use orderflow::config::Guarantee;
 
