@@ -433,10 +433,20 @@ impl<S: Stage> Worker<S> {
             self.restoring.insert(*p, job);
         }
         tracing::info!(?partitions, job, "restoring state");
+        let inputs = restore::Inputs {
+            group: self.settings.group_id(self.name),
+            topics: self
+                .stage
+                .inputs()
+                .iter()
+                .map(|t| self.topics.name(t))
+                .collect(),
+        };
         restore::spawn(
             self.settings.clone(),
             self.changelog.clone(),
             partitions,
+            Some(inputs),
             job,
             self.restored_tx.clone(),
         );
