@@ -496,9 +496,9 @@ impl Restorer {
     /// with their committed values by the next owner. The last batch has no successor;
     /// [`Restorer::vouch`] says whether the group's committed offsets, which commit in
     /// the same transaction, include it: by the batch their metadata names, or else by
-    /// the positions — a last batch that moved some input's position while the group's
-    /// offset of every input it moved is still where the state was before it did not
-    /// commit. On a correct broker every batch read is committed, the next one follows it
+    /// the positions — a last batch that moved inputs while the group's committed offset
+    /// of every input it moved is still where the state's position was before it did
+    /// not commit. On a correct broker every batch read is committed, the next one follows it
     /// and the offsets include the last: nothing changes (an operator who resets the
     /// group's offsets to exactly where the state was one batch before its last, with no
     /// metadata, would have that batch done again; and a last batch that moved no
@@ -533,11 +533,14 @@ impl Restorer {
             })
             .filter(|(_, before, after)| *before != Some(*after))
             .collect();
+        // Only an offset the group did commit counts as evidence: a broker that keeps no
+        // transactional offsets at all (librdkafka's mock cluster) says nothing.
         let behind = !moved.is_empty()
             && moved.iter().all(|(topic, before, _)| {
-                c.offsets
-                    .get(*topic)
-                    .is_some_and(|committed| committed == before)
+                before.is_some()
+                    && c.offsets
+                        .get(*topic)
+                        .is_some_and(|committed| committed == before)
             });
         !behind
     }
