@@ -17,13 +17,14 @@
 //! Submodules: [`nisshi`], a broker a test owns (to restart it); [`postgres`], the test
 //! database server and throwaway databases; [`pipeline`], the whole order pipeline as
 //! end-to-end tests drive it; [`txn_broker`], the transactional broker that `exactly_once`
-//! tests run against.
+//! tests run against; [`txn_log`], the fate of each record by the log's transaction markers.
 #![allow(dead_code)]
 
 pub mod nisshi;
 pub mod pipeline;
 pub mod postgres;
 pub mod txn_broker;
+pub mod txn_log;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;

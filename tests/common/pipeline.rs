@@ -7,7 +7,7 @@
 //! fill in the decoding time), and any two records with one event ID that differ are a
 //! finding of the pipeline, never of the harness.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use orderflow::config::Settings;
@@ -332,7 +332,14 @@ pub struct Lifecycle {
     pub other: Vec<Event>,
     /// Records per topic.
     pub per_topic: BTreeMap<&'static str, usize>,
+    /// Records left out, by (topic, partition, offset): those a correct broker hides from
+    /// read_committed readers (see [`Lifecycle::as_committed`]).
+    hidden: HashSet<(&'static str, i32, i64)>,
 }
+
+/// What [`Lifecycle::as_committed`] left out, per topic: (aborted, open) records read,
+/// and the transaction markers (commits, aborts) in the log.
+pub type Hidden = BTreeMap<&'static str, ((usize, usize), (usize, usize))>;
 
 impl Lifecycle {
     /// Reads every pipeline topic of `env` from the beginning.
@@ -352,7 +359,46 @@ impl Lifecycle {
             by_order: HashMap::new(),
             other: Vec::new(),
             per_topic: BTreeMap::new(),
+            hidden: HashSet::new(),
         }
+    }
+
+    /// Takes everything read so far again, leaving out the records of aborted and
+    /// still-open transactions as the log's own markers decide them
+    /// ([`super::txn_log`]): from then on, what a read_committed reader of a correct
+    /// broker sees. Returns what it left out, per topic.
+    pub fn as_committed(&mut self, brokers: &str, partitions: i32) -> Hidden {
+        let mut out = Hidden::new();
+        self.hidden.clear();
+        for (topic, collector) in &self.collectors {
+            let log = super::txn_log::scan(brokers, &collector.topic, partitions);
+            let (mut aborted, mut open) = (0, 0);
+            for r in &collector.records {
+                match log.fate(r.partition, r.offset) {
+                    Some(super::txn_log::Fate::Aborted) => aborted += 1,
+                    Some(super::txn_log::Fate::Open) => open += 1,
+                    Some(_) => continue,
+                    None => panic!(
+                        "{}[{}] offset {} was read but is not in the log",
+                        collector.topic, r.partition, r.offset
+                    ),
+                }
+                self.hidden.insert((*topic, r.partition, r.offset));
+            }
+            out.insert(*topic, ((aborted, open), (log.commits, log.aborts)));
+        }
+        self.read = vec![0; self.collectors.len()];
+        self.first.clear();
+        self.conflicts.clear();
+        self.records = 0;
+        self.duplicates = 0;
+        self.by_order.clear();
+        self.other.clear();
+        self.per_topic.clear();
+        for i in 0..self.collectors.len() {
+            self.ingest(i);
+        }
+        out
     }
 
     /// Takes what arrived on every topic (up to `max_wait` per topic).
@@ -375,6 +421,9 @@ impl Lifecycle {
         let (topic, collector) = &self.collectors[i];
         let topic = *topic;
         for rec in &collector.records[self.read[i]..] {
+            if self.hidden.contains(&(topic, rec.partition, rec.offset)) {
+                continue;
+            }
             let value = rec.value.as_deref().unwrap_or_else(|| {
                 panic!(
                     "record {topic}/{}@{} has no value",

@@ -9,27 +9,24 @@
 //! transactions; commit and abort markers take an offset each.
 //!
 //! What it does not, so tests on it never assert it:
-//! - read_committed readers (and the runtime's own restore) are handed the records of
-//!   aborted transactions and of transactions still open, so isolation cannot be shown:
-//!   tests check one content per event ID instead;
+//! - read_committed readers (the runtime's own restore and the stages included) are handed
+//!   the records of aborted transactions and of transactions still open, so isolation
+//!   cannot be shown. Tests decide each record's fate from the log's own transaction
+//!   markers instead ([`super::txn_log`]) and check what a correct broker would show;
 //! - the high watermark is the first offset of the partition's last record batch + 1 (a
 //!   batch of five records at offsets 0–4 reports 1); after a transaction's marker, the
 //!   last batch is that one-record marker, so transactional partitions read right;
+//! - offsets committed in a transaction come back without their metadata;
 //! - while a transaction is open on a partition, its read_committed high watermark is 0,
 //!   and an abandoned transaction is never timed out (still open after 40 s with
 //!   `transaction.timeout.ms=5000`): a worker killed mid-transaction must be restarted
 //!   under its instance ID ([`TestEnv::restart_worker`]), whose producer aborts it;
 //! - with memory storage nothing survives a restart of the broker.
 //!
-//! What that does to the runtime: its restore under `exactly_once` is a read_committed
-//! reader too, so it takes the changelog records of an aborted transaction, commit marker
-//! included, for a committed batch (the marker guards against a batch cut short, not
-//! against a whole aborted one). Observed in the chaos run: after a worker was killed
-//! mid-transaction, the next owner went on past the batch's inputs while the batch's
-//! outputs were nowhere, not even for a read_uncommitted reader — they had not reached
-//! the broker when the changelog records had. And a batch aborted and done again shows
-//! both attempts, with the same IDs and (outputs carry the batch's time) different
-//! `occurred_at`.
+//! What that did to the runtime before it recognized aborted batches (see
+//! `Restorer::transactional`): its restore took the changelog records of an aborted
+//! transaction, commit marker included, for a committed batch, and went on past the
+//! batch's inputs although its outputs were never committed.
 
 use orderflow::config::Guarantee;
 
