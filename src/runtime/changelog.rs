@@ -533,15 +533,16 @@ impl Restorer {
             })
             .filter(|(_, before, after)| *before != Some(*after))
             .collect();
-        // Only an offset the group did commit counts as evidence: a broker that keeps no
-        // transactional offsets at all (librdkafka's mock cluster) says nothing.
-        let behind = !moved.is_empty()
-            && moved.iter().all(|(topic, before, _)| {
-                before.is_some()
-                    && c.offsets
-                        .get(*topic)
-                        .is_some_and(|committed| committed == before)
-            });
+        let still = |topic: &str, before: &Option<i64>| {
+            c.offsets
+                .get(topic)
+                .is_some_and(|committed| committed == before)
+        };
+        // Every moved input is still where it was, and at least one of them by an offset
+        // the group did commit: a broker that keeps no transactional offsets at all
+        // (librdkafka's mock cluster) says nothing.
+        let behind = moved.iter().all(|(topic, before, _)| still(topic, before))
+            && moved.iter().any(|(_, before, _)| before.is_some());
         !behind
     }
 
