@@ -43,9 +43,6 @@ use crate::stages::{Disk, Store, Timer};
 
 pub const SEQ_HEADER: &str = "orderflow.seq";
 pub const GEN_HEADER: &str = "orderflow.gen";
-/// Prefix of the metadata of offsets committed under `exactly_once`: the changelog
-/// batch the partition's state is at, `orderflow.seq=<seq>`.
-pub const SEQ_METADATA: &str = "orderflow.seq=";
 const COMMIT_PREFIX: &str = "commit/";
 const CLAIM_PREFIX: &str = "claim/";
 const STATE_PREFIX: &str = "s/";
@@ -465,9 +462,6 @@ pub struct Restorer {
 /// positions to them.
 #[derive(Debug, Clone, Default)]
 pub struct Committed {
-    /// The batch the offsets were committed with, when their metadata says
-    /// ([`SEQ_METADATA`]); some brokers keep no metadata for transactional commits.
-    pub seq: Option<u64>,
     /// Per input topic (prefix-free), the committed offset; `None`: none committed.
     pub offsets: HashMap<String, Option<i64>>,
 }
@@ -495,13 +489,12 @@ impl Restorer {
     /// next batch does not follow was aborted: it is left out, and its keys are rewritten
     /// with their committed values by the next owner. The last batch has no successor;
     /// [`Restorer::vouch`] says whether the group's committed offsets, which commit in
-    /// the same transaction, include it: by the batch their metadata names, or else by
-    /// the positions — a last batch that moved inputs while the group's committed offset
+    /// the same transaction, include it, by the positions — a last batch that moved inputs while the group's committed offset
     /// of every input it moved is still where the state's position was before it did
     /// not commit. On a correct broker every batch read is committed, the next one follows it
     /// and the offsets include the last: nothing changes (an operator who resets the
-    /// group's offsets to exactly where the state was one batch before its last, with no
-    /// metadata, would have that batch done again; and a last batch that moved no
+    /// group's offsets to exactly where the state was one batch before its last would
+    /// have that batch done again; and a last batch that moved no
     /// position, a timer's alone, is always taken for committed).
     pub fn transactional(mut self) -> Self {
         self.transactional = true;
@@ -519,9 +512,6 @@ impl Restorer {
         let Some(c) = &self.vouched else {
             return true;
         };
-        if let Some(seq) = c.seq {
-            return held.seq <= seq;
-        }
         let position = |v: Option<&[u8]>| v.and_then(|v| serde_json::from_slice::<i64>(v).ok());
         let moved: Vec<(&str, Option<i64>, i64)> = held
             .records

@@ -19,7 +19,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureRecord, Producer, PurgeConfig};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::changelog::{BatchRecords, ChangelogRecord, GEN_HEADER, SEQ_HEADER, SEQ_METADATA};
+use super::changelog::{BatchRecords, ChangelogRecord, GEN_HEADER, SEQ_HEADER};
 use super::crash::{self, Point};
 use super::dispatch::{Outputs, fit};
 use super::disposition::{Disposition, backoff, classify};
@@ -277,19 +277,6 @@ impl<S: Stage> Worker<S> {
             self.crash_in_transaction(Point::TxnOutputsSent);
             self.enqueue(log.iter())?;
             let tpl = self.positions_tpl();
-            // Each offset carries the changelog batch its partition's state is at once
-            // this transaction commits, so that a restore can ask the group which batch
-            // committed last (see `Restorer::transactional`).
-            for mut e in tpl.elements() {
-                let p = e.partition();
-                let seq = batches
-                    .iter()
-                    .find(|(bp, br, _)| *bp == p && !br.records.is_empty())
-                    .map(|(_, br, _)| br.seq)
-                    .or_else(|| self.parts.get(&p).map(|ps| ps.last_seq))
-                    .unwrap_or(0);
-                e.set_metadata(format!("{SEQ_METADATA}{seq}"));
-            }
             // Without group metadata (not in a group yet) offsets cannot join the
             // transaction.
             let group = self

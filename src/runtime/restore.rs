@@ -22,8 +22,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::changelog::{
-    ChangelogError, Committed, GEN_HEADER, PartitionState, Restorer, SEQ_HEADER, SEQ_METADATA,
-    claim_record,
+    ChangelogError, Committed, GEN_HEADER, PartitionState, Restorer, SEQ_HEADER, claim_record,
 };
 use super::kafka::apply_pass_through;
 use crate::config::{Guarantee, Settings};
@@ -325,9 +324,7 @@ where
     Ok(restored)
 }
 
-/// Per partition, what the group has committed for `inputs`: the offsets, and the
-/// changelog batch they were committed with when their metadata says (the newest across
-/// input topics). `None` when the group cannot be asked: the last batch read then counts
+/// Per partition, the offsets the group has committed for `inputs`. `None` when the group cannot be asked: the last batch read then counts
 /// as committed, as it must on a broker that shows only committed records.
 fn committed(
     settings: &Settings,
@@ -369,18 +366,10 @@ fn committed(
         entry
             .offsets
             .insert(topics.base(topic).unwrap_or(topic).to_owned(), offset);
-        let seq = e
-            .metadata()
-            .strip_prefix(SEQ_METADATA)
-            .and_then(|s| s.parse::<u64>().ok());
-        if let Some(seq) = seq {
-            entry.seq = Some(entry.seq.unwrap_or(0).max(seq));
-        }
         tracing::debug!(
             topic,
             partition = e.partition(),
             ?offset,
-            metadata = e.metadata(),
             "committed offset"
         );
     }
