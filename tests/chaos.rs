@@ -5,6 +5,15 @@
 //! SIGKILLed at random moments and restarted, and the broker itself is SIGKILLed and
 //! started again on the same port with the same PostgreSQL storage.
 //!
+//! The same run under `exactly_once`, on the transactional broker (see
+//! [`common::txn_broker`]), with 10,000 orders: workers are SIGKILLed and restarted under
+//! their instance IDs (fencing the dead producer and aborting its transaction), seven
+//! times, as the broker cannot be restarted (its memory storage keeps nothing). That
+//! broker hands aborted records to read_committed readers: once the run is over, the
+//! log's own transaction markers decide which records were aborted ([`common::txn_log`]),
+//! they are counted and left out, no transaction may still be open, and every check
+//! below is on the records a correct broker would show a read_committed reader.
+//!
 //! Asserted with exact counts, once the pipeline is idle: every order ends in a terminal
 //! state consistent with its events; one content per event ID on every topic; no order
 //! has two stock decisions; per SKU, stock = initial + restocks − reserved + released and
@@ -16,22 +25,25 @@
 //! a single run tells everything that broke. The chaos schedule comes from a seed that
 //! the test prints; `ORDERFLOW_CHAOS_SEED=<seed>` replays the same schedule.
 //!
-//! Needs `ORDERFLOW_TEST_POSTGRES_URL` (set by `scripts/test.sh`) and `nisshi` on `PATH`;
-//! the broker's storage is a fresh database there. About three minutes on a 2-core
-//! machine; progress every 5 s with `-- --nocapture`, worker and broker logs in
-//! `target/test-logs/`.
+//! The `at_least_once` run needs `ORDERFLOW_TEST_POSTGRES_URL` (set by `scripts/test.sh`)
+//! and `nisshi` on `PATH`; the broker's storage is a fresh database there. The
+//! `exactly_once` run needs `ORDERFLOW_TEST_TXN_BROKERS`. The two runs take turns (2
+//! cores): about three minutes, and two for `exactly_once` (three and a half when it
+//! waits out its drain); progress every 5 s with `-- --nocapture`, worker and
+//! broker logs in `target/test-logs/`.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::nisshi::OwnedBroker;
 use common::pipeline::{self, Conflict, Lifecycle, Shop, rank, sku, store};
 use common::postgres::TestDatabase;
 use common::{Outgoing, TestEnv, TestProducer, Worker};
+use orderflow::config::Guarantee;
 use orderflow::events::codec::{Codec, DecodeHints};
 use orderflow::events::{Event, EventType, OrderLine, PaymentFailureReason};
 use orderflow::gateway::server::{Gateway, GatewayConfig, LedgerStatus, serve_gateway};
@@ -41,7 +53,10 @@ use orderflow::topics;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Orders of the `at_least_once` run.
 const ORDERS: usize = 20_000;
+/// Orders of the `exactly_once` run, which must stay within four minutes, failing or not.
+const TXN_ORDERS: usize = 10_000;
 const SHOP: Shop = Shop {
     stores: 20,
     skus: 10,
@@ -70,6 +85,8 @@ const CHAOS_GAP: Duration = Duration::from_secs(4);
 /// How long the pipeline has, beyond the time the stream takes at its pace, to finish
 /// every order.
 const DRAIN: Duration = Duration::from_secs(150);
+/// The same for the `exactly_once` run: it finishes within about 15 s of the last order.
+const TXN_DRAIN: Duration = Duration::from_secs(120);
 
 fn initial_units(sku_index: usize) -> i32 {
     if sku_index < 2 {
@@ -95,8 +112,9 @@ enum Act {
 /// When each act happens, as the share of orders that have reached a terminal state —
 /// progress of the pipeline rather than time, so that the chaos spreads over the run
 /// however fast the machine is. Kills and the broker restart each come at a random
-/// point of a slot of their own between 5% and 90% (the broker in the middle slot).
-fn schedule(seed: u64) -> Vec<(f64, Act)> {
+/// point of a slot of their own between 5% and 90% (the broker in the middle slot; one
+/// more kill there when the broker cannot restart).
+fn schedule(seed: u64, broker_restart: bool) -> Vec<(f64, Act)> {
     let slots = KILLS + 1;
     let width = 0.85 / slots as f64;
     let mut plan = Vec::new();
@@ -104,7 +122,7 @@ fn schedule(seed: u64) -> Vec<(f64, Act)> {
         let r = pipeline::mix(seed ^ (s as u64 + 1));
         // Somewhere in the middle 60% of the slot.
         let at = 0.05 + width * (s as f64 + 0.2 + 0.6 * (r % 1000) as f64 / 1000.0);
-        let act = if s == slots / 2 {
+        let act = if s == slots / 2 && broker_restart {
             Act::RestartBroker
         } else {
             Act::KillWorker((pipeline::mix(r) % WORKERS as u64) as usize)
@@ -149,6 +167,8 @@ struct Carrier {
     stop: CancellationToken,
     task: JoinHandle<Result<CarrierReport, orderflow::simulator::SimError>>,
     restarts: Vec<String>,
+    /// The run's name in log lines.
+    label: &'static str,
 }
 
 impl Carrier {
@@ -156,12 +176,14 @@ impl Carrier {
         rt: &tokio::runtime::Runtime,
         settings: &orderflow::config::Settings,
         stop: &CancellationToken,
+        label: &'static str,
     ) -> Carrier {
         Carrier {
             settings: settings.clone(),
             stop: stop.clone(),
             task: Self::spawn(rt, settings, stop),
             restarts: Vec::new(),
+            label,
         }
     }
 
@@ -186,23 +208,49 @@ impl Carrier {
             let old =
                 std::mem::replace(&mut self.task, Self::spawn(rt, &self.settings, &self.stop));
             let outcome = format!("{:?}", rt.block_on(old));
-            eprintln!("[chaos] the carrier ended ({outcome}); restarted it");
+            eprintln!(
+                "[{}] the carrier ended ({outcome}); restarted it",
+                self.label
+            );
             self.restarts.push(outcome);
         }
     }
 }
 
+/// The runs take turns: each needs both cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
 fn orders_survive_killed_workers_and_a_broker_restart() {
+    chaos(Guarantee::AtLeastOnce);
+}
+
+#[test]
+fn orders_survive_killed_workers_under_exactly_once() {
+    chaos(Guarantee::ExactlyOnce);
+}
+
+/// One chaos run: `at_least_once` on a nisshi broker the test owns (and restarts), or
+/// `exactly_once` on the shared transactional broker.
+fn chaos(guarantee: Guarantee) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let exactly_once = guarantee == Guarantee::ExactlyOnce;
+    let label = if exactly_once { "chaos-txn" } else { "chaos" };
+    let orders_total = if exactly_once { TXN_ORDERS } else { ORDERS };
     let test_started = Instant::now();
     let seed = seed();
-    eprintln!("[chaos] seed {seed} (ORDERFLOW_CHAOS_SEED={seed} replays this schedule)");
+    eprintln!("[{label}] seed {seed} (ORDERFLOW_CHAOS_SEED={seed} replays this schedule)");
 
     // Declared in this order so that they are dropped in reverse: workers, then the
     // broker, then its database.
-    let db = TestDatabase::create("chaos");
-    let mut broker = OwnedBroker::start(&format!("chaos-{}", db.name), &db.url);
-    let env = TestEnv::on("chaos", PARTITIONS, &broker.brokers());
+    let db = (!exactly_once).then(|| TestDatabase::create("chaos"));
+    let mut broker = db
+        .as_ref()
+        .map(|db| OwnedBroker::start(&format!("chaos-{}", db.name), &db.url));
+    let env = match &broker {
+        Some(b) => TestEnv::on("chaos", PARTITIONS, &b.brokers()),
+        None => TestEnv::exactly_once("chaos-txn", PARTITIONS),
+    };
     for base in topics::PIPELINE {
         common::wait_for_partitions_on(&env.settings.brokers, &env.topic(base), PARTITIONS);
     }
@@ -224,7 +272,7 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
     let (gateway_addr, _gateway_task) = rt
         .block_on(serve_gateway("127.0.0.1:0", gateway.clone(), stop.clone()))
         .expect("the gateway listens");
-    let mut carrier = Carrier::start(&rt, &env.settings, &stop);
+    let mut carrier = Carrier::start(&rt, &env.settings, &stop, label);
 
     // Stock first, then the workers, then the orders.
     let producer = env.producer();
@@ -246,6 +294,17 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
 
     let wenv = pipeline::worker_env(&gateway_addr.to_string());
     let mut workers: Vec<Worker> = (0..WORKERS).map(|_| env.spawn_worker(&[], &wenv)).collect();
+    // Under `exactly_once` a worker comes back under its instance ID, as a deployment
+    // restarts it: its producer fences the dead one's and aborts the transaction it left
+    // open (which the transactional broker would otherwise keep open for good).
+    let replace = |w: &mut Worker| {
+        if exactly_once {
+            env.restart_worker(w, &[], &wenv);
+        } else {
+            w.kill9();
+            *w = env.spawn_worker(&[], &wenv);
+        }
+    };
     // The shelves are stocked before the shop opens: orders published alongside the
     // restocks could be taken first (no order across the inventory's input topics).
     let mut seen = Lifecycle::new(&env);
@@ -265,20 +324,20 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
         }
         assert!(
             Instant::now() < until,
-            "[chaos] only {stocked} of {} restocks applied within 60 s",
+            "[{label}] only {stocked} of {} restocks applied within 60 s",
             initial.len()
         );
     }
     eprintln!(
-        "[chaos] {} workers running, shelves stocked after {:.1}s",
+        "[{label}] {} workers running, shelves stocked after {:.1}s",
         WORKERS,
         test_started.elapsed().as_secs_f64()
     );
 
     let codec = Codec::new();
     let mut created: HashMap<(String, String), Event> = HashMap::new();
-    let mut orders = Vec::with_capacity(ORDERS);
-    for i in 0..ORDERS {
+    let mut orders = Vec::with_capacity(orders_total);
+    for i in 0..orders_total {
         let (store_id, order_id, json) = SHOP.order_json(i);
         let hints = DecodeHints {
             topic_default: Some(EventType::OrderCreated),
@@ -298,10 +357,10 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
 
     // The orders go out from a thread of their own, at a steady pace, while this thread
     // plays the schedule and follows the topics.
-    let publishing = Duration::from_secs_f64(ORDERS as f64 / ORDERS_PER_SECOND);
-    let plan = schedule(seed);
+    let publishing = Duration::from_secs_f64(orders_total as f64 / ORDERS_PER_SECOND);
+    let plan = schedule(seed, broker.is_some());
     eprintln!(
-        "[chaos] publishing {ORDERS} orders at {ORDERS_PER_SECOND}/s; schedule by share of orders terminal: {plan:?}"
+        "[{label}] publishing {orders_total} orders ({guarantee}) at {ORDERS_PER_SECOND}/s; schedule by share of orders terminal: {plan:?}"
     );
     let published = Arc::new(AtomicUsize::new(0));
     let mut publisher = Some({
@@ -328,11 +387,12 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
     let mut last_chaos = t0;
     let mut outage_until: Option<Instant> = None;
     let mut progress_at = t0;
-    let deadline = t0 + publishing + DRAIN;
+    let drain = if exactly_once { TXN_DRAIN } else { DRAIN };
+    let deadline = t0 + publishing + drain;
     loop {
         seen.poll(Duration::from_millis(20));
         let terminal = seen.terminal(&order_keys);
-        let share = terminal as f64 / ORDERS as f64;
+        let share = terminal as f64 / orders_total as f64;
         while next < plan.len() && share >= plan[next].0 {
             let (at, act) = plan[next];
             let violent = matches!(act, Act::KillWorker(_) | Act::RestartBroker);
@@ -341,17 +401,19 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
             }
             next += 1;
             eprintln!(
-                "[chaos] t={:.1}s, {terminal} orders terminal (planned at {:.0}%): {act:?}",
+                "[{label}] t={:.1}s, {terminal} orders terminal (planned at {:.0}%): {act:?}",
                 t0.elapsed().as_secs_f64(),
                 at * 100.0
             );
             match act {
                 Act::KillWorker(n) => {
-                    workers[n].kill9();
-                    workers[n] = env.spawn_worker(&[], &wenv);
+                    replace(&mut workers[n]);
                     kills += 1;
                 }
                 Act::RestartBroker => {
+                    let broker = broker
+                        .as_mut()
+                        .expect("a restart is planned only for a broker the test owns");
                     broker.kill9();
                     std::thread::sleep(BROKER_DOWN);
                     broker.restart();
@@ -382,7 +444,10 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
         if outage_until.is_some_and(|t| Instant::now() >= t) {
             gateway.set_outage(false);
             outage_until = None;
-            eprintln!("[chaos] t={:.1}s: outage over", t0.elapsed().as_secs_f64());
+            eprintln!(
+                "[{label}] t={:.1}s: outage over",
+                t0.elapsed().as_secs_f64()
+            );
         }
         // A worker that exits on its own is a finding; a new one takes its place so
         // that the run goes on and reports everything else.
@@ -394,26 +459,28 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
                     w.log_path.display(),
                     w.log_tail(30)
                 );
-                eprintln!("[chaos] {msg}");
+                eprintln!("[{label}] {msg}");
                 exited.push(msg);
-                *w = env.spawn_worker(&[], &wenv);
+                replace(w);
             }
         }
-        broker.assert_alive();
+        if let Some(broker) = broker.as_mut() {
+            broker.assert_alive();
+        }
         carrier.keep_alive(&rt);
         if publisher.as_ref().is_some_and(|p| p.is_finished()) {
             if let Err(e) = publisher.take().expect("publisher").join() {
                 std::panic::resume_unwind(e);
             }
             eprintln!(
-                "[chaos] t={:.1}s: all {ORDERS} orders published and acknowledged",
+                "[{label}] t={:.1}s: all {orders_total} orders published and acknowledged",
                 t0.elapsed().as_secs_f64()
             );
         }
         if progress_at.elapsed() >= Duration::from_secs(5) {
             progress_at = Instant::now();
             eprintln!(
-                "[chaos] t={:.0}s: published {}, terminal {terminal}; {} records read ({} redelivered, {} conflicting), per topic {:?}",
+                "[{label}] t={:.0}s: published {}, terminal {terminal}; {} records read ({} redelivered, {} conflicting), per topic {:?}",
                 t0.elapsed().as_secs_f64(),
                 published.load(Ordering::Relaxed),
                 seen.records,
@@ -422,17 +489,33 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
                 seen.per_topic
             );
         }
-        if next == plan.len() && publisher.is_none() && terminal == ORDERS {
+        if next == plan.len() && publisher.is_none() && terminal == orders_total {
             eprintln!(
-                "[chaos] t={:.1}s: all {ORDERS} orders terminal",
+                "[{label}] t={:.1}s: all {orders_total} orders terminal",
                 t0.elapsed().as_secs_f64()
             );
             break;
         }
         if Instant::now() >= deadline {
+            // The transactional broker can keep records of an open or aborted transaction
+            // from read_committed readers: say whether the missing events are there.
+            let hidden = if exactly_once {
+                let hidden = seen.hidden_events(&env.settings, &seen.unfinished(&order_keys));
+                format!(
+                    "\n{} events about them only a read_uncommitted reader finds{}",
+                    hidden.len(),
+                    if hidden.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", e.g.\n{}", hidden[..hidden.len().min(15)].join("\n"))
+                    }
+                )
+            } else {
+                String::new()
+            };
             failures.push(format!(
-                "every order reaches a terminal state: only {terminal} of {ORDERS} did within {:.0}s of the first order ({} published, {next} of {} chaos acts done); some that did not:\n{}",
-                (publishing + DRAIN).as_secs_f64(),
+                "every order reaches a terminal state: only {terminal} of {orders_total} did within {:.0}s of the first order ({} published, {next} of {} chaos acts done); some that did not:\n{}{hidden}",
+                (publishing + drain).as_secs_f64(),
                 published.load(Ordering::Relaxed),
                 plan.len(),
                 seen.stuck(&order_keys, 15)
@@ -476,10 +559,17 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
         ));
     }
 
-    // No partition stalled: every stage commits every input partition to its end.
+    // No partition stalled: every stage commits every input partition to its end. Under
+    // transactions a partition's end is past its last record, not its high watermark
+    // (see `stage_lag_to_records`).
     let until = Instant::now() + Duration::from_secs(60);
     let lag = loop {
-        let lag = common::pipeline::stage_lag(&env.settings, PARTITIONS);
+        let lag = if exactly_once {
+            seen.poll(Duration::from_millis(100));
+            pipeline::stage_lag_to_records(&env.settings, PARTITIONS, &seen.ends())
+        } else {
+            pipeline::stage_lag(&env.settings, PARTITIONS)
+        };
         match &lag {
             Ok(l) if l.is_empty() => break lag,
             _ if Instant::now() >= until => break lag,
@@ -487,18 +577,89 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
         }
     };
     match lag {
-        Ok(l) if l.is_empty() => eprintln!("[chaos] every stage consumed every input partition to its end"),
-        Ok(l) => failures.push(format!(
-            "no partition stalled: {} stage input partitions still behind their end 60 s after the last order ended: {l:?}",
-            l.len()
+        Ok(l) if l.is_empty() => {
+            eprintln!("[{label}] every stage consumed every input partition to its end")
+        }
+        Ok(l) => {
+            // What the stage missed, and where its state (which decides under either
+            // guarantee) says it continues.
+            let detail: Vec<String> = l
+                .iter()
+                .map(|lag| {
+                    format!(
+                        "{lag:?}: state position {:?}; records {:?}",
+                        pipeline::state_position(
+                            &env.settings,
+                            lag.stage,
+                            lag.topic,
+                            lag.partition
+                        ),
+                        seen.describe(
+                            lag.topic,
+                            lag.partition,
+                            lag.committed.unwrap_or(0),
+                            lag.end
+                        )
+                    )
+                })
+                .collect();
+            failures.push(format!(
+                "no partition stalled: {} stage input partitions still behind their end 60 s after the last order ended:\n{}",
+                l.len(),
+                detail.join("\n")
+            ));
+        }
+        Err(e) => failures.push(format!(
+            "no partition stalled: could not read the groups' offsets: {e}"
         )),
-        Err(e) => failures.push(format!("no partition stalled: could not read the groups' offsets: {e}")),
     }
     seen.drain();
+    if exactly_once {
+        // The transactional broker's high watermark can fall short of a batch's end, so
+        // reading up to it may not be everything: read on until nothing more arrives.
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut quiet = 0;
+        while quiet < 3 && Instant::now() < until {
+            let before = seen.records;
+            seen.poll(Duration::from_millis(300));
+            quiet = if seen.records == before { quiet + 1 } else { 0 };
+        }
+        // Every check below is on what a read_committed reader of a correct broker sees.
+        // This broker also hands over the records of aborted transactions; the log's own
+        // transaction markers tell them apart (`common::txn_log`), and they are left out
+        // and counted. Every killed worker was restarted under its instance ID, so no
+        // transaction may still be open.
+        let hidden = seen.as_committed(&env.settings.brokers, PARTITIONS);
+        let aborted: usize = hidden.values().map(|((a, _), _)| a).sum();
+        let open: usize = hidden.values().map(|((_, o), _)| o).sum();
+        let markers: (usize, usize) = hidden
+            .values()
+            .fold((0, 0), |(c, a), (_, (mc, ma))| (c + mc, a + ma));
+        eprintln!(
+            "[{label}] transactions: {} commit and {} abort markers on the pipeline topics; {aborted} records of aborted transactions read and left out, {open} of open ones; per topic (aborted, open), (commits, aborts): {hidden:?}",
+            markers.0, markers.1
+        );
+        if open > 0 {
+            failures.push(format!(
+                "every transaction is decided once every killed worker is back: {open} records of open transactions ({hidden:?})"
+            ));
+        }
+        level.clear();
+        for e in &seen.other {
+            if let Event::StockLevelChanged(c) = e
+                && c.reason == "probe"
+            {
+                level.insert(
+                    (c.envelope.store_id.clone(), c.sku.clone()),
+                    i64::from(c.available),
+                );
+            }
+        }
+    }
     stop.cancel();
     let carrier_report = rt.block_on(carrier.task);
     eprintln!(
-        "[chaos] carrier: {carrier_report:?}; restarted {} times",
+        "[{label}] carrier: {carrier_report:?}; restarted {} times",
         carrier.restarts.len()
     );
     if let Some(n) = exited.first() {
@@ -590,13 +751,13 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
         history.insert(key.clone(), events);
     }
     eprintln!(
-        "[chaos] ends {ends:?}; retried {retried}, exhausted {exhausted}, declined {declined}, out of stock {out_of_stock}, authorized {}, refunded {}",
+        "[{label}] ends {ends:?}; retried {retried}, exhausted {exhausted}, declined {declined}, out of stock {out_of_stock}, authorized {}, refunded {}",
         authorized.len(),
         refunded.len()
     );
     if !inconsistent.is_empty() {
         failures.push(format!(
-            "every order reaches a terminal state consistent with its events: {} of {ORDERS} do not, e.g.\n{}",
+            "every order reaches a terminal state consistent with its events: {} of {orders_total} do not, e.g.\n{}",
             inconsistent.len(),
             inconsistent[..inconsistent.len().min(10)].join("\n")
         ));
@@ -604,7 +765,7 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
 
     // 2. One content per event ID, on every topic.
     eprintln!(
-        "[chaos] {} records on the pipeline topics, {} redelivered with the same content, {} with the ID of another content",
+        "[{label}] {} records on the pipeline topics, {} redelivered with the same content, {} with the ID of another content",
         seen.records,
         seen.duplicates,
         seen.conflicts.len()
@@ -681,7 +842,7 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
         .map(|(k, d)| format!("{k:?}: {d:?}"))
         .collect();
     eprintln!(
-        "[chaos] {} orders with a stock decision, {} with more than one",
+        "[{label}] {} orders with a stock decision, {} with more than one",
         decisions.len(),
         twice.len()
     );
@@ -720,7 +881,7 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
         })
         .collect();
     eprintln!(
-        "[chaos] stock of {} SKUs read back: {} unbalanced, {} negative levels reported; {} units reserved, {} released",
+        "[{label}] stock of {} SKUs read back: {} unbalanced, {} negative levels reported; {} units reserved, {} released",
         level.len(),
         unbalanced.len(),
         negative.len(),
@@ -834,7 +995,7 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
         }
     }
     eprintln!(
-        "[chaos] gateway ledger: {} orders charged, {} PaymentAuthorized recorded, {} problems",
+        "[{label}] gateway ledger: {} orders charged, {} PaymentAuthorized recorded, {} problems",
         charges.len(),
         authorized.len(),
         bad_charges.len()
@@ -849,7 +1010,7 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
 
     // 6. Every failed payment released its stock (checked per order above).
     eprintln!(
-        "[chaos] {} failed payments, {} without exactly the reserved stock released",
+        "[{label}] {} failed payments, {} without exactly the reserved stock released",
         exhausted + declined,
         failed_without_release.len()
     );
@@ -863,7 +1024,7 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
 
     // 7. Nothing was dead-lettered.
     let dlq = common::read_topic(&env.settings.brokers, &env.topic(topics::DLQ));
-    eprintln!("[chaos] {} dead letters", dlq.len());
+    eprintln!("[{label}] {} dead letters", dlq.len());
     if !dlq.is_empty() {
         failures.push(format!(
             "the DLQ topic is empty: it holds {} records, the first: {:?} {:?}",
@@ -879,8 +1040,8 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
 
     // 8. The run did what it claims to.
     eprintln!(
-        "[chaos] {kills} workers SIGKILLed, broker restarted {broker_restarts} times (started {} times), carrier restarted {} times, whole test {:.1}s",
-        broker.starts,
+        "[{label}] {kills} workers SIGKILLed, broker restarted {broker_restarts} times (started {} times), carrier restarted {} times, whole test {:.1}s",
+        broker.as_ref().map_or(0, |b| b.starts),
         carrier.restarts.len(),
         test_started.elapsed().as_secs_f64()
     );
@@ -890,14 +1051,17 @@ fn orders_survive_killed_workers_and_a_broker_restart() {
             format!("at least 5 workers SIGKILLed ({kills})"),
         ),
         (
-            broker_restarts == 1,
-            format!("the broker restarted once ({broker_restarts})"),
+            broker_restarts == usize::from(broker.is_some()),
+            format!(
+                "the broker restarted {} ({broker_restarts})",
+                if broker.is_some() { "once" } else { "never" }
+            ),
         ),
         (out_of_stock > 0, "some SKU ran out".to_owned()),
         (declined > 0, "some payment was declined".to_owned()),
         (retried > 0, "some payment was retried".to_owned()),
         (
-            ends.get("Delivered").copied().unwrap_or(0) > ORDERS / 2,
+            ends.get("Delivered").copied().unwrap_or(0) > orders_total / 2,
             "most orders were delivered".to_owned(),
         ),
     ];

@@ -10,6 +10,15 @@
 //! - a timer's round (the inventory watchdog) decided once, whatever the clock says when
 //!   a crashed batch is taken up again.
 //!
+//! The crash tests run under `exactly_once` too, on the transactional broker (see
+//! [`common::txn_broker`]), with the worker restarted under its instance ID as a
+//! deployment would: crashed with only the transaction's outputs sent, with everything
+//! sent but not committed, after the commit, and SIGKILLed as its first output appears.
+//! That broker hands aborted records to read_committed readers; the tests tell them apart
+//! by the log's transaction markers ([`common::txn_log`]), count them, and check the same
+//! outcomes (one content per event ID included) on the records a correct broker would
+//! show a read_committed reader.
+//!
 //! Crash points (`ORDERFLOW_CRASH_AT`), stalls and seek failures are injected through the
 //! environment of the worker process, never set in production.
 
@@ -87,6 +96,12 @@ struct Outputs {
     first: HashMap<String, Vec<u8>>,
     events: Vec<Event>,
     duplicates: usize,
+    /// Records whose event ID came before with another content: (the first, this one).
+    /// Kept only by [`Outputs::collecting`]; otherwise the first one fails the test.
+    conflicts: Option<Vec<(Event, Event)>>,
+    /// Records left out: those a correct broker hides from read_committed readers (see
+    /// [`Outputs::as_committed`]).
+    hidden: HashSet<(i32, i64)>,
 }
 
 impl Outputs {
@@ -98,7 +113,46 @@ impl Outputs {
             first: HashMap::new(),
             events: Vec::new(),
             duplicates: 0,
+            conflicts: None,
+            hidden: HashSet::new(),
         }
+    }
+
+    /// Like [`Outputs::new`], but keeps going past a second content under one event ID,
+    /// so that [`Outputs::assert_one_content`] can report every one.
+    fn collecting(env: &TestEnv, base: &str) -> Self {
+        Outputs {
+            conflicts: Some(Vec::new()),
+            ..Outputs::new(env, base)
+        }
+    }
+
+    /// Fails listing every event ID read with two contents, telling those that differ
+    /// only in `occurred_at` (a batch decided again at another time) from those that
+    /// decided differently.
+    fn assert_one_content(&self, context: &str) {
+        let conflicts = self.conflicts.as_deref().unwrap_or_default();
+        if conflicts.is_empty() {
+            return;
+        }
+        let time_only = conflicts
+            .iter()
+            .filter(|(first, other)| {
+                let mut retimed = other.clone();
+                retimed.envelope_mut().occurred_at = first.envelope().occurred_at;
+                &retimed == first
+            })
+            .count();
+        let listed: Vec<String> = conflicts
+            .iter()
+            .map(|(first, other)| format!("  first {first:?}\n  then  {other:?}"))
+            .collect();
+        panic!(
+            "[{context}] {} event IDs on {} carry two contents, {time_only} of them differing only in occurred_at:\n{}",
+            conflicts.len(),
+            self.collector.topic,
+            listed.join("\n")
+        );
     }
 
     fn poll(&mut self) {
@@ -111,8 +165,42 @@ impl Outputs {
         self.take();
     }
 
+    /// Reads everything again, leaving out the records of aborted and still-open
+    /// transactions as the log's own markers decide them ([`txn_log`]): what a correct
+    /// broker shows a read_committed reader. Returns how many records were left out as
+    /// aborted, and as open.
+    fn as_committed(&mut self, brokers: &str, partitions: i32) -> (usize, usize) {
+        let log = txn_log::scan(brokers, &self.collector.topic, partitions);
+        let mut aborted = 0;
+        let mut open = 0;
+        for r in &self.collector.records {
+            match log.fate(r.partition, r.offset) {
+                Some(txn_log::Fate::Aborted) => aborted += 1,
+                Some(txn_log::Fate::Open) => open += 1,
+                Some(_) => {}
+                None => panic!(
+                    "{}[{}] offset {} was read but is not in the log",
+                    self.collector.topic, r.partition, r.offset
+                ),
+            }
+        }
+        self.hidden = log.hidden();
+        self.read = 0;
+        self.first.clear();
+        self.events.clear();
+        self.duplicates = 0;
+        if let Some(c) = self.conflicts.as_mut() {
+            c.clear();
+        }
+        self.take();
+        (aborted, open)
+    }
+
     fn take(&mut self) {
         for r in &self.collector.records[self.read..] {
+            if self.hidden.contains(&(r.partition, r.offset)) {
+                continue;
+            }
             let value = r.value.clone().expect("outputs have values");
             let event = self
                 .codec
@@ -120,6 +208,15 @@ impl Outputs {
                 .unwrap_or_else(|e| panic!("undecodable output on {}: {e}", self.collector.topic));
             let id = event.envelope().event_id.clone();
             match self.first.get(&id) {
+                Some(earlier) if earlier != &value && self.conflicts.is_some() => {
+                    let earlier = self
+                        .codec
+                        .decode(earlier, DecodeHints::default())
+                        .expect("decoded before");
+                    if let Some(c) = self.conflicts.as_mut() {
+                        c.push((earlier, event));
+                    }
+                }
                 Some(earlier) => {
                     assert_eq!(
                         earlier,
@@ -172,17 +269,41 @@ fn wait_until_exited(w: &mut Worker, within: Duration) {
     }
 }
 
+/// How the worker that takes the batch below dies.
+#[derive(Debug, Clone, Copy)]
+enum Crash {
+    /// At the crash point of this name (`ORDERFLOW_CRASH_AT`), the first time it is reached.
+    At(&'static str),
+    /// SIGKILLed by the test as soon as the batch's first output can be read: wherever the
+    /// worker happens to be, mid-transaction or just past the commit.
+    KillAtFirstOutput,
+}
+
+impl Crash {
+    fn name(self) -> &'static str {
+        match self {
+            Crash::At(point) => point,
+            Crash::KillAtFirstOutput => "sigkill_at_first_output",
+        }
+    }
+}
+
 /// A batch holding a failed payment that releases the only unit and an order for it is
 /// cut at `point`: whatever the next owner reads again, in whatever order its fetches
 /// bring the two topics, the decisions already visible stand, and those not yet visible
 /// come out once — one content per event ID, one decision per order, stock balanced.
-fn crash_between_decision_and_state(point: &str) {
-    let env = TestEnv::new(&format!("crash-{point}"), 2);
+///
+/// `env` says the guarantee. Under `at_least_once` every worker is a new instance; under
+/// `exactly_once` each is the previous one restarted under its instance ID (and so its
+/// transactional ID), which fences the dead producer and aborts its open transaction.
+fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
+    let point = crash.name();
+    let exactly_once = env.settings.guarantee == orderflow::config::Guarantee::ExactlyOnce;
     let producer = env.producer();
     let commands = env.topic(topics::INVENTORY_COMMANDS);
     let screened_topic = env.topic(topics::ORDER_SCREENED);
     let payments = env.topic(topics::PAYMENT_PROCESSED);
-    let mut out = Outputs::new(&env, topics::INVENTORY_UPDATED);
+    let mut out = Outputs::collecting(&env, topics::INVENTORY_UPDATED);
     let dlq = env.collector(topics::DLQ);
 
     producer.send(&commands, &restock(STORE, "SKU-A", 1));
@@ -199,6 +320,7 @@ fn crash_between_decision_and_state(point: &str) {
     // worker's first commit is the batch below.
     std::thread::sleep(Duration::from_millis(500));
     first.kill9();
+    let outputs_before = out.events.len();
 
     // In one go: o-1's payment fails (releasing SKU-A), o-2 wants SKU-A, and o-3..o-6
     // take SKU-B.
@@ -210,12 +332,47 @@ fn crash_between_decision_and_state(point: &str) {
             &screened(STORE, &format!("o-{i}"), &[("SKU-B", 1)]),
         );
     }
-    let mut crashing = env.spawn_worker(
-        &["inventory"],
-        &[("ORDERFLOW_CRASH_AT", format!("{point}:1"))],
-    );
-    wait_until_exited(&mut crashing, Duration::from_secs(60));
-    let after = env.spawn_worker(&["inventory"], &[]);
+    let crash_env = match crash {
+        Crash::At(point) => vec![("ORDERFLOW_CRASH_AT", format!("{point}:1"))],
+        Crash::KillAtFirstOutput => Vec::new(),
+    };
+    let mut crashing = if exactly_once {
+        env.restart_worker(&mut first, &["inventory"], &crash_env);
+        first
+    } else {
+        env.spawn_worker(&["inventory"], &crash_env)
+    };
+    match crash {
+        Crash::At(point) => {
+            wait_until_exited(&mut crashing, Duration::from_secs(60));
+            assert!(
+                crashing
+                    .log_tail(40)
+                    .contains(&format!("crash point {point} reached")),
+                "[{point}] worker {} exited, but not at its crash point; log:\n{}",
+                crashing.instance,
+                crashing.log_tail(40)
+            );
+        }
+        Crash::KillAtFirstOutput => {
+            wait_for(
+                "the batch's first output",
+                deadline(60),
+                &[&crashing],
+                |_| {
+                    out.poll();
+                    (out.events.len() > outputs_before).then_some(())
+                },
+            );
+            crashing.kill9();
+        }
+    }
+    let after = if exactly_once {
+        env.restart_worker(&mut crashing, &["inventory"], &[]);
+        crashing
+    } else {
+        env.spawn_worker(&["inventory"], &[])
+    };
     let orders: Vec<String> = (1..=6).map(|i| format!("o-{i}")).collect();
     wait_for(
         "a decision for every order",
@@ -246,6 +403,29 @@ fn crash_between_decision_and_state(point: &str) {
         ))
     });
     out.drain();
+    // Under `exactly_once` the assertions below hold for what a read_committed reader of
+    // a correct broker sees. This broker hands over aborted records too (see
+    // `common::txn_broker`); they are told apart by the log's transaction markers,
+    // counted, and left out — and every transaction must be decided by now.
+    let mut hidden = (0, 0);
+    if exactly_once {
+        hidden = out.as_committed(&env.settings.brokers, env.partitions);
+        assert_eq!(
+            hidden.1, 0,
+            "[{point}] records of transactions still open after the restart"
+        );
+    }
+    let (a, b) = if exactly_once {
+        (
+            out.probed("SKU-A", "probe-a")
+                .expect("probe-a among committed records"),
+            out.probed("SKU-B", "probe-b")
+                .expect("probe-b among committed records"),
+        )
+    } else {
+        (a, b)
+    };
+    out.assert_one_content(point);
 
     for o in &orders {
         let decisions: Vec<EventType> = out
@@ -269,31 +449,71 @@ fn crash_between_decision_and_state(point: &str) {
         "[{point}] dead letters: {:?}",
         dlq.records
     );
-    eprintln!(
-        "[{point}] crashed as armed; o-2 {}; {} identical re-sends",
-        if o2_reserved { "reserved" } else { "rejected" },
-        out.duplicates
+    let guarantee = format!("guarantee={}", env.settings.guarantee);
+    assert!(
+        after.log_tail(400).contains(&guarantee),
+        "[{point}] the worker did not run with {guarantee}; log:\n{}",
+        after.log_tail(40)
     );
+    eprintln!(
+        "[{point}, {}] crashed; o-2 {}; {} identical re-sends; {} aborted records read and left out",
+        env.settings.guarantee,
+        if o2_reserved { "reserved" } else { "rejected" },
+        out.duplicates,
+        hidden.0
+    );
+}
+
+fn at_least_once(point: &'static str) {
+    let env = TestEnv::new(&format!("crash-{point}"), 2);
+    crash_between_decision_and_state(env, Crash::At(point));
+}
+
+fn exactly_once(crash: Crash) {
+    let env = TestEnv::exactly_once(&format!("txn-crash-{}", crash.name()), 2);
+    crash_between_decision_and_state(env, crash);
 }
 
 #[test]
 fn a_crash_mid_changelog_changes_no_decision() {
-    crash_between_decision_and_state("mid_changelog");
+    at_least_once("mid_changelog");
 }
 
 #[test]
 fn a_crash_after_the_changelog_sends_the_outbox_once_restored() {
-    crash_between_decision_and_state("after_changelog");
+    at_least_once("after_changelog");
 }
 
 #[test]
 fn a_crash_after_the_outputs_re_sends_them_unchanged() {
-    crash_between_decision_and_state("after_outputs");
+    at_least_once("after_outputs");
 }
 
 #[test]
 fn a_crash_after_the_offsets_changes_nothing() {
-    crash_between_decision_and_state("after_offsets");
+    at_least_once("after_offsets");
+}
+
+/// The aborted outputs stay readable on this broker; the batch is decided again, and must
+/// come out under the same IDs with the same contents.
+#[test]
+fn exactly_once_a_crash_with_only_the_outputs_sent_changes_no_decision() {
+    exactly_once(Crash::At("txn_outputs_sent"));
+}
+
+#[test]
+fn exactly_once_a_crash_before_the_commit_changes_no_decision() {
+    exactly_once(Crash::At("txn_before_commit"));
+}
+
+#[test]
+fn exactly_once_a_crash_after_the_commit_changes_nothing() {
+    exactly_once(Crash::At("txn_after_commit"));
+}
+
+#[test]
+fn exactly_once_a_sigkill_at_the_first_output_changes_no_decision() {
+    exactly_once(Crash::KillAtFirstOutput);
 }
 
 /// A watchdog round is decided once. Its alerts are emitted in a batch like any other

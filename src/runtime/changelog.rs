@@ -219,8 +219,13 @@ pub struct PartitionState<V> {
     /// Claims and commit markers of earlier writers: tombstoned once this writer has
     /// committed a batch of its own.
     retired: Vec<String>,
-    /// Sequence number of the next batch.
+    /// Sequence number of the next batch. Never reused, not even by a batch redone after
+    /// an aborted transaction (see [`Self::aborted`]).
     pub next_seq: u64,
+    /// Sequence number of the last batch this state includes (0: none). Under
+    /// `exactly_once` a batch's marker names it, so that a restore can tell a batch some
+    /// writer built on from one that was aborted (see [`Restorer::transactional`]).
+    pub last_seq: u64,
     /// This writer's generation (0 under `exactly_once`, where transactions fence).
     pub generation: u64,
     /// Whether this writer has committed a batch since its claim.
@@ -245,6 +250,7 @@ impl<V> PartitionState<V> {
             repairs: BTreeMap::new(),
             retired: Vec::new(),
             next_seq: 1,
+            last_seq: 0,
             generation: 0,
             committed_once: false,
             disk: None,
@@ -322,10 +328,16 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
         }
         // The marker names how many records precede it: a batch one of whose records
         // was refused while the marker got through is not taken for a committed one.
+        // The transactional writer's (generation 0) also names the batch it follows.
         let count = out.len();
+        let marker = if self.generation == 0 {
+            format!("{seq}:{count}:{}", self.last_seq)
+        } else {
+            format!("{seq}:{count}")
+        };
         out.push(rec(
             format!("{COMMIT_PREFIX}{}", self.generation),
-            Some(format!("{seq}:{count}").into_bytes()),
+            Some(marker.into_bytes()),
         ));
         BatchRecords {
             records: out,
@@ -355,6 +367,18 @@ impl<V: Serialize + DeserializeOwned + Clone> PartitionState<V> {
             self.outbox.insert(batch.seq, (outputs, batch.chunks));
         }
         self.next_seq = batch.seq + 1;
+        self.last_seq = batch.seq;
+    }
+
+    /// The transaction that carried `batch` was aborted: forgets every change since the
+    /// last commit, and leaves the batch's sequence number behind. A broker that shows
+    /// aborted records may show this batch's, and the batch that does its work again must
+    /// not be counted together with them.
+    pub fn aborted(&mut self, batch: &BatchRecords) {
+        self.rollback();
+        if !batch.records.is_empty() {
+            self.next_seq = self.next_seq.max(batch.seq + 1);
+        }
     }
 
     /// Forgets every change since the last commit.
@@ -422,6 +446,31 @@ pub struct Restorer {
     max_seq: u64,
     /// Offset of the last record read.
     pub last_offset: Option<i64>,
+    /// Under `exactly_once`: judge batches by the batch each marker says it follows.
+    transactional: bool,
+    /// The last complete batch, held back until what follows it shows whether it was
+    /// built on (see [`Restorer::transactional`]).
+    held: Option<Held>,
+    /// What the group's committed offsets say, when they could be read.
+    vouched: Option<Committed>,
+    /// Sequence number of the newest batch applied.
+    applied_seq: u64,
+}
+
+/// What a stage's group has committed for one partition under `exactly_once`: the
+/// offsets commit in the same transaction as the changelog batch that moves the state's
+/// positions to them.
+#[derive(Debug, Clone, Default)]
+pub struct Committed {
+    /// Per input topic (prefix-free), the committed offset; `None`: none committed.
+    pub offsets: HashMap<String, Option<i64>>,
+}
+
+/// A complete batch not applied yet: its records, marker last.
+#[derive(Debug)]
+struct Held {
+    seq: u64,
+    records: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Restorer {
@@ -431,6 +480,60 @@ impl Restorer {
             disk: Some(disk),
             ..Restorer::default()
         }
+    }
+
+    /// Under `exactly_once` a read_committed reader should only ever see committed
+    /// batches, but a broker that leaks the records of aborted transactions shows their
+    /// batches too, markers included. Each transactional marker names the batch it
+    /// follows (the last one its writer had committed or restored), so a batch that the
+    /// next batch does not follow was aborted: it is left out, and its keys are rewritten
+    /// with their committed values by the next owner. The last batch has no successor;
+    /// [`Restorer::vouch`] says whether the group's committed offsets, which commit in
+    /// the same transaction, include it, by the positions — a last batch that moved inputs while the group's committed offset
+    /// of every input it moved is still where the state's position was before it did
+    /// not commit. On a correct broker every batch read is committed, the next one follows it
+    /// and the offsets include the last: nothing changes (an operator who resets the
+    /// group's offsets to exactly where the state was one batch before its last would
+    /// have that batch done again; and a last batch that moved no
+    /// position, a timer's alone, is always taken for committed).
+    pub fn transactional(mut self) -> Self {
+        self.transactional = true;
+        self
+    }
+
+    /// What the group has committed for this partition (`None`: it could not be read,
+    /// and the last batch read counts as committed).
+    pub fn vouch(&mut self, committed: Option<Committed>) {
+        self.vouched = committed;
+    }
+
+    /// Whether the group's committed offsets include `held`, the last complete batch.
+    fn vouched_for(&self, held: &Held) -> bool {
+        let Some(c) = &self.vouched else {
+            return true;
+        };
+        let position = |v: Option<&[u8]>| v.and_then(|v| serde_json::from_slice::<i64>(v).ok());
+        let moved: Vec<(&str, Option<i64>, i64)> = held
+            .records
+            .iter()
+            .filter_map(|(k, v)| {
+                let topic = k.strip_prefix(POSITION_PREFIX)?;
+                let before = position(self.committed.get(k).map(Vec::as_slice));
+                Some((topic, before, position(v.as_deref())?))
+            })
+            .filter(|(_, before, after)| *before != Some(*after))
+            .collect();
+        let still = |topic: &str, before: &Option<i64>| {
+            c.offsets
+                .get(topic)
+                .is_some_and(|committed| committed == before)
+        };
+        // Every moved input is still where it was, and at least one of them by an offset
+        // the group did commit: a broker that keeps no transactional offsets at all
+        // (librdkafka's mock cluster) says nothing.
+        let behind = moved.iter().all(|(topic, before, _)| still(topic, before))
+            && moved.iter().any(|(_, before, _)| before.is_some());
+        !behind
     }
 
     fn on_disk(&self, key: &str) -> Option<&Disk> {
@@ -484,13 +587,20 @@ impl Restorer {
                 .push((key.to_owned(), value.map(<[u8]>::to_vec), seq));
             return Ok(());
         };
-        let expected = std::str::from_utf8(marker)
+        let (expected, follows) = std::str::from_utf8(marker)
             .ok()
-            .and_then(|v| v.split_once(':'))
-            .and_then(|(_, n)| n.parse::<usize>().ok())
+            .and_then(|v| {
+                let mut parts = v.split(':').skip(1);
+                let count = parts.next()?.parse::<usize>().ok()?;
+                let follows = match parts.next() {
+                    Some(f) => Some(f.parse::<u64>().ok()?),
+                    None => None,
+                };
+                Some((count, follows))
+            })
             .ok_or_else(|| ChangelogError::Value {
                 key: key.to_owned(),
-                message: "a commit marker is `<seq>:<records>`".into(),
+                message: "a commit marker is `<seq>:<records>[:<batch it follows>]`".into(),
             })?;
         let written = self.tail.iter().filter(|(_, _, s)| *s == seq).count();
         if written != expected {
@@ -500,14 +610,46 @@ impl Restorer {
         // Everything before a committed batch counts: a cut-off batch of an earlier
         // writer was rewritten by the batch that follows it (its first), and records
         // whose own marker compaction removed were committed.
-        for (k, v, _) in std::mem::take(&mut self.tail) {
-            self.apply(Entry { key: k, value: v });
+        let mut records: Vec<(String, Option<Vec<u8>>)> = std::mem::take(&mut self.tail)
+            .into_iter()
+            .map(|(k, v, _)| (k, v))
+            .collect();
+        records.push((key.to_owned(), Some(marker.to_vec())));
+        let batch = Held { seq, records };
+        if !self.transactional {
+            self.apply_batch(batch);
+            return Ok(());
         }
-        self.apply(Entry {
-            key: key.to_owned(),
-            value: Some(marker.to_vec()),
-        });
+        if let Some(held) = self.held.take() {
+            match follows {
+                Some(f) if held.seq > f => self.leave_out(held),
+                _ => self.apply_batch(held),
+            }
+        }
+        self.held = Some(batch);
         Ok(())
+    }
+
+    fn apply_batch(&mut self, batch: Held) {
+        self.applied_seq = self.applied_seq.max(batch.seq);
+        for (key, value) in batch.records {
+            self.apply(Entry { key, value });
+        }
+    }
+
+    /// A batch of an aborted transaction: its keys are rewritten with their committed
+    /// values, but for its marker, which the next marker supersedes.
+    fn leave_out(&mut self, batch: Held) {
+        tracing::info!(
+            seq = batch.seq,
+            records = batch.records.len(),
+            "leaving out a changelog batch of an aborted transaction"
+        );
+        for (key, _) in batch.records {
+            if !key.starts_with(COMMIT_PREFIX) {
+                self.stale.insert(key);
+            }
+        }
     }
 
     fn apply(&mut self, e: Entry) {
@@ -537,6 +679,13 @@ impl Restorer {
         dedup_window: usize,
         cache_entries: usize,
     ) -> Result<PartitionState<V>, ChangelogError> {
+        if let Some(held) = self.held.take() {
+            if self.vouched_for(&held) {
+                self.apply_batch(held);
+            } else {
+                self.leave_out(held);
+            }
+        }
         let mut ps = PartitionState::<V>::new(dedup_window);
         if let Some(disk) = &self.disk {
             let state = disk.check_each(STATE_PREFIX, |k, v| decode::<V>(k, v).map(drop))?;
@@ -615,6 +764,7 @@ impl Restorer {
         }
         ps.generation = generation;
         ps.next_seq = self.max_seq + 1;
+        ps.last_seq = self.applied_seq;
         ps.log_end = self.last_offset;
         Ok(ps)
     }

@@ -276,6 +276,7 @@ impl<S: Stage> Worker<StageBackend<S>> {
         let result = (|| {
             self.retry_in_place(|| self.producer.begin_transaction())?;
             self.enqueue(outputs.iter().copied())?;
+            self.crash_in_transaction(Point::TxnOutputsSent);
             self.enqueue(log.iter())?;
             let tpl = self.positions_tpl();
             // Without group metadata (not in a group yet) offsets cannot join the
@@ -288,10 +289,12 @@ impl<S: Stage> Worker<StageBackend<S>> {
                 self.producer
                     .send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT)
             })?;
+            self.crash_in_transaction(Point::TxnBeforeCommit);
             self.retry_in_place(|| self.producer.commit_transaction(TXN_TIMEOUT))
         })();
         match result {
             Ok(()) => {
+                crash::reached(Point::TxnAfterCommit);
                 let mut per_topic: BTreeMap<&str, u64> = BTreeMap::new();
                 for o in &outputs {
                     *per_topic.entry(o.topic.as_str()).or_default() += 1;
@@ -321,12 +324,24 @@ impl<S: Stage> Worker<StageBackend<S>> {
                 if rebuild {
                     self.rebuild_producer()?;
                 }
-                for ps in self.parts.values_mut() {
-                    ps.rollback();
+                for (p, ps) in self.parts.iter_mut() {
+                    match batches.iter().find(|(bp, _, _)| bp == p) {
+                        Some((_, br, _)) => ps.aborted(br),
+                        None => ps.rollback(),
+                    }
                 }
                 self.rewind(offsets);
                 Ok(false)
             }
+        }
+    }
+
+    /// Dies at `point` if it is armed, once every record enqueued so far is at the broker
+    /// (inside the open transaction), so that the crash leaves them there.
+    fn crash_in_transaction(&self, point: Point) {
+        if crash::is_armed(point) {
+            let _ = self.producer.flush(TXN_TIMEOUT);
+            crash::reached(point);
         }
     }
 

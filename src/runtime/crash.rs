@@ -1,5 +1,7 @@
 //! Crash points: places in the commit protocol where a test can make a worker die on
-//! purpose, as abruptly as SIGKILL, to prove what a crash there leaves behind.
+//! purpose, as abruptly as SIGKILL, to prove what a crash there leaves behind. The first
+//! four are in the `at_least_once` commit, the `Txn*` ones in the `exactly_once`
+//! transaction.
 //!
 //! Armed only by the environment variable `ORDERFLOW_CRASH_AT=<point>[:<n>]` (die the
 //! `n`-th time the point is reached, default the first), which production never sets;
@@ -23,15 +25,26 @@ pub enum Point {
     AfterOffsets,
     /// A sink's SQL transaction (rows and offsets) committed, nothing after it done.
     AfterSqlCommit,
+    /// The transaction's outputs are at the broker; its changelog records and offsets
+    /// were never sent, and it is never committed.
+    TxnOutputsSent,
+    /// Every record of the transaction and its offsets are at the broker; it is never
+    /// committed.
+    TxnBeforeCommit,
+    /// The transaction is committed.
+    TxnAfterCommit,
 }
 
 impl Point {
-    const ALL: [Point; 5] = [
+    const ALL: [Point; 8] = [
         Point::MidChangelog,
         Point::AfterChangelog,
         Point::AfterOutputs,
         Point::AfterOffsets,
         Point::AfterSqlCommit,
+        Point::TxnOutputsSent,
+        Point::TxnBeforeCommit,
+        Point::TxnAfterCommit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +54,9 @@ impl Point {
             Point::AfterOutputs => "after_outputs",
             Point::AfterOffsets => "after_offsets",
             Point::AfterSqlCommit => "after_sql_commit",
+            Point::TxnOutputsSent => "txn_outputs_sent",
+            Point::TxnBeforeCommit => "txn_before_commit",
+            Point::TxnAfterCommit => "txn_after_commit",
         }
     }
 }

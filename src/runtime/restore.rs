@@ -4,7 +4,10 @@
 //! Under `at_least_once` the restore first appends a claim to each partition (see
 //! [`super::changelog`]) and then reads up to it: everything before the claim is this
 //! owner's history, anything a fenced writer appends after it is ignored. Under
-//! `exactly_once` transactions fence other writers, and the restore reads to the end.
+//! `exactly_once` transactions fence other writers, and the restore reads to the end;
+//! then it asks the stage's group which changelog batch its committed offsets were
+//! committed with, so that a batch of an aborted transaction that the broker showed
+//! anyway is not taken for committed (see [`Restorer::transactional`]).
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -19,7 +22,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::changelog::{
-    ChangelogError, GEN_HEADER, PartitionState, Restorer, SEQ_HEADER, claim_record,
+    ChangelogError, Committed, GEN_HEADER, PartitionState, Restorer, SEQ_HEADER, claim_record,
 };
 use super::kafka::apply_pass_through;
 use crate::config::{Guarantee, Settings};
@@ -65,6 +68,17 @@ pub enum RestoreError {
 }
 
 const STALL: Duration = Duration::from_secs(60);
+/// How long a restore waits for the group's committed offsets (a correct broker holds
+/// the answer back while a transaction with offsets is still open).
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Under `exactly_once`: the stage's consumer group and input topics, whose committed
+/// offsets say which changelog batch committed last.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub group: String,
+    pub topics: Vec<String>,
+}
 
 /// The outcome of one restore job: the partitions it was asked for, and their state.
 /// What a restore (or a sink's claim) reports: the parts of its partitions.
@@ -80,6 +94,7 @@ pub fn spawn<V>(
     settings: Settings,
     topic: String,
     partitions: Vec<i32>,
+    inputs: Option<Inputs>,
     job: u64,
     done: mpsc::Sender<Restored<PartitionState<V>>>,
 ) where
@@ -91,7 +106,7 @@ pub fn spawn<V>(
         .spawn(move || {
             let _g = span.enter();
             let started = Instant::now();
-            let result = restore::<V>(&settings, &topic, &partitions);
+            let result = restore::<V>(&settings, &topic, &partitions, inputs.as_ref());
             let _ = done.send(Restored {
                 job,
                 partitions,
@@ -157,11 +172,13 @@ fn claim(
 
 /// Reads the changelog partitions `partitions` with one consumer and rebuilds each
 /// partition's state: up to this owner's claim under `at_least_once`, to the end (the
-/// last stable offset under `read_committed`) under `exactly_once`.
+/// last stable offset under `read_committed`) under `exactly_once`, where `inputs` (if
+/// given) tell which batch committed last.
 pub fn restore<V>(
     settings: &Settings,
     topic: &str,
     partitions: &[i32],
+    inputs: Option<&Inputs>,
 ) -> Result<Vec<(i32, PartitionState<V>)>, RestoreError>
 where
     V: Serialize + DeserializeOwned + Clone,
@@ -206,7 +223,14 @@ where
                 source: e,
             }
         })?;
-        restorers.insert(p, Restorer::with_disk(disk));
+        let restorer = Restorer::with_disk(disk);
+        restorers.insert(
+            p,
+            match settings.guarantee {
+                Guarantee::ExactlyOnce => restorer.transactional(),
+                Guarantee::AtLeastOnce => restorer,
+            },
+        );
         let last = match claims.get(&p) {
             Some((_, offset)) => *offset,
             None => {
@@ -276,11 +300,20 @@ where
             None => {}
         }
     }
+    // Asked only now: offsets committed with a batch read above are in (a correct broker
+    // answers once that batch's transaction is complete).
+    let vouched = match (settings.guarantee, inputs) {
+        (Guarantee::ExactlyOnce, Some(inputs)) => committed(settings, inputs, partitions),
+        _ => None,
+    };
     let mut restored: Vec<(i32, PartitionState<V>)> = Vec::with_capacity(partitions.len());
     for &p in partitions {
-        let r = restorers
+        let mut r = restorers
             .remove(&p)
             .expect("every partition has a restorer");
+        if let Some(v) = &vouched {
+            r.vouch(Some(v.get(&p).cloned().unwrap_or_default()));
+        }
         let generation = claims.get(&p).map_or(0, |(g, _)| *g);
         let mut ps = r
             .finish(
@@ -296,4 +329,56 @@ where
         restored.push((p, ps));
     }
     Ok(restored)
+}
+
+/// Per partition, the offsets the group has committed for `inputs`. `None` when the group cannot be asked: the last batch read then counts
+/// as committed, as it must on a broker that shows only committed records.
+fn committed(
+    settings: &Settings,
+    inputs: &Inputs,
+    partitions: &[i32],
+) -> Option<HashMap<i32, Committed>> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.brokers)
+        .set("group.id", &inputs.group)
+        .set("enable.auto.commit", "false")
+        // Makes librdkafka ask for stable offsets: none pending in an open transaction.
+        .set("isolation.level", "read_committed");
+    apply_pass_through(&mut c, settings);
+    let asked = c.create::<BaseConsumer>().and_then(|consumer| {
+        let mut tpl = TopicPartitionList::new();
+        for t in &inputs.topics {
+            for &p in partitions {
+                tpl.add_partition(t, p);
+            }
+        }
+        consumer.committed_offsets(tpl, COMMITTED_TIMEOUT)
+    });
+    let tpl = match asked {
+        Ok(tpl) => tpl,
+        Err(e) => {
+            tracing::warn!(group = %inputs.group, error = %e, "cannot read the group's committed offsets; taking the changelog's last batches for committed");
+            return None;
+        }
+    };
+    let topics = settings.topics();
+    let mut out: HashMap<i32, Committed> = HashMap::new();
+    for e in tpl.elements() {
+        let entry = out.entry(e.partition()).or_default();
+        let offset = match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
+        let topic = e.topic();
+        entry
+            .offsets
+            .insert(topics.base(topic).unwrap_or(topic).to_owned(), offset);
+        tracing::debug!(
+            topic,
+            partition = e.partition(),
+            ?offset,
+            "committed offset"
+        );
+    }
+    Some(out)
 }

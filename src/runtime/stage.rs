@@ -66,10 +66,21 @@ impl<S: Stage> Backend for StageBackend<S> {
     }
 
     fn restore(w: &Worker<Self>, partitions: Vec<i32>, job: u64) {
+        let inputs = restore::Inputs {
+            group: w.settings.group_id(w.name),
+            topics: w
+                .b
+                .stage
+                .inputs()
+                .iter()
+                .map(|t| w.topics.name(t))
+                .collect(),
+        };
         restore::spawn(
             w.settings.clone(),
             w.b.changelog.clone(),
             partitions,
+            Some(inputs),
             job,
             w.restored_tx.clone(),
         );

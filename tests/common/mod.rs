@@ -17,13 +17,16 @@
 //! Submodules: [`nisshi`], a broker a test owns (to restart it); [`postgres`], the test
 //! database server, throwaway databases and private clusters; [`pipeline`], the whole
 //! order pipeline as end-to-end tests drive it; [`lifecycle`], order and stock events
-//! built in code.
+//! built in code; [`txn_broker`], the transactional broker that `exactly_once` tests run
+//! against; [`txn_log`], the fate of each record by the log's transaction markers.
 #![allow(dead_code)]
 
 pub mod lifecycle;
 pub mod nisshi;
 pub mod pipeline;
 pub mod postgres;
+pub mod txn_broker;
+pub mod txn_log;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -111,11 +114,22 @@ impl TestEnv {
     /// Like [`new`](Self::new), on the broker at `brokers` (a test that owns its broker,
     /// see [`nisshi::OwnedBroker`]).
     pub fn on(name: &str, partitions: i32, brokers: &str) -> TestEnv {
+        TestEnv::with_guarantee(name, partitions, brokers, Guarantee::AtLeastOnce)
+    }
+
+    /// Like [`on`](Self::on), with workers that run under `guarantee` (see
+    /// [`TestEnv::exactly_once`] for the transactional broker).
+    pub fn with_guarantee(
+        name: &str,
+        partitions: i32,
+        brokers: &str,
+        guarantee: Guarantee,
+    ) -> TestEnv {
         let id = unique();
         let settings = Settings {
             brokers: brokers.to_owned(),
             topic_prefix: format!("t{id}."),
-            guarantee: Guarantee::AtLeastOnce,
+            guarantee,
             group_prefix: format!("g{id}"),
             instance_id: format!("{name}-harness"),
             partitions,
@@ -218,19 +232,56 @@ impl TestEnv {
         env: &[(&str, String)],
         extra_kafka: &str,
     ) -> Worker {
-        let n = {
-            let mut n = self.spawned.lock().expect("spawn counter");
-            *n += 1;
-            *n
-        };
+        let n = self.next_spawn();
         let instance = format!("{}-w{n}", self.name);
+        let log_path = self.log_path(&instance);
+        self.start_process(instance, log_path, 1, stages, env, extra_kafka)
+    }
+
+    /// SIGKILLs `worker` (if it still runs) and starts `stages` again under the same
+    /// instance ID, as a deployment restarts a crashed worker. Under `exactly_once` the
+    /// transactional ID is the same too, so the new process fences the old one's producer
+    /// and aborts the transaction it left open. Logs to a file of its own.
+    pub fn restart_worker(&self, worker: &mut Worker, stages: &[&str], env: &[(&str, String)]) {
+        worker.kill9();
+        self.next_spawn();
+        let incarnation = worker.incarnation + 1;
+        let log_path = self.log_path(&format!("{}.{incarnation}", worker.instance));
+        *worker = self.start_process(
+            worker.instance.clone(),
+            log_path,
+            incarnation,
+            stages,
+            env,
+            "",
+        );
+    }
+
+    fn next_spawn(&self) -> u32 {
+        let mut n = self.spawned.lock().expect("spawn counter");
+        *n += 1;
+        *n
+    }
+
+    fn log_path(&self, instance: &str) -> PathBuf {
         let dir = test_log_dir();
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let log_path = dir.join(format!(
+        dir.join(format!(
             "{}-{}.log",
             self.settings.topic_prefix.trim_end_matches('.'),
             instance
-        ));
+        ))
+    }
+
+    fn start_process(
+        &self,
+        instance: String,
+        log_path: PathBuf,
+        incarnation: u32,
+        stages: &[&str],
+        env: &[(&str, String)],
+        extra_kafka: &str,
+    ) -> Worker {
         let log = File::create(&log_path)
             .unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
         let log2 = log.try_clone().expect("clone log file handle");
@@ -263,7 +314,7 @@ impl TestEnv {
         }
         cmd.env("ORDERFLOW_BROKERS", &self.settings.brokers)
             .env("ORDERFLOW_TOPIC_PREFIX", &self.settings.topic_prefix)
-            .env("ORDERFLOW_GUARANTEE", "at_least_once")
+            .env("ORDERFLOW_GUARANTEE", self.settings.guarantee.to_string())
             .env("ORDERFLOW_HTTP_ADDR", "127.0.0.1:0")
             .env("ORDERFLOW_INSTANCE_ID", &instance)
             .env("ORDERFLOW_GROUP_PREFIX", &self.settings.group_prefix)
@@ -284,13 +335,15 @@ impl TestEnv {
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_orderflow")));
         eprintln!(
-            "[{}] started worker {instance} (pid {}), log {}",
+            "[{}] started worker {instance} (pid {}, {}), log {}",
             self.name,
             child.id(),
+            self.settings.guarantee,
             log_path.display()
         );
         Worker {
             instance,
+            incarnation,
             log_path,
             child: Mutex::new(child),
         }
@@ -324,6 +377,8 @@ pub fn test_log_dir() -> PathBuf {
 /// process behind.
 pub struct Worker {
     pub instance: String,
+    /// 1 for the first process of this instance ID, then one more per restart.
+    pub incarnation: u32,
     pub log_path: PathBuf,
     child: Mutex<Child>,
 }
@@ -668,6 +723,15 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(brokers: &str, topic: &str) -> Self {
+        Collector::with_isolation(brokers, topic, "read_committed")
+    }
+
+    /// A reader that is also handed the records of open and aborted transactions.
+    pub fn read_uncommitted(brokers: &str, topic: &str) -> Self {
+        Collector::with_isolation(brokers, topic, "read_uncommitted")
+    }
+
+    fn with_isolation(brokers: &str, topic: &str, isolation: &str) -> Self {
         // librdkafka's consumer needs a group ID even for `assign`; this one never joins
         // (no subscribe) and never commits.
         let consumer: BaseConsumer = plain_config(brokers)
@@ -677,6 +741,7 @@ impl Collector {
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "50")
+            .set("isolation.level", isolation)
             .create()
             .unwrap_or_else(|e| panic!("creating a consumer of {topic}: {e}"));
         let md = consumer
@@ -761,10 +826,7 @@ impl Collector {
             high.push((p, hi));
         }
         let until = deadline(60);
-        while high
-            .iter()
-            .any(|(p, hi)| self.next.get(p).copied().unwrap_or(0) < *hi)
-        {
+        while high.iter().any(|(p, hi)| self.read_up_to(*p) < *hi) {
             assert!(
                 Instant::now() < until,
                 "could not read {} up to its high watermarks {high:?} within 60 s (at {:?})",
@@ -773,6 +835,25 @@ impl Collector {
             );
             self.poll(Duration::from_millis(100));
         }
+    }
+
+    /// The next offset to read of partition `p`: past the last record read, or past a
+    /// transaction marker after it (markers take an offset but are never handed out; the
+    /// consumer's position moves past them).
+    fn read_up_to(&self, p: i32) -> i64 {
+        let position = self
+            .consumer
+            .position()
+            .ok()
+            .and_then(|tpl| {
+                tpl.find_partition(&self.topic, p)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+            })
+            .unwrap_or(0);
+        self.next.get(&p).copied().unwrap_or(0).max(position)
     }
 }
 

@@ -7,7 +7,7 @@
 //! fill in the decoding time), and any two records with one event ID that differ are a
 //! finding of the pipeline, never of the harness.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use orderflow::config::Settings;
@@ -197,12 +197,48 @@ pub struct Lag {
     pub partition: i32,
     /// The group's committed offset, `None` when it committed none.
     pub committed: Option<i64>,
-    pub high_watermark: i64,
+    /// Where the partition ends: its high watermark, or past its last record.
+    pub end: i64,
 }
 
 /// Every input partition of every stage whose committed offset is behind the partition's
-/// end; empty when every stage has consumed (and committed) everything.
+/// end (its high watermark); empty when every stage has consumed (and committed)
+/// everything.
 pub fn stage_lag(settings: &Settings, partitions: i32) -> Result<Vec<Lag>, String> {
+    stage_lag_against(settings, partitions, |consumer, name, p| {
+        consumer
+            .fetch_watermarks(name, p, Duration::from_secs(10))
+            .map(|(_, high)| high)
+            .map_err(|e| format!("watermarks of {name}/{p}: {e}"))
+    })
+}
+
+/// Like [`stage_lag`], with each input partition ending past the last record a reader
+/// found there (`ends`, by prefix-free topic and partition; see [`Lifecycle::ends`]), not
+/// at its high watermark. Under transactions a partition ends with a commit marker that
+/// no consumer is handed, so a stage that consumed everything stays one short of the high
+/// watermark; and the transactional test broker's high watermark can fall short of the
+/// end of a batch.
+pub fn stage_lag_to_records(
+    settings: &Settings,
+    partitions: i32,
+    ends: &HashMap<(&'static str, i32), i64>,
+) -> Result<Vec<Lag>, String> {
+    let topics = settings.topics();
+    stage_lag_against(settings, partitions, |_, name, p| {
+        let base = topics.base(name).unwrap_or(name);
+        Ok(ends
+            .iter()
+            .find(|((t, q), _)| *t == base && *q == p)
+            .map_or(0, |(_, end)| *end))
+    })
+}
+
+fn stage_lag_against(
+    settings: &Settings,
+    partitions: i32,
+    end_of: impl Fn(&BaseConsumer, &str, i32) -> Result<i64, String>,
+) -> Result<Vec<Lag>, String> {
     let mut lag = Vec::new();
     for (stage, inputs) in STAGE_INPUTS {
         let group = settings.group_id(stage);
@@ -224,28 +260,38 @@ pub fn stage_lag(settings: &Settings, partitions: i32) -> Result<Vec<Lag>, Strin
         for topic in *inputs {
             let name = settings.topics().name(topic);
             for p in 0..partitions {
-                let (_, high) = consumer
-                    .fetch_watermarks(&name, p, Duration::from_secs(10))
-                    .map_err(|e| format!("watermarks of {name}/{p}: {e}"))?;
+                let end = end_of(&consumer, &name, p)?;
                 let at = committed
                     .find_partition(&name, p)
                     .and_then(|e| match e.offset() {
                         Offset::Offset(o) => Some(o),
                         _ => None,
                     });
-                if at.unwrap_or(0) < high {
+                if at.unwrap_or(0) < end {
                     lag.push(Lag {
                         stage,
                         topic,
                         partition: p,
                         committed: at,
-                        high_watermark: high,
+                        end,
                     });
                 }
             }
         }
     }
     Ok(lag)
+}
+
+/// The input position that `stage`'s state records for partition `partition` of `base`
+/// (the newest `p/<base>` entry of its changelog partition): where the stage continues,
+/// whatever its group's committed offset says.
+pub fn state_position(settings: &Settings, stage: &str, base: &str, partition: i32) -> Option<i64> {
+    let key = format!("p/{base}");
+    super::read_topic(&settings.brokers, &settings.topics().changelog(stage))
+        .iter()
+        .filter(|r| r.partition == partition && r.key_str().as_deref() == Some(key.as_str()))
+        .filter_map(|r| serde_json::from_slice(r.value.as_deref()?).ok())
+        .next_back()
 }
 
 /// One record of a lifecycle topic, decoded.
@@ -286,7 +332,14 @@ pub struct Lifecycle {
     pub other: Vec<Event>,
     /// Records per topic.
     pub per_topic: BTreeMap<&'static str, usize>,
+    /// Records left out, by (topic, partition, offset): those a correct broker hides from
+    /// read_committed readers (see [`Lifecycle::as_committed`]).
+    hidden: HashSet<(&'static str, i32, i64)>,
 }
+
+/// What [`Lifecycle::as_committed`] left out, per topic: (aborted, open) records read,
+/// and the transaction markers (commits, aborts) in the log.
+pub type Hidden = BTreeMap<&'static str, ((usize, usize), (usize, usize))>;
 
 impl Lifecycle {
     /// Reads every pipeline topic of `env` from the beginning.
@@ -306,7 +359,46 @@ impl Lifecycle {
             by_order: HashMap::new(),
             other: Vec::new(),
             per_topic: BTreeMap::new(),
+            hidden: HashSet::new(),
         }
+    }
+
+    /// Takes everything read so far again, leaving out the records of aborted and
+    /// still-open transactions as the log's own markers decide them
+    /// ([`super::txn_log`]): from then on, what a read_committed reader of a correct
+    /// broker sees. Returns what it left out, per topic.
+    pub fn as_committed(&mut self, brokers: &str, partitions: i32) -> Hidden {
+        let mut out = Hidden::new();
+        self.hidden.clear();
+        for (topic, collector) in &self.collectors {
+            let log = super::txn_log::scan(brokers, &collector.topic, partitions);
+            let (mut aborted, mut open) = (0, 0);
+            for r in &collector.records {
+                match log.fate(r.partition, r.offset) {
+                    Some(super::txn_log::Fate::Aborted) => aborted += 1,
+                    Some(super::txn_log::Fate::Open) => open += 1,
+                    Some(_) => continue,
+                    None => panic!(
+                        "{}[{}] offset {} was read but is not in the log",
+                        collector.topic, r.partition, r.offset
+                    ),
+                }
+                self.hidden.insert((*topic, r.partition, r.offset));
+            }
+            out.insert(*topic, ((aborted, open), (log.commits, log.aborts)));
+        }
+        self.read = vec![0; self.collectors.len()];
+        self.first.clear();
+        self.conflicts.clear();
+        self.records = 0;
+        self.duplicates = 0;
+        self.by_order.clear();
+        self.other.clear();
+        self.per_topic.clear();
+        for i in 0..self.collectors.len() {
+            self.ingest(i);
+        }
+        out
     }
 
     /// Takes what arrived on every topic (up to `max_wait` per topic).
@@ -329,6 +421,9 @@ impl Lifecycle {
         let (topic, collector) = &self.collectors[i];
         let topic = *topic;
         for rec in &collector.records[self.read[i]..] {
+            if self.hidden.contains(&(topic, rec.partition, rec.offset)) {
+                continue;
+            }
             let value = rec.value.as_deref().unwrap_or_else(|| {
                 panic!(
                     "record {topic}/{}@{} has no value",
@@ -380,6 +475,52 @@ impl Lifecycle {
         self.read[i] = collector.records.len();
     }
 
+    /// Per topic (prefix-free) and partition, the offset after the last record read.
+    pub fn ends(&self) -> HashMap<(&'static str, i32), i64> {
+        let mut ends = HashMap::new();
+        for (topic, collector) in &self.collectors {
+            for r in &collector.records {
+                let end = ends.entry((*topic, r.partition)).or_insert(0);
+                *end = (*end).max(r.offset + 1);
+            }
+        }
+        ends
+    }
+
+    /// The records read from partition `partition` of `base` at offsets `from..to`, one
+    /// line each: offset, event type, event ID, order.
+    pub fn describe(&self, base: &str, partition: i32, from: i64, to: i64) -> Vec<String> {
+        let Some((_, collector)) = self.collectors.iter().find(|(t, _)| *t == base) else {
+            return Vec::new();
+        };
+        collector
+            .records
+            .iter()
+            .filter(|r| r.partition == partition && (from..to).contains(&r.offset))
+            .map(|r| {
+                let header = r.header_str("event-type");
+                let hints = DecodeHints {
+                    header_type: header.as_deref(),
+                    topic_default: topics::default_event_type(base),
+                    ..DecodeHints::default()
+                };
+                match self
+                    .codec
+                    .decode(r.value.as_deref().unwrap_or_default(), hints)
+                {
+                    Ok(e) => format!(
+                        "@{} {} {} {:?}",
+                        r.offset,
+                        e.event_type(),
+                        e.envelope().event_id,
+                        e.envelope().order_id
+                    ),
+                    Err(e) => format!("@{} undecodable: {e}", r.offset),
+                }
+            })
+            .collect()
+    }
+
     /// The status of an order from its events so far.
     pub fn status(&self, key: &(String, String)) -> Option<status::OrderStatus> {
         self.by_order.get(key).and_then(|evs| status::of(evs))
@@ -391,6 +532,63 @@ impl Lifecycle {
             .into_iter()
             .filter(|k| self.status(k).is_some_and(|s| s.is_terminal()))
             .count()
+    }
+
+    /// Events about `orders` that a read_uncommitted reader finds on the pipeline topics
+    /// under event IDs this (read_committed) observer never read: records of open or
+    /// aborted transactions the broker kept from read_committed readers. One line each.
+    pub fn hidden_events(&self, settings: &Settings, orders: &[(String, String)]) -> Vec<String> {
+        let mut found = Vec::new();
+        for base in topics::PIPELINE {
+            let mut c =
+                Collector::read_uncommitted(&settings.brokers, &settings.topics().name(base));
+            c.drain();
+            while c.poll(Duration::from_millis(300)) > 0 {}
+            for r in &c.records {
+                let header = r.header_str("event-type");
+                let hints = DecodeHints {
+                    header_type: header.as_deref(),
+                    topic_default: topics::default_event_type(base),
+                    ..DecodeHints::default()
+                };
+                let Ok(e) = self
+                    .codec
+                    .decode(r.value.as_deref().unwrap_or_default(), hints)
+                else {
+                    continue;
+                };
+                let env = e.envelope();
+                let about = env
+                    .order_id
+                    .as_ref()
+                    .map(|o| (env.store_id.clone(), o.clone()));
+                if about.is_some_and(|k| orders.contains(&k))
+                    && !self.first.contains_key(&env.event_id)
+                {
+                    found.push(format!(
+                        "{base}/{}@{}: {} {} of {:?}",
+                        r.partition,
+                        r.offset,
+                        e.event_type(),
+                        env.event_id,
+                        env.order_id
+                    ));
+                }
+            }
+        }
+        found
+    }
+
+    /// The keys of `orders` not yet in a terminal state.
+    pub fn unfinished<'a>(
+        &self,
+        orders: impl IntoIterator<Item = &'a (String, String)>,
+    ) -> Vec<(String, String)> {
+        orders
+            .into_iter()
+            .filter(|k| !self.status(k).is_some_and(|s| s.is_terminal()))
+            .cloned()
+            .collect()
     }
 
     /// The event types of up to `n` of `orders` not yet in a terminal state.

@@ -160,6 +160,10 @@ impl Deployment {
                 &self.settings,
                 &changelog,
                 &partitions,
+                Some(&orderflow::runtime::restore::Inputs {
+                    group: self.settings.group_id("fraud"),
+                    topics: vec![topic.clone()],
+                }),
             )
             .unwrap_or_else(|e| panic!("[{}] reading the fraud changelog back: {e}", self.name));
         for (p, ps) in restored {

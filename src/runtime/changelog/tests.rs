@@ -355,3 +355,79 @@ fn a_marker_whose_batch_lost_a_record_commits_nothing() -> Result<(), ChangelogE
     assert!(back.outbox.is_empty());
     Ok(())
 }
+
+/// A transactional writer's batch whose transaction is aborted: written whole (a broker
+/// that leaks aborted records shows it), then forgotten by the writer.
+fn abort(ps: &mut Ps, log: &mut Log) {
+    let batch = ps.pending_records(&[]);
+    log.append(&batch.records, 0);
+    ps.aborted(&batch);
+}
+
+/// Restores `log` as the transactional writer does, with what the group committed.
+fn restore_transactional(log: &Log, committed: Option<Committed>) -> Result<Ps, ChangelogError> {
+    let mut r = Restorer::default().transactional();
+    for (offset, (k, v, seq, g)) in log.records.iter().enumerate() {
+        r.push(offset as i64, k, v.as_deref(), Some(*seq), *g)?;
+    }
+    r.vouch(committed);
+    r.finish(0, 0, 1_000, 0)
+}
+
+fn offsets(position: i64) -> Committed {
+    Committed {
+        offsets: [("order.created".to_string(), Some(position))].into(),
+    }
+}
+
+#[test]
+fn aborted_transactions_batches_are_left_out_on_restore() -> Result<(), ChangelogError> {
+    const IN: &str = "order.created";
+    let mut log = Log::default();
+    let mut ps = Ps::new(1_000);
+    ps.state.insert("stock", 10);
+    ps.positions.insert(IN.to_string(), 5);
+    commit(&mut ps, &mut log); // 1, committed
+    ps.state.insert("stock", 9);
+    ps.state.insert("reservation", 1);
+    ps.positions.insert(IN.to_string(), 6);
+    abort(&mut ps, &mut log); // 2, aborted
+    ps.state.insert("stock", 8);
+    ps.positions.insert(IN.to_string(), 6);
+    commit(&mut ps, &mut log); // 3, the same inputs done again, follows 1
+    ps.state.insert("stock", 7);
+    ps.positions.insert(IN.to_string(), 7);
+    abort(&mut ps, &mut log); // 4, aborted, the last batch
+
+    // The group's offsets are where batch 3 left them: batch 4 did not commit either.
+    let mut back = restore_transactional(&log, Some(offsets(6)))?;
+    assert_eq!(back.state.get("stock"), Some(&8));
+    assert_eq!(back.state.get("reservation"), None);
+    assert_eq!(back.positions.get(IN), Some(&6));
+    assert_eq!((back.last_seq, back.next_seq), (3, 5));
+    // What the aborted batches wrote is rewritten by the next commit.
+    assert_eq!(back.repairs.get("s/reservation"), Some(&None));
+    assert_eq!(
+        back.repairs.get("s/stock").map(|v| v.as_deref()),
+        Some(Some(&b"8"[..]))
+    );
+    assert!(!back.repairs.keys().any(|k| k.starts_with(COMMIT_PREFIX)));
+
+    // Offsets committed with batch 4, or offsets that cannot be read: batch 4 counts.
+    // Batch 2 stays out: batch 3 does not follow it.
+    for committed in [Some(offsets(7)), None] {
+        let mut back = restore_transactional(&log, committed.clone())?;
+        assert_eq!(back.state.get("stock"), Some(&7), "{committed:?}");
+        assert_eq!(back.state.get("reservation"), None, "{committed:?}");
+        assert_eq!(back.last_seq, 4, "{committed:?}");
+    }
+    // A broker that keeps no transactional offsets says nothing about batch 4.
+    let none = Committed {
+        offsets: [(IN.to_string(), None)].into(),
+    };
+    assert_eq!(
+        restore_transactional(&log, Some(none))?.state.get("stock"),
+        Some(&7)
+    );
+    Ok(())
+}
