@@ -628,7 +628,86 @@ fn run(name: &str, kill: bool) {
         rt.block_on(db.close());
     }
 
-    // 6. Nothing was dead-lettered.
+    // 6. Every opening of a low-stock alert published one ReplenishmentRequested, and
+    //    every request published stands for an opening. Both databases' alerts sinks
+    //    publish (under the same ID and content for the same opening). Which low-stock
+    //    reports open an alert depends on the order in which a sink reads the stock
+    //    topics (see README, "Alerts"), so the two databases may open different ones;
+    //    each opening is found by its store, SKU and time.
+    let mut requested: BTreeMap<String, (String, String, i64)> = BTreeMap::new();
+    for rec in common::read_topic(
+        &env.settings.brokers,
+        &env.topic(topics::PURCHASING_REPLENISHMENT),
+    ) {
+        let value = rec.value.expect("replenishment requests have values");
+        let Event::ReplenishmentRequested(r) = codec
+            .decode(&value, DecodeHints::default())
+            .expect("a replenishment request decodes")
+        else {
+            panic!("[{name}] not a ReplenishmentRequested on the purchasing topic");
+        };
+        let what = (
+            r.envelope.store_id.clone(),
+            r.sku.clone(),
+            r.envelope.occurred_at,
+        );
+        if let Some(earlier) = requested.insert(r.envelope.event_id.clone(), what.clone()) {
+            assert_eq!(earlier, what, "[{name}] one replenishment ID, two requests");
+        }
+    }
+    let published: BTreeSet<(String, String, i64)> = requested.values().cloned().collect();
+    assert_eq!(
+        published.len(),
+        requested.len(),
+        "[{name}] two replenishment IDs for one opening"
+    );
+    let mut opened_anywhere = BTreeSet::new();
+    for (label, url) in [
+        ("postgres", sinks.pg.url.clone()),
+        ("sqlite", sinks.sqlite_url()),
+    ] {
+        let db = rt
+            .block_on(Db::connect(&url))
+            .expect("the sinks' database opens");
+        let mut opened: Vec<(String, String, i64)> = Vec::new();
+        for s in 0..STORES {
+            for a in rt
+                .block_on(db.alerts(&store(s), None, 10_000))
+                .expect("alerts read back")
+            {
+                if a.kind == orderflow::views::AlertKind::LowStock {
+                    opened.push((a.store_id, a.subject, a.opened_at));
+                }
+            }
+        }
+        assert!(
+            !opened.is_empty(),
+            "[{name}] {label}: no low-stock alert opened"
+        );
+        for o in &opened {
+            assert!(
+                published.contains(o),
+                "[{name}] {label}: the low-stock alert {o:?} published no replenishment request"
+            );
+            assert!(
+                opened_anywhere.insert((label, o.clone())),
+                "[{name}] {label}: the low-stock alert {o:?} opened twice"
+            );
+        }
+        eprintln!(
+            "[{name}] {label}: {} low-stock alerts opened, each with its replenishment request",
+            opened.len()
+        );
+        rt.block_on(db.close());
+    }
+    let opened: BTreeSet<(String, String, i64)> =
+        opened_anywhere.into_iter().map(|(_, o)| o).collect();
+    assert_eq!(
+        opened, published,
+        "[{name}] every replenishment request published stands for an opening"
+    );
+
+    // 7. Nothing was dead-lettered.
     let dlq = common::read_topic(&env.settings.brokers, &env.topic(topics::DLQ));
     assert!(
         dlq.is_empty(),

@@ -56,6 +56,8 @@ const T0: i64 = 1_767_225_600_000;
 /// - `orders.updated_at`: the wall-clock time of the row's last write.
 /// - `alerts.id`: a surrogate key from a sequence; PostgreSQL does not reuse the values
 ///   of deleted rows. (Alerts are compared by every other column.)
+/// - `order_events.seq`: the order in which the projector inserted the rows (the API's
+///   event streams resume by it), which follows how the records fell into batches.
 /// - `sink_offsets.epoch`: raised by every claim, and by the reset itself.
 /// - `sink_applied_events.applied_at`, `sink_outbox.created_at`: wall-clock times of
 ///   the sink's bookkeeping.
@@ -65,6 +67,7 @@ const T0: i64 = 1_767_225_600_000;
 const EXCLUDED: &[(&str, &str)] = &[
     ("orders", "updated_at"),
     ("alerts", "id"),
+    ("order_events", "seq"),
     ("sink_offsets", "epoch"),
     ("sink_applied_events", "applied_at"),
     ("sink_outbox", "created_at"),

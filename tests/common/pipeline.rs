@@ -7,7 +7,7 @@
 //! fill in the decoding time), and any two records with one event ID that differ are a
 //! finding of the pipeline, never of the harness.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use orderflow::config::Settings;
@@ -335,6 +335,9 @@ pub struct Lifecycle {
     /// Records left out, by (topic, partition, offset): those a correct broker hides from
     /// read_committed readers (see [`Lifecycle::as_committed`]).
     hidden: HashSet<(&'static str, i32, i64)>,
+    /// The (store, order) of every record left out: orders a stage may have acted on
+    /// from a record a correct broker would have hidden from it.
+    pub leaked: BTreeSet<(String, String)>,
 }
 
 /// What [`Lifecycle::as_committed`] left out, per topic: (aborted, open) records read,
@@ -360,6 +363,7 @@ impl Lifecycle {
             other: Vec::new(),
             per_topic: BTreeMap::new(),
             hidden: HashSet::new(),
+            leaked: BTreeSet::new(),
         }
     }
 
@@ -370,6 +374,7 @@ impl Lifecycle {
     pub fn as_committed(&mut self, brokers: &str, partitions: i32) -> Hidden {
         let mut out = Hidden::new();
         self.hidden.clear();
+        self.leaked.clear();
         for (topic, collector) in &self.collectors {
             let log = super::txn_log::scan(brokers, &collector.topic, partitions);
             let (mut aborted, mut open) = (0, 0);
@@ -384,6 +389,21 @@ impl Lifecycle {
                     ),
                 }
                 self.hidden.insert((*topic, r.partition, r.offset));
+                let header = r.header_str("event-type");
+                let hints = DecodeHints {
+                    header_type: header.as_deref(),
+                    topic_default: topics::default_event_type(topic),
+                    ..DecodeHints::default()
+                };
+                if let Some(e) = r
+                    .value
+                    .as_deref()
+                    .and_then(|v| self.codec.decode(v, hints).ok())
+                    && let Some(order) = &e.envelope().order_id
+                {
+                    self.leaked
+                        .insert((e.envelope().store_id.clone(), order.clone()));
+                }
             }
             out.insert(*topic, ((aborted, open), (log.commits, log.aborts)));
         }
