@@ -162,16 +162,21 @@ impl Disk {
             .unwrap_or_else(|e| fatal(&self.path, "starting a write", e))
     }
 
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
+    /// Opens `table` for reading, queued writes included.
+    fn read<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        table: TableDefinition<K, V>,
+    ) -> redb::ReadOnlyTable<K, V> {
         self.flush();
-        let tx = self
-            .db
+        self.db
             .begin_read()
-            .unwrap_or_else(|e| fatal(&self.path, "starting a read", e));
-        let table = tx
-            .open_table(KV)
-            .unwrap_or_else(|e| fatal(&self.path, "opening a table", e));
-        table
+            .unwrap_or_else(|e| fatal(&self.path, "starting a read", e))
+            .open_table(table)
+            .unwrap_or_else(|e| fatal(&self.path, "opening a table", e))
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.read(KV)
             .get(key)
             .unwrap_or_else(|e| fatal(&self.path, "a read", e))
             .map(|v| v.value().to_vec())
@@ -179,16 +184,9 @@ impl Disk {
 
     /// Every committed entry whose key starts with `prefix`, in key order.
     fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
-        self.flush();
-        let tx = self
-            .db
-            .begin_read()
-            .unwrap_or_else(|e| fatal(&self.path, "starting a read", e));
-        let table = tx
-            .open_table(KV)
-            .unwrap_or_else(|e| fatal(&self.path, "opening a table", e));
         let mut out = Vec::new();
-        for entry in table
+        for entry in self
+            .read(KV)
             .range(prefix..)
             .unwrap_or_else(|e| fatal(&self.path, "a read", e))
         {
@@ -203,16 +201,9 @@ impl Disk {
 
     /// Keys (with their prefix) of committed timers due at or before `now`.
     fn due(&self, now: i64) -> Vec<String> {
-        self.flush();
-        let tx = self
-            .db
-            .begin_read()
-            .unwrap_or_else(|e| fatal(&self.path, "starting a read", e));
-        let table = tx
-            .open_table(DUE)
-            .unwrap_or_else(|e| fatal(&self.path, "opening a table", e));
         let mut out = Vec::new();
-        for entry in table
+        for entry in self
+            .read(DUE)
             .range::<(i64, &str)>(..)
             .unwrap_or_else(|e| fatal(&self.path, "a read", e))
         {
