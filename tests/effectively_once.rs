@@ -544,6 +544,9 @@ fn crash_around_watchdog_rounds(point: &str) {
         ],
     );
     wait_until_exited(&mut crashing, Duration::from_secs(60));
+    // The round the crash cut was due before this: it must be out in the end, re-sent
+    // from the outbox or sent for the first time by the next owner.
+    let exited_at = now_ms();
     let after = env.spawn_worker(&["inventory"], &[interval]);
     let rounds = |alerts: &Outputs| -> BTreeMap<String, Vec<(String, String)>> {
         let mut by_round: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
@@ -590,6 +593,10 @@ fn crash_around_watchdog_rounds(point: &str) {
         due.push(at);
     }
     due.sort_unstable();
+    assert!(
+        due.first().is_some_and(|first| *first <= exited_at),
+        "[{point}] the round the crash cut (due before the worker died, at {exited_at}) is missing: rounds due at {due:?}"
+    );
     for pair in due.windows(2) {
         assert!(
             pair[1] - pair[0] >= INTERVAL_MS,

@@ -1763,7 +1763,16 @@ mod tests {
         let mut h = harness(settings());
         h.process(&threshold("s-1", "a", 1))?;
         let late = NOW + WATCHDOG_MS * 4 + WATCHDOG_MS / 2;
-        assert_eq!(briefs(&h.advance_to(late)?), ["low s-1/a 0<=1 watchdog"]);
+        let out = h.advance_to(late)?;
+        assert_eq!(briefs(&out), ["low s-1/a 0<=1 watchdog"]);
+        // The round is the one due at NOW + WATCHDOG_MS, fired late: its outputs' IDs
+        // come from the round (its due time), never from the clock that fired it.
+        let round = format!("timer/watchdog/s-1/{}", NOW + WATCHDOG_MS);
+        assert_eq!(out[0].envelope().correlation_id, round);
+        assert_eq!(
+            out[0].envelope().event_id,
+            derive_id(&round, "inventory", 0).to_string()
+        );
         assert_eq!(
             h.timer("watchdog/s-1").map(|t| t.due_at),
             Some(late + WATCHDOG_MS)
