@@ -381,70 +381,6 @@ impl<S: Stage> Worker<StageBackend<S>> {
         }
     }
 
-    fn record<'a>(o: &'a Out, headers: OwnedHeaders) -> FutureRecord<'a, Vec<u8>, Vec<u8>> {
-        let mut record = FutureRecord::to(&o.topic)
-            .key(&o.key)
-            .partition(o.partition)
-            .headers(headers);
-        if let Some(p) = &o.payload {
-            record = record.payload(p);
-        }
-        record
-    }
-
-    /// Enqueues every record (inside a transaction, whose commit reports failures).
-    fn enqueue<'a>(&self, outs: impl Iterator<Item = &'a Out>) -> Result<(), KafkaError> {
-        for o in outs {
-            let f = self.send_one(o)?;
-            drop(f);
-        }
-        Ok(())
-    }
-
-    fn send_one(&self, o: &Out) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
-        let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
-        for (k, v) in &o.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let mut record = Self::record(o, headers);
-        loop {
-            match self.producer.send_result(record) {
-                Ok(f) => return Ok(f),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    self.producer.poll(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
-    }
-
-    /// Sends every record and waits for each acknowledgement: their (partition, offset)
-    /// in order, or the first failure.
-    fn send_all(&self, outs: &[Out]) -> Result<Vec<(i32, i64)>, KafkaError> {
-        self.send_each(outs.iter()).into_iter().collect()
-    }
-
-    /// Sends every record and waits for each acknowledgement, reporting each.
-    fn send_each<'a>(
-        &self,
-        outs: impl Iterator<Item = &'a Out>,
-    ) -> Vec<Result<(i32, i64), KafkaError>> {
-        let pending: Vec<Result<rdkafka::producer::DeliveryFuture, KafkaError>> =
-            outs.map(|o| self.send_one(o)).collect();
-        pending
-            .into_iter()
-            .map(|f| match futures::executor::block_on(f?) {
-                Ok(Ok(d)) => Ok((d.partition, d.offset)),
-                Ok(Err((e, _))) => Err(e),
-                Err(_) => Err(KafkaError::Canceled),
-            })
-            .collect()
-    }
-
     fn rebuild_producer(&mut self) -> Result<(), RuntimeError> {
         self.metrics
             .producer_rebuilds
@@ -501,6 +437,81 @@ impl<S: Stage> Worker<StageBackend<S>> {
                     }
                 }
             })
+    }
+}
+
+/// Producing, for every backend: records carry explicit partitions, and a full local
+/// queue is waited out rather than reported.
+impl<B: Backend> Worker<B> {
+    /// `o` as a record; a negative partition leaves the choice to the partitioner.
+    fn record<'a>(o: &'a Out, headers: OwnedHeaders) -> FutureRecord<'a, Vec<u8>, Vec<u8>> {
+        let mut record = FutureRecord::to(&o.topic)
+            .key(&o.key)
+            .partition(o.partition)
+            .headers(headers);
+        if let Some(p) = &o.payload {
+            record = record.payload(p);
+        }
+        record
+    }
+
+    /// Enqueues every record (inside a transaction, whose commit reports failures).
+    pub(super) fn enqueue<'a>(
+        &self,
+        outs: impl Iterator<Item = &'a Out>,
+    ) -> Result<(), KafkaError> {
+        for o in outs {
+            let f = self.send_one(o)?;
+            drop(f);
+        }
+        Ok(())
+    }
+
+    pub(super) fn send_one(
+        &self,
+        o: &Out,
+    ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
+        for (k, v) in &o.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut record = Self::record(o, headers);
+        loop {
+            match self.producer.send_result(record) {
+                Ok(f) => return Ok(f),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    self.producer.poll(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends every record and waits for each acknowledgement: their (partition, offset)
+    /// in order, or the first failure.
+    pub(super) fn send_all(&self, outs: &[Out]) -> Result<Vec<(i32, i64)>, KafkaError> {
+        self.send_each(outs.iter()).into_iter().collect()
+    }
+
+    /// Sends every record and waits for each acknowledgement, reporting each.
+    pub(super) fn send_each<'a>(
+        &self,
+        outs: impl Iterator<Item = &'a Out>,
+    ) -> Vec<Result<(i32, i64), KafkaError>> {
+        let pending: Vec<Result<rdkafka::producer::DeliveryFuture, KafkaError>> =
+            outs.map(|o| self.send_one(o)).collect();
+        pending
+            .into_iter()
+            .map(|f| match futures::executor::block_on(f?) {
+                Ok(Ok(d)) => Ok((d.partition, d.offset)),
+                Ok(Err((e, _))) => Err(e),
+                Err(_) => Err(KafkaError::Canceled),
+            })
+            .collect()
     }
 }
 

@@ -7,7 +7,7 @@
 //! installed and the consumer was at the part's position when it fetched it; anything
 //! else is dropped and read again from that position.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
@@ -20,7 +20,24 @@ use super::kafka::RebalanceEvent;
 use super::restore::RestoreError;
 use super::{Backend, Part, RuntimeError, Worker, crash, disposition};
 
+/// Per input topic-partition of a batch: the first offset taken and the next one.
+pub(super) type BatchOffsets = HashMap<(String, i32), (i64, i64)>;
+
 impl<B: Backend> Worker<B> {
+    /// Whether record `m` of a batch may be processed (its partition's part is installed
+    /// and the consumer was where the part says it continues), noting its offset in
+    /// `offsets` if so.
+    pub(super) fn admit(&mut self, m: &OwnedMessage, offsets: &mut BatchOffsets) -> bool {
+        if !self.parts.contains_key(&m.partition()) || !self.keep_in_place(m) {
+            return false;
+        }
+        offsets
+            .entry((m.topic().to_owned(), m.partition()))
+            .and_modify(|(_, next)| *next = m.offset() + 1)
+            .or_insert((m.offset(), m.offset() + 1));
+        true
+    }
+
     /// Collects up to a batch of records of restored partitions. Rebalances are acted on
     /// between polls: records of revoked partitions are dropped unprocessed, newly
     /// assigned partitions are paused until their state is restored.

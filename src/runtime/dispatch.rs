@@ -46,13 +46,9 @@ impl<S: Stage> Worker<StageBackend<S>> {
         // Per input topic-partition: the first offset of the batch and the next one.
         let mut offsets: HashMap<(String, i32), (i64, i64)> = HashMap::new();
         for m in &batch {
-            if !self.parts.contains_key(&m.partition()) || !self.keep_in_place(m) {
+            if !self.admit(m, &mut offsets) {
                 continue;
             }
-            offsets
-                .entry((m.topic().to_owned(), m.partition()))
-                .and_modify(|(_, next)| *next = m.offset() + 1)
-                .or_insert((m.offset(), m.offset() + 1));
             self.process_record(m, now, &mut outs);
         }
         for ((t, p), (_, next)) in &offsets {

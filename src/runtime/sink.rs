@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::Offset;
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use rdkafka::producer::FutureRecord;
 
 use super::crash::{self, Point};
 use super::disposition::backoff;
@@ -187,13 +186,9 @@ impl Worker<SinkBackend> {
         // Per input topic-partition: the first offset of the batch and the next one.
         let mut offsets: HashMap<(String, i32), (i64, i64)> = HashMap::new();
         for m in &batch {
-            if !self.parts.contains_key(&m.partition()) || !self.keep_in_place(m) {
+            if !self.admit(m, &mut offsets) {
                 continue;
             }
-            offsets
-                .entry((m.topic().to_owned(), m.partition()))
-                .and_modify(|(_, next)| *next = m.offset() + 1)
-                .or_insert((m.offset(), m.offset() + 1));
             self.metrics
                 .records_in
                 .with_label_values(&[self.name])
@@ -216,11 +211,15 @@ impl Worker<SinkBackend> {
         }
         let started = Instant::now();
         let dead: Vec<Out> = dead.into_values().flatten().collect();
-        if let Err(e) = self.send_dead_letters(&dead) {
+        if let Err(e) = self.send_all(&dead) {
             tracing::warn!(error = %e, "cannot write the batch's dead letters; reading the batch again");
             self.rewind_sink(&offsets);
             return;
         }
+        self.metrics
+            .records_out
+            .with_label_values(&[self.name, topics::DLQ])
+            .inc_by(dead.len() as u64);
         let mut positions = Vec::with_capacity(offsets.len());
         for ((t, p), (_, next)) in &offsets {
             let base = self.topics.base(t).unwrap_or(t);
@@ -366,73 +365,26 @@ impl Worker<SinkBackend> {
         }
     }
 
-    fn send_dead_letters(&self, outs: &[Out]) -> Result<(), rdkafka::error::KafkaError> {
-        let mut pending = Vec::with_capacity(outs.len());
-        for o in outs {
-            let mut headers = rdkafka::message::OwnedHeaders::new();
-            for (k, v) in &o.headers {
-                headers = headers.insert(rdkafka::message::Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
-            let record = FutureRecord::to(&o.topic)
-                .partition(o.partition)
-                .key(&o.key)
-                .payload(o.payload.as_deref().unwrap_or_default())
-                .headers(headers);
-            pending.push(self.producer.send_result(record).map_err(|(e, _)| e)?);
-        }
-        for f in pending {
-            futures::executor::block_on(f)
-                .map_err(|_| rdkafka::error::KafkaError::Canceled)?
-                .map_err(|(e, _)| e)?;
-            self.metrics
-                .records_out
-                .with_label_values(&[self.name, topics::DLQ])
-                .inc();
-        }
-        Ok(())
-    }
-
     /// Produces `events` (keyed by store, partitioned as producers do) and forgets them
     /// in the outbox; whether all went out.
     fn publish(&mut self, events: &[Event]) -> bool {
-        let mut pending = Vec::with_capacity(events.len());
+        let mut outs = Vec::with_capacity(events.len());
         for e in events {
-            let payload = match self.codec.encode(e) {
-                Ok(p) => p,
+            match self.codec.encode(e) {
+                // Partition -1: the producer's partitioner picks it from the key.
+                Ok(payload) => outs.push(self.output(e.event_type(), e, -1, payload)),
                 Err(err) => {
                     tracing::error!(event_type = %e.event_type(), error = %err, "cannot encode an outbox event");
                     return false;
                 }
-            };
-            let out = self.output(e.event_type(), e, -1, payload);
-            let mut headers = rdkafka::message::OwnedHeaders::new();
-            for (k, v) in &out.headers {
-                headers = headers.insert(rdkafka::message::Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
-            let record = FutureRecord::to(&out.topic)
-                .key(&out.key)
-                .payload(out.payload.as_deref().unwrap_or_default())
-                .headers(headers);
-            match self.producer.send_result(record) {
-                Ok(f) => pending.push((e.envelope().event_id.clone(), f)),
-                Err((err, _)) => {
-                    tracing::warn!(error = %err, "cannot publish an outbox event; trying again later");
-                    return false;
-                }
             }
         }
-        let mut sent = Vec::with_capacity(pending.len());
-        for (id, f) in pending {
-            match futures::executor::block_on(f) {
-                Ok(Ok(_)) => sent.push(id),
-                _ => {
-                    tracing::warn!(event_id = %id, "an outbox event was not acknowledged; trying again later");
+        let mut sent = Vec::with_capacity(events.len());
+        for (e, acked) in events.iter().zip(self.send_each(outs.iter())) {
+            match acked {
+                Ok(_) => sent.push(e.envelope().event_id.clone()),
+                Err(err) => {
+                    tracing::warn!(event_id = %e.envelope().event_id, error = %err, "an outbox event was not acknowledged; trying again later")
                 }
             }
         }
