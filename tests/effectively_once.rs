@@ -277,6 +277,9 @@ enum Crash {
     /// SIGKILLed by the test as soon as the batch's first output can be read: wherever the
     /// worker happens to be, mid-transaction or just past the commit.
     KillAtFirstOutput,
+    /// Not a crash: the batch's changelog write fails after its first half reached the log
+    /// (`ORDERFLOW_FAIL_CHANGELOG_WRITE`), and the worker carries on.
+    FailedChangelogWrite,
 }
 
 impl Crash {
@@ -284,6 +287,7 @@ impl Crash {
         match self {
             Crash::At(point) => point,
             Crash::KillAtFirstOutput => "sigkill_at_first_output",
+            Crash::FailedChangelogWrite => "failed_changelog_write",
         }
     }
 }
@@ -335,6 +339,9 @@ fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
     let crash_env = match crash {
         Crash::At(point) => vec![("ORDERFLOW_CRASH_AT", format!("{point}:1"))],
         Crash::KillAtFirstOutput => Vec::new(),
+        Crash::FailedChangelogWrite => {
+            vec![("ORDERFLOW_FAIL_CHANGELOG_WRITE", "1".to_owned())]
+        }
     };
     let mut crashing = if exactly_once {
         env.restart_worker(&mut first, &["inventory"], &crash_env);
@@ -366,8 +373,24 @@ fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
             );
             crashing.kill9();
         }
+        Crash::FailedChangelogWrite => {
+            wait_for(
+                "the failed changelog write",
+                deadline(60),
+                &[&crashing],
+                |_| {
+                    crashing
+                        .log_tail(400)
+                        .contains("changelog write failed; restoring")
+                        .then_some(())
+                },
+            );
+        }
     }
-    let after = if exactly_once {
+    let mut after = if matches!(crash, Crash::FailedChangelogWrite) {
+        // The same worker restores the partition and goes on.
+        crashing
+    } else if exactly_once {
         env.restart_worker(&mut crashing, &["inventory"], &[]);
         crashing
     } else {
@@ -442,6 +465,30 @@ fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
         "[{point}] SKU-A: 1 unit, o-1 reserved and released it, o-2 reserved={o2_reserved}"
     );
     assert_eq!(b, 1, "[{point}] SKU-B: 5 units, 4 reserved");
+    if matches!(crash, Crash::FailedChangelogWrite) {
+        // What the worker went on with is what its changelog holds: a new owner restores
+        // the same levels.
+        after.kill9();
+        let fresh = env.spawn_worker(&["inventory"], &[]);
+        producer.send(&commands, &probe(STORE, "SKU-A", "probe-a2"));
+        producer.send(&commands, &probe(STORE, "SKU-B", "probe-b2"));
+        let restored = wait_for(
+            "both probes after a restore",
+            deadline(60),
+            &[&fresh],
+            |_| {
+                out.poll();
+                Some((
+                    out.probed("SKU-A", "probe-a2")?,
+                    out.probed("SKU-B", "probe-b2")?,
+                ))
+            },
+        );
+        assert_eq!(restored, (a, b), "[{point}] levels after a restore");
+        out.drain();
+        out.assert_one_content(point);
+        after = fresh;
+    }
     let mut dlq = dlq;
     dlq.drain();
     assert!(
@@ -482,6 +529,12 @@ fn a_crash_mid_changelog_changes_no_decision() {
 #[test]
 fn a_crash_after_the_changelog_sends_the_outbox_once_restored() {
     at_least_once("after_changelog");
+}
+
+#[test]
+fn a_changelog_write_that_fails_half_way_is_restored_and_changes_no_decision() {
+    let env = TestEnv::new("failed-changelog-write", 2);
+    crash_between_decision_and_state(env, Crash::FailedChangelogWrite);
 }
 
 #[test]

@@ -112,7 +112,16 @@ impl<S: Stage> Worker<StageBackend<S>> {
             let _ = self.send_all(&log[..log.len() / 2]);
             crash::reached(Point::MidChangelog);
         }
-        let delivered = match self.send_all(&log) {
+        let sent = if crash::fail_changelog_write(log.len()) {
+            let half = self.send_all(&log[..log.len() / 2]);
+            tracing::warn!(sent = ?half.as_ref().map(Vec::len), "changelog write cut after its first half (injected)");
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            ))
+        } else {
+            self.send_all(&log)
+        };
+        let delivered = match sent {
             Ok(d) => d,
             Err(e) => {
                 // Some of the records may be in the log, some may still arrive: what the
