@@ -200,16 +200,34 @@ impl<S: Stage> Worker<StageBackend<S>> {
             return true;
         }
         let results = self.send_each(pending.iter().copied());
-        let mut refused = Vec::new();
+        let mut suspects = Vec::new();
         let mut failed = None;
         for (o, r) in pending.iter().zip(results) {
             match r {
                 Ok(_) => {}
-                Err(e) if classify(&e) == Disposition::Permanent => {
-                    refused.push(self.refused_output(o, &e));
-                }
+                Err(e) if classify(&e) == Disposition::Permanent => suspects.push(*o),
                 Err(e) => {
                     failed.get_or_insert(e);
+                }
+            }
+        }
+        // A broker checks its size limit on a whole batch of records, and refuses every
+        // record of a batch that one large record pushed over it. Only a record refused
+        // on its own, alone in its batch, is refused for good; the others go through now
+        // (after records of their partition that were accepted: a refused batch cannot
+        // keep its place).
+        let mut refused = Vec::new();
+        if failed.is_none() {
+            for o in suspects {
+                match self.send_all(std::slice::from_ref(o)) {
+                    Ok(_) => {}
+                    Err(e) if classify(&e) == Disposition::Permanent => {
+                        refused.push(self.refused_output(o, &e));
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
             }
         }
