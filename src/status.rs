@@ -192,6 +192,7 @@ pub fn implied(event: &Event) -> Option<OrderStatus> {
         | Event::ThresholdSet(_)
         | Event::StockLevelChanged(_)
         | Event::LowStock(_)
+        | Event::StockRecovered(_)
         | Event::ReplenishmentRequested(_) => return None,
     })
 }
@@ -277,6 +278,7 @@ impl Fact {
             | Event::ThresholdSet(_)
             | Event::StockLevelChanged(_)
             | Event::LowStock(_)
+            | Event::StockRecovered(_)
             | Event::ReplenishmentRequested(_) => return None,
         })
     }
@@ -515,6 +517,13 @@ mod tests {
                 trigger: LowStockTrigger::Crossing,
             }
             .into(),
+            EventType::StockRecovered => StockRecovered {
+                envelope: e,
+                sku: "sku-1".into(),
+                available: 2,
+                threshold: 1,
+            }
+            .into(),
             EventType::PaymentAuthorized => PaymentAuthorized {
                 envelope: e,
                 amount_cents: 100,
@@ -650,6 +659,7 @@ mod tests {
                 | E::ThresholdSet
                 | E::StockLevelChanged
                 | E::LowStock
+                | E::StockRecovered
                 | E::ReplenishmentRequested => None,
             };
             assert_eq!(implied(&sample(t)), want, "{t}");

@@ -277,6 +277,9 @@ enum Crash {
     /// SIGKILLed by the test as soon as the batch's first output can be read: wherever the
     /// worker happens to be, mid-transaction or just past the commit.
     KillAtFirstOutput,
+    /// Not a crash: the batch's changelog write fails after its first half reached the log
+    /// (`ORDERFLOW_FAIL_CHANGELOG_WRITE`), and the worker carries on.
+    FailedChangelogWrite,
 }
 
 impl Crash {
@@ -284,6 +287,7 @@ impl Crash {
         match self {
             Crash::At(point) => point,
             Crash::KillAtFirstOutput => "sigkill_at_first_output",
+            Crash::FailedChangelogWrite => "failed_changelog_write",
         }
     }
 }
@@ -335,6 +339,9 @@ fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
     let crash_env = match crash {
         Crash::At(point) => vec![("ORDERFLOW_CRASH_AT", format!("{point}:1"))],
         Crash::KillAtFirstOutput => Vec::new(),
+        Crash::FailedChangelogWrite => {
+            vec![("ORDERFLOW_FAIL_CHANGELOG_WRITE", "1".to_owned())]
+        }
     };
     let mut crashing = if exactly_once {
         env.restart_worker(&mut first, &["inventory"], &crash_env);
@@ -366,8 +373,24 @@ fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
             );
             crashing.kill9();
         }
+        Crash::FailedChangelogWrite => {
+            wait_for(
+                "the failed changelog write",
+                deadline(60),
+                &[&crashing],
+                |_| {
+                    crashing
+                        .log_tail(400)
+                        .contains("changelog write failed; restoring")
+                        .then_some(())
+                },
+            );
+        }
     }
-    let after = if exactly_once {
+    let mut after = if matches!(crash, Crash::FailedChangelogWrite) {
+        // The same worker restores the partition and goes on.
+        crashing
+    } else if exactly_once {
         env.restart_worker(&mut crashing, &["inventory"], &[]);
         crashing
     } else {
@@ -442,6 +465,30 @@ fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
         "[{point}] SKU-A: 1 unit, o-1 reserved and released it, o-2 reserved={o2_reserved}"
     );
     assert_eq!(b, 1, "[{point}] SKU-B: 5 units, 4 reserved");
+    if matches!(crash, Crash::FailedChangelogWrite) {
+        // What the worker went on with is what its changelog holds: a new owner restores
+        // the same levels.
+        after.kill9();
+        let fresh = env.spawn_worker(&["inventory"], &[]);
+        producer.send(&commands, &probe(STORE, "SKU-A", "probe-a2"));
+        producer.send(&commands, &probe(STORE, "SKU-B", "probe-b2"));
+        let restored = wait_for(
+            "both probes after a restore",
+            deadline(60),
+            &[&fresh],
+            |_| {
+                out.poll();
+                Some((
+                    out.probed("SKU-A", "probe-a2")?,
+                    out.probed("SKU-B", "probe-b2")?,
+                ))
+            },
+        );
+        assert_eq!(restored, (a, b), "[{point}] levels after a restore");
+        out.drain();
+        out.assert_one_content(point);
+        after = fresh;
+    }
     let mut dlq = dlq;
     dlq.drain();
     assert!(
@@ -482,6 +529,12 @@ fn a_crash_mid_changelog_changes_no_decision() {
 #[test]
 fn a_crash_after_the_changelog_sends_the_outbox_once_restored() {
     at_least_once("after_changelog");
+}
+
+#[test]
+fn a_changelog_write_that_fails_half_way_is_restored_and_changes_no_decision() {
+    let env = TestEnv::new("failed-changelog-write", 2);
+    crash_between_decision_and_state(env, Crash::FailedChangelogWrite);
 }
 
 #[test]
@@ -845,6 +898,151 @@ fn records_too_large_to_dead_letter_as_they_are_are_cut_and_block_nothing() {
             Some("invalid")
         );
     }
+}
+
+/// Gives a topic a `max.message.bytes` of its own: deletes it and creates it again with
+/// the limit (the broker takes topic configs at creation).
+fn limit_topic(env: &TestEnv, topic: &str, partitions: i32, bytes: usize) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.settings.brokers)
+        .create()
+        .expect("an admin client");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in futures::executor::block_on(admin.delete_topics(&[topic], &opts))
+        .expect("delete topics answered")
+    {
+        r.unwrap_or_else(|(t, code)| panic!("deleting {t}: {code}"));
+    }
+    let limit = bytes.to_string();
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
+        .set("max.message.bytes", &limit);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = futures::executor::block_on(admin.create_topics([&new], &opts))
+            .expect("create topics answered");
+        match r.into_iter().next().expect("one result") {
+            Ok(_) => return,
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists))
+                if Instant::now() < until =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err((t, code)) => panic!("creating {t} with max.message.bytes {bytes}: {code}"),
+        }
+    }
+}
+
+/// An output the broker refuses for good — it fits `max_record_bytes`, but its topic
+/// takes smaller records — is dead-lettered in its place, once, cut to fit and saying
+/// where it was going; the changelog and every other output go on, nothing is stuck.
+/// The broker checks its limit on whole batches, so the small outputs batched with a
+/// large one are refused with it: they must still arrive, not be dead-lettered.
+#[test]
+fn an_output_the_broker_refuses_is_dead_lettered_once_and_blocks_nothing() {
+    let env = TestEnv::new("refused", 4);
+    let screened = env.topic(topics::ORDER_SCREENED);
+    limit_topic(&env, &screened, env.partitions, 40_000);
+    let producer = env.producer();
+    let created = env.topic(topics::ORDER_CREATED);
+    let mut out = Outputs::new(&env, topics::ORDER_SCREENED);
+    let mut dlq = env.collector(topics::DLQ);
+    let good = customer_orders("fine", 40, 5, 0);
+    let mut recs: Vec<Outgoing> = good.iter().map(TestOrder::outgoing).collect();
+    // Three valid orders whose screening (with every line) takes about 60 kB.
+    let big: Vec<String> = (0..3).map(|i| format!("big-{i}")).collect();
+    for (i, id) in big.iter().enumerate() {
+        let o = TestOrder::new(
+            id.clone(),
+            good[i * 7].store_id.clone(),
+            format!("c-big-{i}"),
+            now_ms(),
+        );
+        let mut v = o.json_value();
+        v["items"] = json!(
+            (0..1_000)
+                .map(|n| json!({"sku": format!("SKU-{n:04}-{}", "x".repeat(40)), "quantity": 1, "unit_price_cents": 1}))
+                .collect::<Vec<_>>()
+        );
+        recs.insert(
+            i * 60 + 10,
+            Outgoing::new(o.store_id.clone(), serde_json::to_vec(&v).expect("JSON")),
+        );
+    }
+    let w = env.spawn_fraud_worker(&FraudOpts::default());
+    producer.send_all(&created, &recs);
+    wait_for(
+        "every good order and every refused output",
+        deadline(120),
+        &[&w],
+        |p| {
+            out.poll();
+            dlq.poll(Duration::from_millis(50));
+            *p = format!(
+                "{} of {} screened, {} of {} dead letters",
+                out.events.len(),
+                good.len(),
+                dlq.records.len(),
+                big.len()
+            );
+            (out.events.len() >= good.len() && dlq.records.len() >= big.len()).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    out.drain();
+    dlq.drain();
+    assert_eq!(
+        out.events.len(),
+        good.len(),
+        "every good order screened once"
+    );
+    assert_eq!(
+        dlq.records.len(),
+        big.len(),
+        "each refused output dead-lettered once"
+    );
+    let codec = Codec::new();
+    let mut refused: Vec<String> = Vec::new();
+    for r in &dlq.records {
+        assert_eq!(
+            r.header_str("orderflow.error.class").as_deref(),
+            Some("refused")
+        );
+        assert_eq!(
+            r.header_str("orderflow.target.topic").as_deref(),
+            Some(screened.as_str())
+        );
+        let value = r.value.clone().expect("a dead letter has a value");
+        assert!(value.len() < 64 * 1024, "cut to fit: {} bytes", value.len());
+        match codec.decode(&value, DecodeHints::default()) {
+            Ok(Event::OrderScreened(s)) => {
+                refused.push(s.envelope.order_id.clone().unwrap_or_default())
+            }
+            // Cut: the event no longer decodes; the header says how large it was.
+            _ => {
+                let original: usize = r
+                    .header_str("orderflow.truncated.original-bytes")
+                    .and_then(|v| v.parse().ok())
+                    .expect("a dead letter that does not decode was cut, and says so");
+                assert!(original > 40_000, "{original}");
+                refused
+                    .push(String::from_utf8_lossy(&r.key.clone().unwrap_or_default()).into_owned());
+            }
+        }
+    }
+    assert!(
+        w.log_tail(400)
+            .contains("the broker refused an output for good"),
+        "the worker's log:\n{}",
+        w.log_tail(40)
+    );
+    refused.sort();
+    assert_eq!(
+        refused, big,
+        "exactly the large orders' screenings are refused"
+    );
+    eprintln!("refused outputs dead-lettered: {refused:?}");
 }
 
 /// An input whose output cannot be produced (here: larger than `max_record_bytes`) is

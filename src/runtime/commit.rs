@@ -112,7 +112,16 @@ impl<S: Stage> Worker<StageBackend<S>> {
             let _ = self.send_all(&log[..log.len() / 2]);
             crash::reached(Point::MidChangelog);
         }
-        let delivered = match self.send_all(&log) {
+        let sent = if crash::fail_changelog_write(log.len()) {
+            let half = self.send_all(&log[..log.len() / 2]);
+            tracing::warn!(sent = ?half.as_ref().map(Vec::len), "changelog write cut after its first half (injected)");
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            ))
+        } else {
+            self.send_all(&log)
+        };
+        let delivered = match sent {
             Ok(d) => d,
             Err(e) => {
                 // Some of the records may be in the log, some may still arrive: what the
@@ -191,16 +200,34 @@ impl<S: Stage> Worker<StageBackend<S>> {
             return true;
         }
         let results = self.send_each(pending.iter().copied());
-        let mut refused = Vec::new();
+        let mut suspects = Vec::new();
         let mut failed = None;
         for (o, r) in pending.iter().zip(results) {
             match r {
                 Ok(_) => {}
-                Err(e) if classify(&e) == Disposition::Permanent => {
-                    refused.push(self.refused_output(o, &e));
-                }
+                Err(e) if classify(&e) == Disposition::Permanent => suspects.push(*o),
                 Err(e) => {
                     failed.get_or_insert(e);
+                }
+            }
+        }
+        // A broker checks its size limit on a whole batch of records, and refuses every
+        // record of a batch that one large record pushed over it. Only a record refused
+        // on its own, alone in its batch, is refused for good; the others go through now
+        // (after records of their partition that were accepted: a refused batch cannot
+        // keep its place).
+        let mut refused = Vec::new();
+        if failed.is_none() {
+            for o in suspects {
+                match self.send_all(std::slice::from_ref(o)) {
+                    Ok(_) => {}
+                    Err(e) if classify(&e) == Disposition::Permanent => {
+                        refused.push(self.refused_output(o, &e));
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
             }
         }
