@@ -589,8 +589,16 @@ fn the_dashboard_in_a_browser() {
                 json!([]),
             )
             .await;
-            b.until("web-2's stock released", 60, TIMELINE_HAS, json!(["web-2", "StockReleased"]))
+            // Paid and then cancelled: the charge refunded and the stock given back.
+            for step in ["StockReleased", "PaymentRefunded"] {
+                b.until(
+                    &format!("web-2's {step}"),
+                    60,
+                    TIMELINE_HAS,
+                    json!(["web-2", step]),
+                )
                 .await;
+            }
             b.until(
                 "web-2 cancelled",
                 30,
@@ -604,12 +612,14 @@ fn the_dashboard_in_a_browser() {
                     json!([]),
                 )
                 .await;
-            assert!(
-                compensation
-                    .as_array()
-                    .is_some_and(|c| c.contains(&json!("StockReleased"))),
-                "{compensation}"
-            );
+            for step in ["StockReleased", "PaymentRefunded"] {
+                assert!(
+                    compensation
+                        .as_array()
+                        .is_some_and(|c| c.contains(&json!(step))),
+                    "{step} is not shown as compensation: {compensation}"
+                );
+            }
         } else {
             // Until the API serves cancellations, the page shows the API's refusal.
             let message = b
