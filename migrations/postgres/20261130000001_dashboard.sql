@@ -1,4 +1,5 @@
--- The dashboard: a change log of alerts, so that a live stream of a store's alerts
+-- The dashboard: an index for its recent orders (newest first, read backwards), and a
+-- change log of alerts, so that a live stream of a store's alerts
 -- (`GET /alerts/events`) can resume after the last change a client saw (`Last-Event-ID`).
 --
 -- Every opening, status change and new occurrence of an alert appends a row, written by
@@ -58,3 +59,6 @@ SELECT store_id, id, 'opened', opened_at FROM alerts ORDER BY id;
 INSERT INTO alert_changes (store_id, alert_id, change, changed_at)
 SELECT store_id, id, status, COALESCE(resolved_at, acknowledged_at, last_seen_at)
 FROM alerts WHERE status <> 'open' ORDER BY id;
+
+-- Recent orders (`GET /orders?sort=recent`): the store's newest by creation time.
+CREATE INDEX orders_recent ON orders (store_id, created_at, order_id);

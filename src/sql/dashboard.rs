@@ -129,15 +129,16 @@ impl Db {
         rows.iter().map(|r| r.text(0)).collect()
     }
 
-    /// The store's `limit` most recently created orders, newest first (orders known only
-    /// from side events, without a creation time, by their last event).
+    /// The store's `limit` most recently created orders, newest first (an order known only
+    /// from side events, without a creation time, is not listed).
     pub async fn recent_orders(&self, store_id: &str, limit: u32) -> Result<Vec<Order>, SqlError> {
         let mut tx = self.begin_read().await?;
         let rows = tx
             .fetch_all(
                 &format!(
-                    "SELECT {ORDER_COLUMNS} FROM orders WHERE store_id = $1 \
-                     ORDER BY COALESCE(created_at, last_event_at) DESC, order_id DESC LIMIT $2"
+                    "SELECT {ORDER_COLUMNS} FROM orders \
+                     WHERE store_id = $1 AND created_at IS NOT NULL \
+                     ORDER BY created_at DESC, order_id DESC LIMIT $2"
                 ),
                 &[Arg::text(store_id), Arg::int(limit.into())],
                 ORDER_KINDS,
