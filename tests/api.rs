@@ -302,6 +302,9 @@ fn scenario(kind: &str) {
         orders_and_streams(&run).await;
         stats_alerts_inventory(&run).await;
         dashboard(&run).await;
+        if kind == "postgres" {
+            alert_changes_become_visible_in_order(&run._backend.url).await;
+        }
         run.shutdown.cancel();
     });
 }
@@ -1187,6 +1190,77 @@ async fn dashboard(run: &Running) {
         400,
         "invalid_parameter",
         Some("Last-Event-ID"),
+    );
+}
+
+/// On PostgreSQL, writers of alerts commit one after the other: while one transaction
+/// that opened an alert is open, another that acknowledges an alert of the same store
+/// waits, so the stream (which only moves forward through the change log) never sees a
+/// later change before an earlier one.
+async fn alert_changes_become_visible_in_order(url: &str) {
+    use sqlx::Connection as _;
+    let store = "store-lock";
+    let db = Db::connect(url).await.expect("the database");
+    let mut first = sqlx::PgConnection::connect(url).await.expect("connecting");
+    let mut second = sqlx::PgConnection::connect(url).await.expect("connecting");
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO alerts (store_id, kind, subject, status, opened_at, last_seen_at, occurrences, detail) \
+         VALUES ($1, 'dead_letters', 'fraud/decode', 'open', 1, 1, 1, '{}') RETURNING id",
+    )
+    .bind(store)
+    .fetch_one(&mut second)
+    .await
+    .expect("an alert");
+    let before = db
+        .alert_changes_after(store, -1, 100)
+        .await
+        .expect("changes");
+    assert_eq!(before.len(), 1);
+
+    // The first writer opens an alert and keeps its transaction open...
+    let mut tx = first.begin().await.expect("a transaction");
+    sqlx::query(
+        "INSERT INTO alerts (store_id, kind, subject, status, opened_at, last_seen_at, occurrences, detail) \
+         VALUES ($1, 'low_stock', 'SKU-L', 'open', 2, 2, 1, '{}')",
+    )
+    .bind(store)
+    .execute(&mut *tx)
+    .await
+    .expect("opening an alert");
+    // ...the second one's acknowledgement waits for it...
+    let acknowledge = tokio::spawn(async move {
+        sqlx::query("UPDATE alerts SET status = 'acknowledged', acknowledged_at = 3 WHERE id = $1")
+            .bind(id)
+            .execute(&mut second)
+            .await
+            .expect("acknowledging")
+            .rows_affected()
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!acknowledge.is_finished(), "a second writer did not wait");
+    assert_eq!(
+        db.alert_changes_after(store, -1, 100)
+            .await
+            .expect("changes")
+            .len(),
+        1
+    );
+    // ...and commits after it, with the later position.
+    tx.commit().await.expect("commit");
+    assert_eq!(acknowledge.await.expect("the task"), 1);
+    let changes: Vec<(String, String)> = db
+        .alert_changes_after(store, before[0].seq, 100)
+        .await
+        .expect("changes")
+        .into_iter()
+        .map(|c| (c.change, c.alert.subject))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("opened".to_owned(), "SKU-L".to_owned()),
+            ("acknowledged".to_owned(), "fraud/decode".to_owned())
+        ]
     );
 }
 
