@@ -2,11 +2,13 @@
 //! `anyhow` lives here, at the binary's edge, and nowhere in the library.
 
 mod api;
+pub mod dev;
 mod gateway;
 mod load;
 mod migrate;
 mod replay;
 mod run;
+mod seed;
 mod topics;
 
 use std::path::PathBuf;
@@ -31,6 +33,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Everything in one process on embedded defaults — an in-memory Kafka (librdkafka's
+    /// mock cluster), SQLite, a mock payment gateway, every stage and sink, the HTTP API
+    /// and dashboard, seeded demo stores and gentle simulated traffic. Every start begins
+    /// fresh: it deletes the database and state a previous `orderflow dev` left in
+    /// --data-dir. Ctrl-C stops it.
+    Dev(dev::DevArgs),
     /// Run stage workers; several workers with the same group prefix share partitions.
     Run(run::RunArgs),
     /// Provision topics.
@@ -40,6 +48,10 @@ pub enum Command {
     Gateway(gateway::GatewayArgs),
     /// Publish realistic traffic and play the carrier for shipped orders.
     Load(load::LoadArgs),
+    /// Stock the demo stores: a restock and a low-stock threshold per (store, SKU) on
+    /// `inventory.commands`, from the simulator's catalogue; the same run ID publishes the
+    /// same commands (applied once).
+    Seed(seed::SeedArgs),
     /// Create or upgrade the read side's SQL tables (idempotent).
     Migrate(migrate::MigrateArgs),
     /// Process again what the topics retain: `--rebuild SINK` rebuilds an SQL sink's
@@ -62,7 +74,9 @@ pub fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.command {
+            Command::Dev(args) => dev::run(settings, args).await,
             Command::Run(args) => run::run(settings, args).await,
+            Command::Seed(args) => seed::run(settings, args).await,
             Command::Topics(cmd) => topics::run(settings, cmd).await,
             Command::Gateway(args) => gateway::run(args).await,
             Command::Load(args) => load::run(settings, args).await,
