@@ -465,3 +465,62 @@ fn print_banner(b: &Banner<'_>) {
     use std::io::Write;
     let _ = std::io::stdout().flush();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_clears_only_what_a_dev_run_owns_and_one_run_holds_the_directory()
+    -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        std::fs::write(d.join("orderflow.db"), b"old")?;
+        std::fs::write(d.join("orderflow.db-wal"), b"old")?;
+        std::fs::create_dir_all(d.join("state/worker-1-00000000"))?;
+        std::fs::write(d.join("state/worker-1-00000000/fraud-0"), b"old")?;
+        std::fs::write(d.join("notes.txt"), b"mine")?;
+        std::fs::write(d.join("orderflow.db.bak"), b"mine")?;
+
+        let first = prepare_data_dir(d)?;
+        assert_eq!(
+            first.cleared,
+            vec!["orderflow.db", "orderflow.db-wal", "state/"]
+        );
+        assert!(!d.join("orderflow.db").exists() && !d.join("state").exists());
+        assert_eq!(std::fs::read(d.join("notes.txt"))?, b"mine");
+        assert_eq!(std::fs::read(d.join("orderflow.db.bak"))?, b"mine");
+
+        // While one run holds the directory, another is refused and deletes nothing.
+        std::fs::write(d.join("orderflow.db"), b"in use")?;
+        let err = prepare_data_dir(d).err().expect("a second run is refused");
+        assert!(err.to_string().contains("another orderflow dev"), "{err}");
+        assert_eq!(std::fs::read(d.join("orderflow.db"))?, b"in use");
+
+        drop(first);
+        let again = prepare_data_dir(d)?;
+        assert_eq!(again.cleared, vec!["orderflow.db"]);
+        Ok(())
+    }
+
+    #[test]
+    fn dev_settings_embed_the_log_the_database_and_the_state() {
+        let s = dev_settings(
+            Settings::default(),
+            "127.0.0.1:1".into(),
+            Path::new("/data"),
+            3,
+        );
+        assert_eq!(s.brokers, "127.0.0.1:1");
+        assert_eq!(s.guarantee, Guarantee::ExactlyOnce);
+        assert_eq!(s.partitions, 3);
+        assert_eq!(s.database_url, "sqlite:///data/orderflow.db");
+        assert_eq!(s.state_dir, "/data/state");
+        assert_eq!(s.fulfillment, fulfillment());
+        // Fulfillment timing set by the settings file or the environment is kept.
+        let mut own = Settings::default();
+        own.fulfillment.pick_ms = 3_000;
+        let s = dev_settings(own, "b".into(), Path::new("/data"), 3);
+        assert_eq!(s.fulfillment.pick_ms, 3_000);
+    }
+}
