@@ -187,6 +187,16 @@ fn dev_settings(mut base: Settings, brokers: String, data: &Path, partitions: i3
     if base.fulfillment == FulfillmentSettings::default() {
         base.fulfillment = fulfillment();
     }
+    // The mock answers a fetch that finds nothing only after `fetch.wait.max.ms`, and
+    // serves a connection's requests in order; so every blocking request a worker makes
+    // on its consumer (positioning a partition's inputs asks for offsets and watermarks)
+    // waits behind a long poll. At librdkafka's 500 ms that made the sinks, with nine
+    // inputs, take some ten seconds to position six partitions; at 50 ms, one or two.
+    // (The mock neither wakes a waiting fetch when records arrive, so the shorter wait
+    // also shortens every hop of an order through the stages.)
+    base.kafka
+        .entry("fetch.wait.max.ms".to_owned())
+        .or_insert_with(|| "50".to_owned());
     base
 }
 
@@ -517,6 +527,10 @@ mod tests {
         assert_eq!(s.database_url, "sqlite:///data/orderflow.db");
         assert_eq!(s.state_dir, "/data/state");
         assert_eq!(s.fulfillment, fulfillment());
+        assert_eq!(
+            s.kafka.get("fetch.wait.max.ms").map(String::as_str),
+            Some("50")
+        );
         // Fulfillment timing set by the settings file or the environment is kept.
         let mut own = Settings::default();
         own.fulfillment.pick_ms = 3_000;

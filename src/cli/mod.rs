@@ -89,18 +89,64 @@ pub fn main() -> anyhow::Result<()> {
 
 /// Logs go to stderr; `ORDERFLOW_LOG_FORMAT=json` for structured logs, `RUST_LOG` filters.
 fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,sqlx=warn"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(IgnoredPassThrough);
     if std::env::var("ORDERFLOW_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().with_current_span(true).init();
+        registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_writer(std::io::stderr),
+            )
+            .init();
     } else {
-        builder.init();
+        registry
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
+            .init();
+    }
+}
+
+/// Drops librdkafka's warning that a consumer property "will be ignored by this
+/// producer instance". The `kafka` pass-through map goes to every client by design, so
+/// a consumer property in it (`orderflow dev` sets `fetch.wait.max.ms`) would otherwise
+/// log that warning once per producer — one for every worker, the API, the simulator —
+/// about a property that is doing its job on the consumers.
+struct IgnoredPassThrough;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for IgnoredPassThrough {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        struct Message(bool);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 |= format!("{v:?}")
+                        .contains("is a consumer property and will be ignored by this producer");
+                }
+            }
+        }
+        // librdkafka's logs arrive through the `log` bridge, whose metadata names the
+        // bridge rather than librdkafka: only the level narrows it down.
+        if *event.metadata().level() != tracing::Level::WARN {
+            return true;
+        }
+        let mut m = Message(false);
+        event.record(&mut m);
+        !m.0
     }
 }
 
