@@ -225,6 +225,21 @@ pub async fn run(settings: Settings, args: DevArgs) -> anyhow::Result<()> {
     let db = Db::connect(&settings.database_url).await?;
     db.migrate().await?;
 
+    // The API binds first, so that a port in use stops the start before anything runs.
+    // The HTTP endpoints go last at shutdown: they answer while the workers stop.
+    let api_stop = CancellationToken::new();
+    let state = ApiState::new(
+        &settings,
+        db.clone(),
+        ApiOptions::default(),
+        api_stop.clone(),
+    )
+    .context("creating the API's Kafka producer")?;
+    let api_addr = format!("127.0.0.1:{}", args.port);
+    let (bound, api_task) = api::serve(&api_addr, state, api_stop.clone())
+        .await
+        .with_context(|| format!("binding {api_addr} (choose another with --port)"))?;
+
     let gateway_stop = CancellationToken::new();
     let gw = Gateway::new(gateway_config()).context("the dev gateway settings")?;
     let (gateway_addr, gateway_task) =
@@ -239,8 +254,6 @@ pub async fn run(settings: Settings, args: DevArgs) -> anyhow::Result<()> {
         .await
         .context("seeding the demo inventory")?;
 
-    // The HTTP endpoints go last at shutdown: they answer while the workers stop.
-    let api_stop = CancellationToken::new();
     let metrics = Metrics::new();
     let health = Health::default();
     let (metrics_addr, metrics_task) = metrics::serve(
@@ -274,18 +287,6 @@ pub async fn run(settings: Settings, args: DevArgs) -> anyhow::Result<()> {
         let (health, shutdown) = (health.clone(), shutdown.clone());
         tokio::spawn(async move { sink_workers.join(&health, &shutdown).await })
     };
-
-    let state = ApiState::new(
-        &settings,
-        db.clone(),
-        ApiOptions::default(),
-        api_stop.clone(),
-    )
-    .context("creating the API's Kafka producer")?;
-    let api_addr = format!("127.0.0.1:{}", args.port);
-    let (bound, api_task) = api::serve(&api_addr, state, api_stop.clone())
-        .await
-        .with_context(|| format!("binding {api_addr} (choose another with --port)"))?;
 
     let traffic_stop = CancellationToken::new();
     let carrier = {
@@ -392,6 +393,13 @@ async fn traffic(
             .await?
             .orders;
         round += 1;
+        if !stop.is_cancelled() {
+            // One line per round, not per order.
+            tracing::info!(
+                orders = published,
+                "traffic: {published} orders placed so far"
+            );
+        }
     }
     Ok(published)
 }

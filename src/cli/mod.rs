@@ -33,11 +33,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Everything in one process on embedded defaults — an in-memory Kafka (librdkafka's
-    /// mock cluster), SQLite, a mock payment gateway, every stage and sink, the HTTP API
-    /// and dashboard, seeded demo stores and gentle simulated traffic. Every start begins
-    /// fresh: it deletes the database and state a previous `orderflow dev` left in
-    /// --data-dir. Ctrl-C stops it.
+    /// Run everything in one process on embedded defaults, with demo stores and traffic.
+    ///
+    /// An in-memory Kafka (librdkafka's mock cluster), SQLite, a mock payment gateway,
+    /// every stage and sink, the HTTP API and dashboard, seeded demo stores and gentle
+    /// simulated traffic. Every start begins fresh: it deletes the database and state a
+    /// previous `orderflow dev` left in --data-dir. The brokers and database settings do
+    /// not apply (both are embedded); the others do. Ctrl-C stops it.
     Dev(dev::DevArgs),
     /// Run stage workers; several workers with the same group prefix share partitions.
     Run(run::RunArgs),
@@ -48,9 +50,10 @@ pub enum Command {
     Gateway(gateway::GatewayArgs),
     /// Publish realistic traffic and play the carrier for shipped orders.
     Load(load::LoadArgs),
-    /// Stock the demo stores: a restock and a low-stock threshold per (store, SKU) on
-    /// `inventory.commands`, from the simulator's catalogue; the same run ID publishes the
-    /// same commands (applied once).
+    /// Stock the demo stores (the simulator's catalogue) on `inventory.commands`.
+    ///
+    /// A restock and a low-stock threshold per (store, SKU); the same run ID publishes the
+    /// same commands, which the inventory stage applies once.
     Seed(seed::SeedArgs),
     /// Create or upgrade the read side's SQL tables (idempotent).
     Migrate(migrate::MigrateArgs),

@@ -30,6 +30,7 @@ pub struct Catalogue {
     /// (low-stock alerts, out-of-stock rejections).
     #[arg(long, default_value_t = 1)]
     pub low_stock_skus: u32,
+    /// Units of each of those per store.
     #[arg(long, default_value_t = 25)]
     pub low_stock_units: i32,
 }
