@@ -291,14 +291,24 @@ pub async fn run(settings: Settings, args: DevArgs) -> anyhow::Result<()> {
     let traffic_stop = CancellationToken::new();
     let carrier = {
         let (settings, stop) = (settings.clone(), traffic_stop.clone());
-        tokio::spawn(
-            async move { simulator::play_carrier(&settings, carrier_config(), stop).await },
-        )
+        tokio::spawn(async move {
+            let played = simulator::play_carrier(&settings, carrier_config(), stop).await;
+            if let Err(e) = &played {
+                tracing::error!(error = %e, "the simulated carrier stopped; orders will not be delivered");
+            }
+            played
+        })
     };
     let traffic = (args.load > 0.0).then(|| {
         let (settings, stop) = (settings.clone(), traffic_stop.clone());
         let (catalogue, rate) = (args.catalogue.clone(), args.load);
-        tokio::spawn(async move { traffic(&settings, &catalogue, rate, &stop).await })
+        tokio::spawn(async move {
+            let placed = traffic(&settings, &catalogue, rate, &stop).await;
+            if let Err(e) = &placed {
+                tracing::error!(error = %e, "the simulated traffic stopped");
+            }
+            placed
+        })
     });
 
     print_banner(&Banner {
@@ -380,8 +390,9 @@ async fn traffic(
     let mut round: u64 = 0;
     while !stop.is_cancelled() {
         let mut plan = catalogue.plan(settings, &format!("dev{stamp}-{round}"));
+        // The seed stays (it also prices the catalogue); the run ID makes each round's
+        // orders and customers new.
         plan.orders = ROUND_ORDERS;
-        plan.seed = round;
         plan.fraud_customers = 1;
         plan.huge_orders = 1;
         let config = LoadConfig {
