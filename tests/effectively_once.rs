@@ -941,9 +941,29 @@ fn limit_topic(env: &TestEnv, topic: &str, partitions: i32, bytes: usize) {
 /// large one are refused with it: they must still arrive, not be dead-lettered.
 #[test]
 fn an_output_the_broker_refuses_is_dead_lettered_once_and_blocks_nothing() {
-    let env = TestEnv::new("refused", 4);
+    refused_outputs(TestEnv::new("refused", 4));
+}
+
+/// The same under `exactly_once`: a refused output aborts the transaction; the next
+/// attempt sends it alone, and the one after dead-letters it within the transaction.
+/// The transactional test broker ignores topic size limits, so here the worker's own
+/// producer refuses (`message.max.bytes` of 40 kB): the refusal comes at once instead
+/// of with the batch, and the path from refusal to dead letter is the same.
+#[test]
+fn exactly_once_an_output_refused_for_good_is_dead_lettered_once_and_blocks_nothing() {
+    refused_outputs(TestEnv::exactly_once("txn-refused", 4));
+}
+
+fn refused_outputs(env: TestEnv) {
+    let exactly_once = env.settings.guarantee == orderflow::config::Guarantee::ExactlyOnce;
     let screened = env.topic(topics::ORDER_SCREENED);
-    limit_topic(&env, &screened, env.partitions, 40_000);
+    let worker_env = [("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", "1000".to_owned())];
+    let producer_limit = if exactly_once {
+        "message.max.bytes=40000"
+    } else {
+        limit_topic(&env, &screened, env.partitions, 40_000);
+        ""
+    };
     let producer = env.producer();
     let created = env.topic(topics::ORDER_CREATED);
     let mut out = Outputs::new(&env, topics::ORDER_SCREENED);
@@ -970,7 +990,7 @@ fn an_output_the_broker_refuses_is_dead_lettered_once_and_blocks_nothing() {
             Outgoing::new(o.store_id.clone(), serde_json::to_vec(&v).expect("JSON")),
         );
     }
-    let w = env.spawn_fraud_worker(&FraudOpts::default());
+    let w = env.spawn_worker_with_kafka(&["fraud"], &worker_env, producer_limit);
     producer.send_all(&created, &recs);
     wait_for(
         "every good order and every refused output",
@@ -992,6 +1012,11 @@ fn an_output_the_broker_refuses_is_dead_lettered_once_and_blocks_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     out.drain();
     dlq.drain();
+    if exactly_once {
+        // What a read_committed reader of a correct broker sees (see `common::txn_broker`).
+        let (_aborted, open) = out.as_committed(&env.settings.brokers, env.partitions);
+        assert_eq!(open, 0, "transactions still open");
+    }
     assert_eq!(
         out.events.len(),
         good.len(),
@@ -1026,8 +1051,8 @@ fn an_output_the_broker_refuses_is_dead_lettered_once_and_blocks_nothing() {
                     .and_then(|v| v.parse().ok())
                     .expect("a dead letter that does not decode was cut, and says so");
                 assert!(original > 40_000, "{original}");
-                refused
-                    .push(String::from_utf8_lossy(&r.key.clone().unwrap_or_default()).into_owned());
+                // The output's own headers come along: its flow names the order.
+                refused.push(r.header_str("correlation-id").unwrap_or_default());
             }
         }
     }
