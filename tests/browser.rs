@@ -1,6 +1,7 @@
 //! The dashboard page in a real browser: headless Chromium, driven over the WebDriver
-//! protocol (plain HTTP to chromedriver), against the whole running system — stages,
-//! payment gateway, carrier, SQL sinks and the API that serves the page.
+//! protocol (plain HTTP to chromedriver), against the whole running system as
+//! `orderflow dev` runs it — stages, payment gateway, carrier, SQL sinks and the API that
+//! serves the page, in one process on the embedded log and SQLite.
 //!
 //! The scenario: the page loads for a store; an order placed with the page's form shows
 //! up in recent orders and its timeline reaches `Delivered`; an order cancelled with its
@@ -9,9 +10,9 @@
 //! Screenshots of each step go to `target/browser-screenshots/`.
 //!
 //! Needs `ORDERFLOW_TEST_CHROMEDRIVER` (the chromedriver binary; `scripts/test.sh` installs
-//! Debian's `chromium` and `chromium-driver` and sets it) and the test broker; panics
-//! without them, never skips. The test starts chromedriver on a free port and stops it
-//! by its PID.
+//! Debian's `chromium` and `chromium-driver` and sets it); panics without it, never
+//! skips. The test starts chromedriver and `orderflow dev` on free ports and stops both
+//! by their PIDs.
 
 mod common;
 
@@ -32,109 +33,104 @@ const CHROMEDRIVER_ENV: &str = "ORDERFLOW_TEST_CHROMEDRIVER";
 struct System {
     /// The API's base URL (`http://127.0.0.1:port`), which serves the page at `/`.
     base: String,
-    _parts: Box<dyn std::any::Any>,
+    child: Child,
+    _dir: tempfile::TempDir,
 }
 
-/// Starts everything the page needs and returns its URL: the five stages and the three
-/// SQL sinks in worker processes on the test broker, the mock payment gateway and the
-/// simulated carrier, and the API, the last three in this process. The one place that
-/// knows how the system is started.
+/// Starts everything the page needs and returns its URL: `orderflow dev` — every stage
+/// and sink, the mock payment gateway, the simulated carrier and the API in one process,
+/// on the embedded log and SQLite — with no simulated traffic, and picking slow enough
+/// that a paid order can still be cancelled. The one place that knows how the system
+/// is started.
 fn start_system(name: &str) -> System {
-    use common::TestEnv;
-    use common::pipeline::worker_env;
-    use orderflow::api::{self, ApiOptions, ApiState};
-    use orderflow::gateway::server::{Gateway, GatewayConfig, serve_gateway};
-    use orderflow::simulator::carrier::{CarrierConfig, play_carrier};
-    use orderflow::sql::Db;
-    use orderflow::topics;
-    use tokio_util::sync::CancellationToken;
-
-    struct Parts {
-        stop: CancellationToken,
-        _workers: Vec<common::Worker>,
-        _dir: tempfile::TempDir,
-        // Dropped last: the gateway, carrier and API tasks run on it.
-        rt: Option<tokio::runtime::Runtime>,
-    }
-    impl Drop for Parts {
-        fn drop(&mut self) {
-            self.stop.cancel();
-            if let Some(rt) = self.rt.take() {
-                rt.shutdown_timeout(Duration::from_secs(5));
-            }
-        }
-    }
-
-    let env = TestEnv::new(name, 3);
-    for base in topics::PIPELINE {
-        common::wait_for_partitions(&env.topic(base), 3);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime for the gateway, the carrier and the API");
-    let stop = CancellationToken::new();
-    let gateway = Gateway::new(GatewayConfig {
-        latency_ms: 5,
-        jitter_ms: 5,
-        decline_rate: 0.0,
-        transient_error_rate: 0.0,
-        seed: 7,
-        ..GatewayConfig::default()
-    })
-    .expect("a valid gateway config");
-    let (gateway_addr, _) = rt
-        .block_on(serve_gateway("127.0.0.1:0", gateway, stop.clone()))
-        .expect("the gateway listens");
-    let carrier_settings = env.settings.clone();
-    let carrier_stop = stop.clone();
-    rt.spawn(async move {
-        let config = CarrierConfig {
-            delivery_failure_rate: 0.0,
-            ..CarrierConfig::default()
-        };
-        play_carrier(&carrier_settings, config, carrier_stop).await
-    });
+    use std::io::BufRead;
 
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let url = format!("sqlite://{}", dir.path().join("orderflow.db").display());
-    let mut wenv = worker_env(&gateway_addr.to_string());
-    // Picking takes a while, so that a paid order can still be cancelled.
-    wenv.retain(|(k, _)| *k != "ORDERFLOW_FULFILLMENT_PICK_MS");
-    wenv.push(("ORDERFLOW_FULFILLMENT_PICK_MS", "4000".into()));
-    // Migrated before the sinks start, so that only one process creates the tables.
-    let db = rt.block_on(async {
-        let db = Db::connect(&url).await.expect("the database");
-        db.migrate().await.expect("migrations");
-        db
-    });
-    let stages = env.spawn_worker(&[], &wenv);
-    let sinks = env.spawn_worker(
-        &["projector", "stats", "alerts"],
-        &[("ORDERFLOW_DATABASE_URL", url.clone())],
-    );
-    let shutdown = stop.clone();
-    let settings = env.settings.clone();
-    let addr = rt.block_on(async move {
-        let state = ApiState::new(&settings, db, ApiOptions::default(), shutdown.clone())
-            .expect("a producer");
-        let (addr, _) = api::serve("127.0.0.1:0", state, shutdown)
-            .await
-            .expect("binding a loopback port");
-        addr
-    });
+    let log = common::test_log_dir().join(format!("{name}-dev-{}.log", common::unique()));
+    std::fs::create_dir_all(common::test_log_dir()).expect("the log directory");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderflow"));
+    // Only what this test says: no ORDERFLOW_* leaking in from the caller's shell.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ORDERFLOW_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .args(["dev", "--port", "0", "--load", "0", "--data-dir"])
+        .arg(dir.path())
+        .env("ORDERFLOW_FULFILLMENT_PICK_MS", "4000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::File::create(&log).expect("the log file"),
+        ))
+        .spawn()
+        .expect("spawning orderflow dev");
+    eprintln!("orderflow dev pid {}, log {}", child.id(), log.display());
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let base = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(url) = line.trim().strip_prefix("orderflow dev listening on ") {
+                    break url.to_owned();
+                }
+            }
+            _ => panic!(
+                "orderflow dev ended before printing its address:\n{}",
+                common::tail_file(&log, 40)
+            ),
+        }
+    };
+    // The rest of the banner, and whatever else it prints, is read and dropped.
+    std::thread::spawn(move || for _ in lines {});
     System {
-        base: format!("http://{addr}"),
-        _parts: Box::new((
-            env,
-            Parts {
-                stop,
-                _workers: vec![stages, sinks],
-                _dir: dir,
-                rt: Some(rt),
-            },
-        )),
+        base,
+        child,
+        _dir: dir,
+    }
+}
+
+impl System {
+    /// An order ID starting with `prefix` that the system under test's bank authorizes
+    /// (not declined) and its carrier delivers (no failed delivery): both decide by a
+    /// pure function of the order, so a test can choose its outcome.
+    fn order_that_goes_through(&self, store: &str, prefix: &str) -> String {
+        let gateway = orderflow::cli::dev::gateway_config();
+        let carrier = orderflow::cli::dev::carrier_config();
+        (0..)
+            .map(|k| {
+                format!(
+                    "{prefix}{}",
+                    if k == 0 {
+                        String::new()
+                    } else {
+                        format!("-{k}")
+                    }
+                )
+            })
+            .find(|id| {
+                gateway
+                    .decline_reason(&orderflow::stages::payment::authorization_key(store, id))
+                    .is_none()
+                    && !carrier.delivery_fails(store, id)
+            })
+            .expect("an order ID")
+    }
+}
+
+impl Drop for System {
+    /// Stops `orderflow dev` by its PID, as Ctrl-C would.
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let until = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
     }
 }
 
@@ -370,8 +366,13 @@ impl Browser {
         path
     }
 
+    /// Ends the session, which quits the browser.
     async fn close(&self) {
-        let _ = self.http.delete(&self.session).send().await;
+        match self.http.delete(&self.session).send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => eprintln!("ending the browser session: {}", r.status()),
+            Err(e) => eprintln!("ending the browser session: {e}"),
+        }
     }
 }
 
@@ -458,226 +459,251 @@ const TIMELINE_HAS: &str = "const t = document.querySelector('[data-testid=\"tim
 fn the_dashboard_in_a_browser() {
     let driver = Chromedriver::start();
     let system = start_system("browser");
-    let base = system.base.clone();
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-screenshots");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime");
-    rt.block_on(async {
-        let store = "browser-a";
-        // Stock: plenty of SKU-2; three units of SKU-1 with a threshold of 2.
-        for (method, path, body) in [
-            ("POST", "/inventory/SKU-2/restock", json!({"quantity": 50})),
-            ("POST", "/inventory/SKU-1/restock", json!({"quantity": 3})),
-            ("PUT", "/inventory/SKU-1/threshold", json!({"threshold": 2})),
-        ] {
-            let (status, body) = api(&base, method, path, store, body).await;
-            assert_eq!(status, 202, "{method} {path}: {body}");
-        }
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            let levels = get(&base, "/inventory", store).await;
-            let level = |sku: &str| {
-                levels["items"]
-                    .as_array()
-                    .and_then(|i| i.iter().find(|l| l["sku"] == sku))
-                    .map(|l| (l["available"].clone(), l["threshold"].clone()))
-            };
-            if level("SKU-1") == Some((json!(3), json!(2))) && level("SKU-2").is_some() {
-                break;
-            }
-            assert!(Instant::now() < until, "stock not reported: {levels}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    let b = rt.block_on(Browser::open(&driver, shots));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(scenario(&b, &system))
+    }));
+    // Whatever happened, the browser goes (chromedriver leaves it running otherwise).
+    rt.block_on(b.close());
+    drop(system);
+    drop(driver);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
 
-        let b = Browser::open(&driver, shots.clone()).await;
+async fn scenario(b: &Browser, system: &System) {
+    let base = system.base.clone();
+    let store = "browser-a";
+    // Stock: plenty of SKU-2; three units of SKU-1 with a threshold of 2.
+    for (method, path, body) in [
+        ("POST", "/inventory/SKU-2/restock", json!({"quantity": 50})),
+        ("POST", "/inventory/SKU-1/restock", json!({"quantity": 3})),
+        ("PUT", "/inventory/SKU-1/threshold", json!({"threshold": 2})),
+    ] {
+        let (status, body) = api(&base, method, path, store, body).await;
+        assert_eq!(status, 202, "{method} {path}: {body}");
+    }
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let levels = get(&base, "/inventory", store).await;
+        let level = |sku: &str| {
+            levels["items"]
+                .as_array()
+                .and_then(|i| i.iter().find(|l| l["sku"] == sku))
+                .map(|l| (l["available"].clone(), l["threshold"].clone()))
+        };
+        if level("SKU-1") == Some((json!(3), json!(2))) && level("SKU-2").is_some() {
+            break;
+        }
+        assert!(Instant::now() < until, "stock not reported: {levels}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
-        // 1. The page loads for the store.
-        b.goto(&format!("{base}/#store={store}")).await;
-        b.until(
-            "the page is ready",
-            30,
-            "return document.body.dataset.ready === 'true' && \
-             document.getElementById('connection').textContent.startsWith('store ' + arguments[0]);",
-            json!([store]),
+    // Orders the system will see through: the bank authorizes them and the carrier
+    // delivers them.
+    let [o1, o2, o3] =
+        ["web-1", "web-2", "web-3"].map(|p| system.order_that_goes_through(store, p));
+
+    // 1. The page loads for the store.
+    b.goto(&format!("{base}/#store={store}")).await;
+    b.until(
+        "the page is ready",
+        30,
+        "return document.body.dataset.ready === 'true' && \
+         document.getElementById('connection').textContent.startsWith('store ' + arguments[0]);",
+        json!([store]),
+    )
+    .await;
+    assert_eq!(
+        b.js(
+            "return document.getElementById('store-picker').value;",
+            json!([])
+        )
+        .await,
+        json!(store)
+    );
+    assert_eq!(b.text("title").await, json!("OrderFlow dashboard"));
+    b.until(
+        "the workflow is drawn",
+        30,
+        "return document.querySelectorAll('#workflow-svg [data-testid^=\"node-count-\"]').length;",
+        json!([]),
+    )
+    .await;
+    b.screenshot("01-loaded").await;
+
+    // 2. An order placed from the form appears and its timeline reaches Delivered.
+    place_from_form(b, &o1, "SKU-2", 1).await;
+    b.until(
+        "the first order in recent orders",
+        60,
+        "return !!document.querySelector('[data-testid=\"order-' + arguments[0] + '\"]');",
+        json!([o1]),
+    )
+    .await;
+    b.screenshot("02-placed").await;
+    b.until(
+        "the first order delivered",
+        120,
+        TIMELINE_HAS,
+        json!([o1, "Delivered"]),
+    )
+    .await;
+    b.until(
+        "the first order's status delivered",
+        30,
+        "const s = document.querySelector('[data-testid=\"status-' + arguments[0] + '\"]'); return s && s.textContent === 'delivered';",
+        json!([o1]),
+    )
+    .await;
+    let steps = b
+        .js(
+            "return Array.from(document.querySelectorAll('[data-testid=\"timeline-' + arguments[0] + '\"] li')).map(l => l.dataset.eventType);",
+            json!([o1]),
         )
         .await;
-        assert_eq!(
-            b.js("return document.getElementById('store-picker').value;", json!([]))
-                .await,
-            json!(store)
+    for step in [
+        "OrderCreated",
+        "OrderScreened",
+        "StockReserved",
+        "PaymentAuthorized",
+        "Shipped",
+        "Delivered",
+    ] {
+        assert!(
+            steps.as_array().is_some_and(|s| s.contains(&json!(step))),
+            "{step} missing from {steps}"
         );
-        assert_eq!(b.text("title").await, json!("OrderFlow dashboard"));
-        b.until(
-            "the workflow is drawn",
-            30,
-            "return document.querySelectorAll('#workflow-svg [data-testid^=\"node-count-\"]').length;",
-            json!([]),
-        )
-        .await;
-        b.screenshot("01-loaded").await;
+    }
+    // The workflow counts it as delivered, with a latency on the last hop.
+    b.until(
+        "the workflow shows the delivery",
+        30,
+        "const n = document.querySelector('[data-testid=\"node-count-delivered\"]'); \
+         const l = document.querySelector('[data-testid=\"hop-shipped-delivered-latency\"]'); \
+         return n && n.textContent === '1' && l && !l.textContent.startsWith('–');",
+        json!([]),
+    )
+    .await;
+    b.screenshot("03-delivered").await;
 
-        // 2. An order placed from the form appears and its timeline reaches Delivered.
-        place_from_form(&b, "web-1", "SKU-2", 1).await;
+    // 3. A cancelled order shows its compensation.
+    place_from_form(b, &o2, "SKU-2", 1).await;
+    b.until(
+        "the second order paid",
+        60,
+        TIMELINE_HAS,
+        json!([o2, "PaymentAuthorized"]),
+    )
+    .await;
+    let served = get(&base, "/openapi.json", store).await["paths"]
+        .get("/orders/{id}/cancel")
+        .is_some();
+    b.click(&format!("[data-testid=\"cancel-{o2}\"]")).await;
+    if served {
         b.until(
-            "web-1 in recent orders",
-            60,
-            "return !!document.querySelector('[data-testid=\"order-web-1\"]');",
-            json!([]),
-        )
-        .await;
-        b.screenshot("02-placed").await;
-        b.until("web-1 delivered", 120, TIMELINE_HAS, json!(["web-1", "Delivered"]))
-            .await;
-        b.until(
-            "web-1's status delivered",
+            "the second order's cancellation accepted",
             30,
-            "const s = document.querySelector('[data-testid=\"status-web-1\"]'); return s && s.textContent === 'delivered';",
-            json!([]),
+            "return document.getElementById('order-message').textContent.includes('Cancellation of ' + arguments[0] + ' accepted');",
+            json!([o2]),
         )
         .await;
-        let steps = b
-            .js(
-                "return Array.from(document.querySelectorAll('[data-testid=\"timeline-web-1\"] li')).map(l => l.dataset.eventType);",
-                json!([]),
-            )
-            .await;
-        for step in [
-            "OrderCreated",
-            "OrderScreened",
-            "StockReserved",
-            "PaymentAuthorized",
-            "Shipped",
-            "Delivered",
-        ] {
-            assert!(
-                steps.as_array().is_some_and(|s| s.contains(&json!(step))),
-                "{step} missing from {steps}"
-            );
-        }
-        // The workflow counts it as delivered, with a latency on the last hop.
-        b.until(
-            "the workflow shows the delivery",
-            30,
-            "const n = document.querySelector('[data-testid=\"node-count-delivered\"]'); \
-             const l = document.querySelector('[data-testid=\"hop-shipped-delivered-latency\"]'); \
-             return n && n.textContent === '1' && l && !l.textContent.startsWith('–');",
-            json!([]),
-        )
-        .await;
-        b.screenshot("03-delivered").await;
-
-        // 3. A cancelled order shows its compensation.
-        place_from_form(&b, "web-2", "SKU-2", 1).await;
-        b.until(
-            "web-2 paid",
-            60,
-            TIMELINE_HAS,
-            json!(["web-2", "PaymentAuthorized"]),
-        )
-        .await;
-        let served = get(&base, "/openapi.json", store).await["paths"]
-            .get("/orders/{id}/cancel")
-            .is_some();
-        b.click("[data-testid=\"cancel-web-2\"]").await;
-        if served {
+        // Paid and then cancelled: the charge refunded and the stock given back.
+        for step in ["StockReleased", "PaymentRefunded"] {
             b.until(
-                "web-2's cancellation accepted",
-                30,
-                "return document.getElementById('order-message').textContent.includes('Cancellation of web-2 accepted');",
-                json!([]),
-            )
-            .await;
-            // Paid and then cancelled: the charge refunded and the stock given back.
-            for step in ["StockReleased", "PaymentRefunded"] {
-                b.until(
-                    &format!("web-2's {step}"),
-                    60,
-                    TIMELINE_HAS,
-                    json!(["web-2", step]),
-                )
-                .await;
-            }
-            b.until(
-                "web-2 cancelled",
-                30,
-                "const s = document.querySelector('[data-testid=\"status-web-2\"]'); return s && s.textContent === 'cancelled';",
-                json!([]),
-            )
-            .await;
-            let compensation = b
-                .js(
-                    "return Array.from(document.querySelectorAll('[data-testid=\"timeline-web-2\"] li.compensation')).map(l => l.dataset.eventType);",
-                    json!([]),
-                )
-                .await;
-            for step in ["StockReleased", "PaymentRefunded"] {
-                assert!(
-                    compensation
-                        .as_array()
-                        .is_some_and(|c| c.contains(&json!(step))),
-                    "{step} is not shown as compensation: {compensation}"
-                );
-            }
-        } else {
-            // Until the API serves cancellations, the page shows the API's refusal.
-            let message = b
-                .until(
-                    "web-2's cancellation refused",
-                    30,
-                    "const t = document.getElementById('order-message').textContent; return t.startsWith('Cannot cancel web-2: ') && t;",
-                    json!([]),
-                )
-                .await;
-            assert!(
-                message
-                    .as_str()
-                    .is_some_and(|m| m.contains("no such route")),
-                "{message}"
-            );
-        }
-        b.screenshot("04-cancelled").await;
-
-        // 4. Draining SKU-1 below its threshold: a low-stock alert arrives over the stream.
-        assert_eq!(
-            b.js("return document.querySelectorAll('#alerts li').length;", json!([]))
-                .await,
-            json!(0)
-        );
-        place_from_form(&b, "web-3", "SKU-1", 2).await;
-        let alert = b
-            .until(
-                "a low-stock alert",
+                &format!("the second order's {step}"),
                 60,
-                "const a = document.querySelector('#alerts li[data-kind=\"low_stock\"]'); return a && a.textContent;",
-                json!([]),
+                TIMELINE_HAS,
+                json!([o2, step]),
+            )
+            .await;
+        }
+        b.until(
+            "the second order cancelled",
+            30,
+            "const s = document.querySelector('[data-testid=\"status-' + arguments[0] + '\"]'); return s && s.textContent === 'cancelled';",
+            json!([o2]),
+        )
+        .await;
+        let compensation = b
+            .js(
+                "return Array.from(document.querySelectorAll('[data-testid=\"timeline-' + arguments[0] + '\"] li.compensation')).map(l => l.dataset.eventType);",
+                json!([o2]),
+            )
+            .await;
+        for step in ["StockReleased", "PaymentRefunded"] {
+            assert!(
+                compensation
+                    .as_array()
+                    .is_some_and(|c| c.contains(&json!(step))),
+                "{step} is not shown as compensation: {compensation}"
+            );
+        }
+    } else {
+        // Until the API serves cancellations, the page shows the API's refusal.
+        let message = b
+            .until(
+                "the second order's cancellation refused",
+                30,
+                "const t = document.getElementById('order-message').textContent; return t.startsWith('Cannot cancel ' + arguments[0] + ': ') && t;",
+                json!([o2]),
             )
             .await;
         assert!(
-            alert.as_str().is_some_and(|t| t.starts_with("Low stock: SKU-1")),
-            "{alert}"
+            message
+                .as_str()
+                .is_some_and(|m| m.contains("no such route")),
+            "{message}"
         );
-        b.screenshot("05-low-stock").await;
-        // Acknowledging it from the page changes it on the page.
-        let id = b
-            .js(
-                "return document.querySelector('#alerts li[data-kind=\"low_stock\"]').dataset.testid.slice(6);",
-                json!([]),
-            )
-            .await;
-        let id = id.as_str().expect("an alert ID").to_owned();
-        b.click(&format!("[data-testid=\"ack-{id}\"]")).await;
-        b.until(
-            "the alert acknowledged",
-            30,
-            "const a = document.querySelector('[data-testid=\"alert-' + arguments[0] + '\"]'); return a && a.dataset.status === 'acknowledged';",
-            json!([id]),
+    }
+    b.screenshot("04-cancelled").await;
+
+    // 4. Draining SKU-1 below its threshold: a low-stock alert arrives over the stream.
+    assert_eq!(
+        b.js(
+            "return document.querySelectorAll('#alerts li').length;",
+            json!([])
+        )
+        .await,
+        json!(0)
+    );
+    place_from_form(b, &o3, "SKU-1", 2).await;
+    let alert = b
+        .until(
+            "a low-stock alert",
+            60,
+            "const a = document.querySelector('#alerts li[data-kind=\"low_stock\"]'); return a && a.textContent;",
+            json!([]),
         )
         .await;
-        b.screenshot("06-acknowledged").await;
-        b.close().await;
-    });
-    drop(system);
-    drop(driver);
+    assert!(
+        alert
+            .as_str()
+            .is_some_and(|t| t.starts_with("Low stock: SKU-1")),
+        "{alert}"
+    );
+    b.screenshot("05-low-stock").await;
+    // Acknowledging it from the page changes it on the page.
+    let id = b
+        .js(
+            "return document.querySelector('#alerts li[data-kind=\"low_stock\"]').dataset.testid.slice(6);",
+            json!([]),
+        )
+        .await;
+    let id = id.as_str().expect("an alert ID").to_owned();
+    b.click(&format!("[data-testid=\"ack-{id}\"]")).await;
+    b.until(
+        "the alert acknowledged",
+        30,
+        "const a = document.querySelector('[data-testid=\"alert-' + arguments[0] + '\"]'); return a && a.dataset.status === 'acknowledged';",
+        json!([id]),
+    )
+    .await;
+    b.screenshot("06-acknowledged").await;
 }
