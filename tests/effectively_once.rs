@@ -683,12 +683,18 @@ fn a_crash_after_a_watchdog_rounds_outputs_fires_no_round_again() {
 
 /// Orders of `customers` customers, `per` each, in stores spread over the partitions.
 fn customer_orders(tag: &str, customers: usize, per: usize, from: usize) -> Vec<TestOrder> {
+    let stores: Vec<String> = (0..customers).map(|c| format!("store-{c}")).collect();
+    customer_orders_at(tag, &stores, per, from)
+}
+
+/// Like [`customer_orders`], customer `c` shopping at `stores[c]`.
+fn customer_orders_at(tag: &str, stores: &[String], per: usize, from: usize) -> Vec<TestOrder> {
     let mut orders = Vec::new();
-    for c in 0..customers {
+    for (c, store) in stores.iter().enumerate() {
         for i in from..from + per {
             let mut o = TestOrder::new(
                 format!("{tag}-c{c}-{i}"),
-                format!("store-{c}"),
+                store.clone(),
                 format!("{tag}-customer-{c}"),
                 now_ms() + i as i64,
             );
@@ -763,6 +769,18 @@ fn a_writer_expelled_mid_batch_is_fenced_by_the_new_owners_claim() {
     drop(zombie);
 }
 
+/// How many partitions the worker's last "restoring state" line names.
+fn b_partitions(log: &str) -> usize {
+    log.lines()
+        .rev()
+        .find_map(|l| {
+            let list = l.split("restoring state partitions=[").nth(1)?;
+            let list = list.split(']').next()?;
+            Some(list.split(',').filter(|p| !p.trim().is_empty()).count())
+        })
+        .unwrap_or(usize::MAX)
+}
+
 /// Partitions move away and come back: the state parked when they left must not be
 /// reused once somebody else wrote their changelog, or velocity counts would miss the
 /// other owner's orders.
@@ -776,10 +794,12 @@ fn parked_state_is_dropped_when_another_owner_wrote_meanwhile() {
         ("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", "3".to_string()),
         ("ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS", "3600".to_string()),
     ];
-    let customers = 12;
+    // Three customers' stores on each partition, so that both workers have some.
+    let stores = stores_on_every_partition(3, env.partitions);
+    let customers = stores.len();
     let mut sent_orders = 0;
     let mut send = |from: usize, per: usize, out: &mut Outputs, workers: &[&Worker]| {
-        let orders = customer_orders("v", customers, per, from);
+        let orders = customer_orders_at("v", &stores, per, from);
         let recs: Vec<Outgoing> = orders.iter().map(TestOrder::outgoing).collect();
         producer.send_all(&created, &recs);
         sent_orders += orders.len();
@@ -793,6 +813,19 @@ fn parked_state_is_dropped_when_another_owner_wrote_meanwhile() {
     send(0, 2, &mut out, &[&a]); // orders 0, 1 of every customer: all on A
     let mut b = env.spawn_worker(&["fraud"], &fraud);
     wait_for_group_members(&env, "fraud", 2, deadline(60));
+    // Only once B runs its half (restored, in the group's new generation) may order 2
+    // go out, or A could screen all of it before the group moves anything.
+    wait_for("B restored its partitions", deadline(60), &[&a, &b], |_| {
+        let log = b.log_tail(400);
+        let restored = log.matches("state restored").count();
+        let a_moved = a
+            .log_tail(400)
+            .lines()
+            .filter(|l| l.contains("assignment partitions="))
+            .count()
+            >= 2;
+        (restored > 0 && a_moved && restored >= b_partitions(&log)).then_some(())
+    });
     send(2, 1, &mut out, &[&a, &b]); // order 2: half the partitions on B
     b.kill9();
     // The group gives B's partitions back to A after B's session times out.
@@ -810,6 +843,16 @@ fn parked_state_is_dropped_when_another_owner_wrote_meanwhile() {
     for (customer, n) in &approved {
         assert_eq!(*n, 3, "{customer}: exactly the first 3 orders are approved");
     }
+    // B wrote the changelog of the partitions it held, so A restored them rather than
+    // reuse what it had parked: no batch of A's was built on stale state (the commit's
+    // own check would withhold such a batch and restore then).
+    let log = a.log_tail(100_000);
+    assert!(
+        !log.contains("another writer appended to the changelog"),
+        "A built a batch on parked state that B's writes had made stale; log:\n{}",
+        a.log_tail(60)
+    );
+    assert!(log.contains("restoring state"), "A restored B's partitions");
 }
 
 /// Two fraud workers, good orders mixed with garbage and four JSON orders of 0.9–0.99 MB

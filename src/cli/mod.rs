@@ -67,7 +67,12 @@ pub enum Command {
 /// Entry point of the binary.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing();
+    // `orderflow dev` keeps its terminal for what a person watches: the runtime's
+    // per-partition bookkeeping (claims, restores, assignments) only when asked for.
+    init_tracing(match cli.command {
+        Command::Dev(_) => "info,orderflow::runtime=warn,rdkafka=warn,sqlx=warn",
+        _ => "info,rdkafka=warn,sqlx=warn",
+    });
     let mut settings = Settings::load(cli.config.as_deref())?;
     if let Some(b) = cli.brokers {
         settings.brokers = b;
@@ -91,12 +96,12 @@ pub fn main() -> anyhow::Result<()> {
 }
 
 /// Logs go to stderr; `ORDERFLOW_LOG_FORMAT=json` for structured logs, `RUST_LOG` filters.
-fn init_tracing() {
+fn init_tracing(default_filter: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,sqlx=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let registry = tracing_subscriber::registry()
         .with(filter)
         .with(IgnoredPassThrough);
