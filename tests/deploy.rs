@@ -279,6 +279,74 @@ fn prometheus_config_and_rules_pass_promtool() {
     }
 }
 
+/// Each dashboard's panels, targets and variables use a data source that Grafana's
+/// provisioning file defines, of the dashboard's one kind; and Grafana's provisioning
+/// loads dashboards from where docker-compose mounts them.
+#[test]
+fn dashboards_use_the_provisioned_data_sources() {
+    let provisioning = std::fs::read_to_string(
+        root().join("deploy/grafana/provisioning/datasources/orderflow.yml"),
+    )
+    .expect("reading the data source provisioning");
+    // (uid, type) of every provisioned data source.
+    let mut provisioned = BTreeSet::new();
+    let mut uid = None;
+    for line in provisioning.lines().map(str::trim) {
+        if let Some(u) = line.strip_prefix("uid: ") {
+            uid = Some(u.to_owned());
+        }
+        if let Some(t) = line.strip_prefix("type: ") {
+            let u = uid.take().expect("a data source's uid before its type");
+            provisioned.insert((u, t.to_owned()));
+        }
+    }
+    assert_eq!(provisioned.len(), 2, "{provisioned:?}");
+    for (file, kind) in [
+        ("orderflow-operations.json", "prometheus"),
+        ("orderflow-business.json", "grafana-postgresql-datasource"),
+    ] {
+        let dash = dashboard(file);
+        let mut refs = vec![dash["templating"]["list"][0]["datasource"].clone()];
+        for p in dash["panels"].as_array().expect("panels") {
+            refs.push(p["datasource"].clone());
+            for t in p["targets"].as_array().expect("targets") {
+                refs.push(t["datasource"].clone());
+            }
+        }
+        for r in refs {
+            let pair = (
+                r["uid"].as_str().unwrap_or_default().to_owned(),
+                r["type"].as_str().unwrap_or_default().to_owned(),
+            );
+            assert_eq!(pair.1, kind, "{file}: a data source of another kind: {r}");
+            assert!(
+                provisioned.contains(&pair),
+                "{file}: data source {r} is not provisioned ({provisioned:?})"
+            );
+        }
+        let uids: BTreeSet<_> = dash["panels"]
+            .as_array()
+            .expect("panels")
+            .iter()
+            .map(|p| p["id"].as_i64().expect("a panel id"))
+            .collect();
+        assert_eq!(
+            uids.len(),
+            dash["panels"].as_array().map_or(0, Vec::len),
+            "{file}: panel ids repeat"
+        );
+    }
+    let providers = std::fs::read_to_string(
+        root().join("deploy/grafana/provisioning/dashboards/orderflow.yml"),
+    )
+    .expect("reading the dashboard provisioning");
+    let compose =
+        std::fs::read_to_string(root().join("docker-compose.yml")).expect("docker-compose.yml");
+    assert!(providers.contains("path: /var/lib/grafana/dashboards"));
+    assert!(compose.contains("./deploy/grafana/dashboards:/var/lib/grafana/dashboards"));
+    assert!(compose.contains("./deploy/grafana/provisioning:/etc/grafana/provisioning"));
+}
+
 /// The rule files, relative to `deploy/prometheus`.
 fn rule_files() -> Vec<String> {
     let mut files: Vec<String> = std::fs::read_dir(root().join("deploy/prometheus/rules"))
@@ -745,6 +813,15 @@ async fn check_sql(pool: &sqlx::PgPool, format: &str, sql: &str) -> Result<usize
         });
         if !any_value {
             return Err("every value is NULL".into());
+        }
+    }
+    if format == "table" {
+        // A table of nothing but NULLs (an aggregate over no rows) shows nothing.
+        let complete = rows.iter().any(|r| {
+            (0..columns.len()).all(|i| r.try_get_raw(i).map(|v| !v.is_null()).unwrap_or(false))
+        });
+        if !complete {
+            return Err(format!("no row without NULLs: {columns:?}"));
         }
     }
     Ok(rows.len())
