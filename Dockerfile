@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # The OrderFlow image: one binary, `orderflow`, for every role (workers, API, gateway,
 # migrations, topics, load). Built by docker-compose.yml; `docker build -t orderflow .`
 # alone works too.

@@ -847,6 +847,15 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
         common::wait_for_partitions(&env.topic(base), 3);
     }
     let db = TestDatabase::create("deploy");
+    // Grafana's read-only role, as the postgres image's init script creates it (before
+    // the tables exist); the business dashboard's queries run as that role.
+    let reader = format!("grafana_{}", common::unique());
+    let reader_url = grafana_reader(&db, &reader);
+    let _drop_reader = DropRole {
+        server: common::postgres::postgres_url(),
+        database: db.url.clone(),
+        role: reader.clone(),
+    };
 
     // The mock gateway: transient errors (retries) and declines (failures).
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -979,8 +988,8 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
     let operations = dashboard("orderflow-operations.json");
     let business = dashboard("orderflow-business.json");
     let exported = std::fs::read_to_string(root().join("src/metrics.rs")).expect("src/metrics.rs");
-    let pool =
-        common::block_on(sqlx::PgPool::connect(&db.url)).expect("connecting to the test database");
+    let pool = common::block_on(sqlx::PgPool::connect(&reader_url))
+        .expect("connecting to the test database as Grafana's role");
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut passes = 0;
@@ -1046,6 +1055,48 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
     );
     stop.cancel();
     common::block_on(pool.close());
+}
+
+/// Runs `deploy/postgres/grafana-reader.sh` against `db` (as the postgres image runs it,
+/// with psql) for the role `reader`; the URL that connects as that role.
+fn grafana_reader(db: &TestDatabase, reader: &str) -> String {
+    let pg_bin = "/usr/lib/postgresql/15/bin";
+    let path = format!("{}:{pg_bin}", std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("sh")
+        .arg(root().join("deploy/postgres/grafana-reader.sh"))
+        .env("PATH", path)
+        .env("POSTGRES_USER", "postgres")
+        .env("POSTGRES_DB", &db.url)
+        .env("GRAFANA_DB_USER", reader)
+        .env("GRAFANA_DB_PASSWORD", "reader-secret")
+        .output()
+        .expect("running grafana-reader.sh");
+    assert_ok("deploy/postgres/grafana-reader.sh", &out);
+    let rest = db
+        .url
+        .split_once('@')
+        .map(|(_, r)| r)
+        .expect("a user in the test database URL");
+    format!("postgres://{reader}:reader-secret@{rest}")
+}
+
+/// Drops the reader role (and what it was granted in the test database) when the test
+/// ends, before the database itself goes.
+struct DropRole {
+    server: String,
+    database: String,
+    role: String,
+}
+
+impl Drop for DropRole {
+    fn drop(&mut self) {
+        let _ =
+            common::postgres::execute(&self.database, &format!("DROP OWNED BY \"{}\"", self.role));
+        let _ = common::postgres::execute(
+            &self.server,
+            &format!("DROP ROLE IF EXISTS \"{}\"", self.role),
+        );
+    }
 }
 
 type Report = Vec<(String, Result<usize, String>)>;
