@@ -347,6 +347,38 @@ fn dashboards_use_the_provisioned_data_sources() {
     assert!(compose.contains("./deploy/grafana/provisioning:/etc/grafana/provisioning"));
 }
 
+/// Every `ORDERFLOW_*` variable the deployment files set is a setting the README
+/// documents (a misspelt one would be ignored silently).
+#[test]
+fn deployment_files_set_documented_settings_only() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let mut checked = 0;
+    for file in [
+        "docker-compose.yml",
+        "Dockerfile",
+        "deploy/k8s/configmap.yaml",
+        "deploy/k8s/workers.yaml",
+        "deploy/k8s/api.yaml",
+        "deploy/k8s/init-job.yaml",
+    ] {
+        let text = std::fs::read_to_string(root().join(file)).expect("a deployment file");
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("ORDERFLOW_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            assert!(
+                readme.contains(&format!("`{name}`")) || readme.contains(&format!("`{name}=")),
+                "{file} sets {name}, which README.md does not document"
+            );
+            checked += 1;
+            rest = &rest[at + name.len()..];
+        }
+    }
+    assert!(checked > 20, "only {checked} settings found");
+}
+
 /// The rule files, relative to `deploy/prometheus`.
 fn rule_files() -> Vec<String> {
     let mut files: Vec<String> = std::fs::read_dir(root().join("deploy/prometheus/rules"))
@@ -991,7 +1023,7 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
     let pool = common::block_on(sqlx::PgPool::connect(&reader_url))
         .expect("connecting to the test database as Grafana's role");
 
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let mut passes = 0;
     let (prom_report, sql_report) = loop {
         stages.assert_alive();
