@@ -1020,7 +1020,9 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
     let operations = dashboard("orderflow-operations.json");
     let business = dashboard("orderflow-business.json");
     let exported = std::fs::read_to_string(root().join("src/metrics.rs")).expect("src/metrics.rs");
-    let pool = common::block_on(sqlx::PgPool::connect(&reader_url))
+    // One runtime for the pool's connections and every query on them.
+    let pool = rt
+        .block_on(sqlx::PgPool::connect(&reader_url))
         .expect("connecting to the test database as Grafana's role");
 
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -1042,7 +1044,7 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
             http_get(&format!("http://{api_base}{route}"), Some("store-001"));
         }
         let prom = check_prometheus(&prometheus, &operations, &exported);
-        let sql = check_business(&pool, &business, started_ms);
+        let sql = check_business(&rt, &pool, &business, started_ms);
         passes += 1;
         let failing = prom
             .iter()
@@ -1086,7 +1088,7 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
         sql_report.len()
     );
     stop.cancel();
-    common::block_on(pool.close());
+    rt.block_on(pool.close());
 }
 
 /// Runs `deploy/postgres/grafana-reader.sh` against `db` (as the postgres image runs it,
@@ -1259,7 +1261,12 @@ fn check_prometheus(prometheus: &Prometheus, operations: &Value, exported: &str)
 }
 
 /// Every SQL query of the business dashboard (and its store variable), expanded and run.
-fn check_business(pool: &sqlx::PgPool, business: &Value, started_ms: i64) -> Report {
+fn check_business(
+    rt: &tokio::runtime::Runtime,
+    pool: &sqlx::PgPool,
+    business: &Value,
+    started_ms: i64,
+) -> Report {
     let range = Range {
         from_ms: started_ms - 10 * 60 * 1000,
         to_ms: common::now_ms() + 2 * 60 * 1000,
@@ -1269,12 +1276,13 @@ fn check_business(pool: &sqlx::PgPool, business: &Value, started_ms: i64) -> Rep
     assert_eq!(var["name"], "store", "the business dashboard's variable");
     let var_sql = var["query"].as_str().expect("the store variable's query");
     // Grafana's default for a single-value variable: its first value.
-    let stores: Result<Vec<String>, String> = common::block_on(async {
-        sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(var_sql.to_owned()))
-            .fetch_all(pool)
-            .await
-    })
-    .map_err(|e| e.to_string());
+    let stores: Result<Vec<String>, String> = rt
+        .block_on(async {
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(var_sql.to_owned()))
+                .fetch_all(pool)
+                .await
+        })
+        .map_err(|e| e.to_string());
     let store = match stores {
         Ok(s) if !s.is_empty() => {
             report.push((format!("variable store: {var_sql}"), Ok(s.len())));
@@ -1298,7 +1306,7 @@ fn check_business(pool: &sqlx::PgPool, business: &Value, started_ms: i64) -> Rep
             .unwrap_or_else(|| panic!("panel {title}: a target without rawSql"));
         let format = target["format"].as_str().unwrap_or("time_series");
         let sql = expand_sql(raw, &range, &store);
-        let r = common::block_on(check_sql(pool, format, &sql));
+        let r = rt.block_on(check_sql(pool, format, &sql));
         report.push((
             format!("business/{title} ({format}, store {store}):\n{sql}"),
             r,
