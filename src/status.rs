@@ -9,12 +9,19 @@
 //! | `PaymentRetrying`                       | `reserved` (still)       |
 //! | `PaymentAuthorized`                     | `paid`                   |
 //! | `PaymentFailed`, `StockReleased`        | `cancelled`              |
+//! | `CancellationAccepted` (customer cancellation), `PaymentRefunded` with reason `cancelled` | `cancelled` |
 //! | `Picking`, `Packed`, `ReadyToShip`      | `fulfilling`             |
 //! | `Shipped`, `InTransit`, `OutForDelivery`| `shipped`                |
 //! | `DeliveryFailed`                        | `shipped` (until the refund) |
 //! | `Delivered`                             | `delivered`              |
 //! | `PaymentRefunded`                       | `refunded`               |
+//! | `OrderCancelled` (a request), `CancellationRefused` | unchanged (timeline only) |
 //! | anything else (`CarrierScan`, `DeliveryAnomaly`, stock commands and levels, `LowStock`, `ReplenishmentRequested`) | unchanged |
+//!
+//! A customer cancellation is decided by fulfillment alone: `CancellationAccepted` ends
+//! the order as `cancelled` from any status before `ReadyToShip`; its refund (when the
+//! order was paid) keeps it `cancelled` rather than `refunded`, whichever a read model
+//! sees first.
 //!
 //! [`next`] is forgiving, because read models see an order's events from several topics
 //! that are not ordered relative to each other: a status never moves backwards (a late
@@ -72,7 +79,8 @@ pub enum OrderStatus {
     Shipped,
     Delivered,
     Rejected(RejectionReason),
-    /// The payment failed; the reserved stock is released.
+    /// The payment failed, or the customer cancelled before the order was ready to
+    /// ship; stock and charge are given back.
     Cancelled,
     /// The delivery failed; the payment is refunded.
     Refunded,
@@ -184,8 +192,14 @@ pub fn implied(event: &Event) -> Option<OrderStatus> {
         | Event::OutForDelivery(_)
         | Event::DeliveryFailed(_) => S::Shipped,
         Event::Delivered(_) => S::Delivered,
+        // A cancelled order's refund is part of its cancellation.
+        Event::PaymentRefunded(r) if r.reason == CANCELLED_REFUND_REASON => S::Cancelled,
         Event::PaymentRefunded(_) => S::Refunded,
-        Event::CarrierScan(_)
+        Event::CancellationAccepted(_) => S::Cancelled,
+        // A request decides nothing by itself; a refusal leaves the order where it is.
+        Event::OrderCancelled(_)
+        | Event::CancellationRefused(_)
+        | Event::CarrierScan(_)
         | Event::DeliveryAnomaly(_)
         | Event::StockRestocked(_)
         | Event::StockAdjusted(_)
@@ -195,6 +209,9 @@ pub fn implied(event: &Event) -> Option<OrderStatus> {
         | Event::ReplenishmentRequested(_) => return None,
     })
 }
+
+/// `PaymentRefunded.reason` of the refund of a customer cancellation.
+pub const CANCELLED_REFUND_REASON: &str = "cancelled";
 
 /// The status after `event`, given the status before it.
 pub fn next(current: Option<OrderStatus>, event: &Event) -> Option<OrderStatus> {
@@ -244,6 +261,9 @@ enum Fact {
     Delivered,
     DeliveryFailed,
     Refunded,
+    CancelRequested,
+    CancelAccepted,
+    CancelRefused,
 }
 
 impl Fact {
@@ -269,6 +289,9 @@ impl Fact {
             Event::Delivered(_) => Fact::Delivered,
             Event::DeliveryFailed(_) => Fact::DeliveryFailed,
             Event::PaymentRefunded(_) => Fact::Refunded,
+            Event::OrderCancelled(_) => Fact::CancelRequested,
+            Event::CancellationAccepted(_) => Fact::CancelAccepted,
+            Event::CancellationRefused(_) => Fact::CancelRefused,
             // Inputs and side reports, not steps of the saga.
             Event::CarrierScan(_)
             | Event::DeliveryAnomaly(_)
@@ -294,10 +317,12 @@ impl Fact {
             Retrying => (&[Reserved], &[Authorized, PaymentFailed], true),
             Authorized => (&[Reserved], &[PaymentFailed], false),
             PaymentFailed => (&[Reserved], &[Authorized], false),
-            Released => (&[PaymentFailed], &[], false),
-            Picking => (&[Authorized], &[], false),
-            Packed => (&[Picking], &[], false),
-            Ready => (&[Packed], &[], false),
+            // Released after a failed payment or a cancellation (see `requires_any`).
+            Released => (&[Reserved], &[], false),
+            // Fulfillment never starts or goes on once it accepted a cancellation.
+            Picking => (&[Authorized], &[CancelAccepted], false),
+            Packed => (&[Picking], &[CancelAccepted], false),
+            Ready => (&[Packed], &[CancelAccepted], false),
             Shipped => (&[Ready], &[], false),
             // A parcel passes several hubs, but never after it is out for delivery.
             InTransit => (
@@ -308,7 +333,22 @@ impl Fact {
             OutForDelivery => (&[Shipped], &[Delivered, DeliveryFailed], false),
             Delivered => (&[Shipped], &[DeliveryFailed], false),
             DeliveryFailed => (&[Shipped], &[Delivered], false),
-            Refunded => (&[DeliveryFailed], &[], false),
+            // After a failed delivery or a cancellation (see `requires_any`).
+            Refunded => (&[Authorized], &[], false),
+            // A request may arrive at any time, even before the order, and again.
+            CancelRequested => (&[], &[], true),
+            CancelAccepted => (&[CancelRequested], &[Ready, CancelRefused], false),
+            CancelRefused => (&[CancelRequested, Ready], &[CancelAccepted], false),
+        }
+    }
+
+    /// Steps of which at least one must have happened before (on top of [`rule`]'s).
+    fn requires_any(self) -> &'static [Fact] {
+        use Fact::*;
+        match self {
+            Released => &[PaymentFailed, CancelAccepted],
+            Refunded => &[DeliveryFailed, CancelAccepted],
+            _ => &[],
         }
     }
 }
@@ -324,11 +364,14 @@ impl Fact {
 ///   double effect and an error.
 /// - Each step requires its predecessors (the order created first; stock reserved only
 ///   after an approved screening; `PaymentAuthorized` only after `StockReserved`;
-///   `StockReleased` only after `PaymentFailed`; `Picking` only after
-///   `PaymentAuthorized`; `Shipped` only after `ReadyToShip`; `Delivered` only after
-///   `Shipped`; `PaymentRefunded` only after `DeliveryFailed`, …) and excludes its
+///   `StockReleased` only after `PaymentFailed` or `CancellationAccepted`; `Picking`
+///   only after `PaymentAuthorized`; `Shipped` only after `ReadyToShip`; `Delivered`
+///   only after `Shipped`; `PaymentRefunded` only after `DeliveryFailed` or
+///   `CancellationAccepted`; `CancellationAccepted` / `CancellationRefused` only after
+///   `OrderCancelled`, the refusal only after `ReadyToShip`, …) and excludes its
 ///   alternatives (not both approved and rejected, reserved and out of stock, authorized
-///   and failed, delivered and failed).
+///   and failed, delivered and failed, a cancellation accepted and refused, and no
+///   fulfillment step after an accepted cancellation).
 ///
 /// The error names the offending event by position, type and ID.
 pub fn check_history(events: &[Event]) -> Result<OrderStatus, String> {
@@ -363,6 +406,10 @@ pub fn check_history(events: &[Event]) -> Result<OrderStatus, String> {
         if let Some(missing) = requires.iter().find(|f| !seen.contains(f)) {
             return Err(format!("{} requires a prior {missing:?}", what()));
         }
+        let any = fact.requires_any();
+        if !any.is_empty() && !any.iter().any(|f| seen.contains(f)) {
+            return Err(format!("{} requires a prior one of {any:?}", what()));
+        }
         if let Some(conflict) = excludes.iter().find(|f| seen.contains(f)) {
             return Err(format!("{} cannot follow {conflict:?}", what()));
         }
@@ -379,19 +426,24 @@ pub fn check_history(events: &[Event]) -> Result<OrderStatus, String> {
 }
 
 /// Like [`check_history`], and also that the order is over with every compensation done:
-/// a terminal status, with the stock of a cancelled order released. An end-to-end test
-/// asserts this of every order once the pipeline is idle.
+/// a terminal status; a cancelled order's stock released if it was ever reserved, and its
+/// charge refunded if it was ever authorized. An end-to-end test asserts this of every
+/// order once the pipeline is idle.
 pub fn check_complete(events: &[Event]) -> Result<OrderStatus, String> {
     let status = check_history(events)?;
     if !status.is_terminal() {
         return Err(format!("the order is still {status}, not finished"));
     }
-    if status == OrderStatus::Cancelled
-        && !events
-            .iter()
-            .any(|e| e.event_type() == EventType::StockReleased)
-    {
-        return Err("the order is cancelled but its stock was never released".to_owned());
+    let has = |t: EventType| events.iter().any(|e| e.event_type() == t);
+    if status == OrderStatus::Cancelled {
+        // A failed payment always follows a reservation; a cancellation may come first.
+        let reserved = has(EventType::StockReserved) || has(EventType::PaymentFailed);
+        if reserved && !has(EventType::StockReleased) {
+            return Err("the order is cancelled but its stock was never released".to_owned());
+        }
+        if has(EventType::PaymentAuthorized) && !has(EventType::PaymentRefunded) {
+            return Err("the order is cancelled but its charge was never refunded".to_owned());
+        }
     }
     Ok(status)
 }
@@ -552,6 +604,21 @@ mod tests {
             EventType::Picking => Picking { envelope: e }.into(),
             EventType::Packed => Packed { envelope: e }.into(),
             EventType::ReadyToShip => ReadyToShip { envelope: e }.into(),
+            EventType::OrderCancelled => OrderCancelled {
+                envelope: e,
+                reason: Some("changed my mind".into()),
+            }
+            .into(),
+            EventType::CancellationAccepted => CancellationAccepted {
+                envelope: e,
+                reason: Some("changed my mind".into()),
+            }
+            .into(),
+            EventType::CancellationRefused => CancellationRefused {
+                envelope: e,
+                reason: "already ready_to_ship".into(),
+            }
+            .into(),
             EventType::CarrierScan => CarrierScan {
                 envelope: e,
                 carrier: "DHL".into(),
@@ -636,14 +703,18 @@ mod tests {
                 E::StockReserved | E::PaymentRetrying => Some(S::Reserved),
                 E::StockRejected => Some(OUT_OF_STOCK),
                 E::PaymentAuthorized => Some(S::Paid),
-                E::PaymentFailed | E::StockReleased => Some(S::Cancelled),
+                E::PaymentFailed | E::StockReleased | E::CancellationAccepted => {
+                    Some(S::Cancelled)
+                }
                 E::Picking | E::Packed | E::ReadyToShip => Some(S::Fulfilling),
                 E::Shipped | E::InTransit | E::OutForDelivery | E::DeliveryFailed => {
                     Some(S::Shipped)
                 }
                 E::Delivered => Some(S::Delivered),
                 E::PaymentRefunded => Some(S::Refunded),
-                E::CarrierScan
+                E::OrderCancelled
+                | E::CancellationRefused
+                | E::CarrierScan
                 | E::DeliveryAnomaly
                 | E::StockRestocked
                 | E::StockAdjusted
