@@ -978,6 +978,257 @@ mod tests {
     }
 
     /// Illegal histories, each with the fragment its error must contain.
+    fn cancelled_failure() -> Event {
+        let mut e = sample(E::PaymentFailed);
+        if let Event::PaymentFailed(f) = &mut e {
+            f.reason = PaymentFailureReason::Cancelled;
+        }
+        e
+    }
+
+    fn cancelled_refund() -> Event {
+        let mut e = sample(E::PaymentRefunded);
+        if let Event::PaymentRefunded(r) = &mut e {
+            r.reason = CANCELLED_REFUND_REASON.into();
+        }
+        e
+    }
+
+    /// A customer cancellation in every position an order can be in, with the events the
+    /// pipeline then produces: before `ReadyToShip` the order ends `cancelled` with its
+    /// stock and charge given back (a legal, complete saga); from `ReadyToShip` on the
+    /// refusal leaves the status where it was.
+    #[test]
+    fn a_customer_cancellation_in_every_position() -> Result<(), String> {
+        let request = || sample(E::OrderCancelled);
+        let accepted = || sample(E::CancellationAccepted);
+        let refused = || sample(E::CancellationRefused);
+        let released = || sample(E::StockReleased);
+        // (position, the order's events so far, what the cancellation adds, final status)
+        let cases: Vec<(&str, &[EventType], Vec<Event>, S)> = vec![
+            (
+                "before anything",
+                &[],
+                vec![request(), accepted()],
+                S::Cancelled,
+            ),
+            (
+                "created",
+                &[E::OrderCreated],
+                vec![request(), accepted()],
+                S::Cancelled,
+            ),
+            (
+                "screened",
+                &[E::OrderCreated, E::OrderScreened],
+                vec![request(), accepted()],
+                S::Cancelled,
+            ),
+            (
+                "reserved",
+                &[E::OrderCreated, E::OrderScreened, E::StockReserved],
+                vec![request(), accepted(), released(), cancelled_failure()],
+                S::Cancelled,
+            ),
+            (
+                "payment retrying",
+                &[
+                    E::OrderCreated,
+                    E::OrderScreened,
+                    E::StockReserved,
+                    E::PaymentRetrying,
+                ],
+                vec![request(), accepted(), released(), cancelled_failure()],
+                S::Cancelled,
+            ),
+            (
+                "paid",
+                &[
+                    E::OrderCreated,
+                    E::OrderScreened,
+                    E::StockReserved,
+                    E::PaymentAuthorized,
+                ],
+                vec![request(), accepted(), released(), cancelled_refund()],
+                S::Cancelled,
+            ),
+            (
+                "picking",
+                &[
+                    E::OrderCreated,
+                    E::OrderScreened,
+                    E::StockReserved,
+                    E::PaymentAuthorized,
+                    E::Picking,
+                ],
+                vec![request(), accepted(), cancelled_refund(), released()],
+                S::Cancelled,
+            ),
+            (
+                "packed",
+                &[
+                    E::OrderCreated,
+                    E::OrderScreened,
+                    E::StockReserved,
+                    E::PaymentAuthorized,
+                    E::Picking,
+                    E::Packed,
+                ],
+                vec![request(), accepted(), released(), cancelled_refund()],
+                S::Cancelled,
+            ),
+            (
+                "ready to ship",
+                &HAPPY[..7],
+                vec![request(), refused()],
+                S::Fulfilling,
+            ),
+            ("shipped", &HAPPY[..8], vec![request(), refused()], S::Shipped),
+            ("delivered", HAPPY, vec![request(), refused()], S::Delivered),
+        ];
+        for (position, before, cancellation, status) in cases {
+            let mut events = history(before);
+            events.extend(cancellation);
+            assert_eq!(of(&events), Some(status), "{position}: fold");
+            assert_eq!(check_history(&events), Ok(status), "{position}: history");
+            if status.is_terminal() {
+                assert_eq!(check_complete(&events), Ok(status), "{position}: complete");
+            }
+            // The read side folds events in whatever order its topics deliver them;
+            // reversed, the status comes out the same for a cancelled order.
+            if status == S::Cancelled {
+                let reversed: Vec<Event> = events.iter().rev().cloned().collect();
+                assert_eq!(of(&reversed), Some(S::Cancelled), "{position}: reversed");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn cancellation_events_and_the_cancellation_refund_imply_their_status() {
+        assert_eq!(implied(&sample(E::OrderCancelled)), None);
+        assert_eq!(implied(&sample(E::CancellationRefused)), None);
+        assert_eq!(implied(&sample(E::CancellationAccepted)), Some(S::Cancelled));
+        assert_eq!(implied(&cancelled_refund()), Some(S::Cancelled));
+        assert_eq!(implied(&sample(E::PaymentRefunded)), Some(S::Refunded));
+        assert_eq!(implied(&cancelled_failure()), Some(S::Cancelled));
+        // A request never moves an order, a refusal never either.
+        for current in [S::Reserved, S::Fulfilling, S::Shipped, S::Delivered] {
+            assert_eq!(next(Some(current), &sample(E::OrderCancelled)), Some(current));
+            assert_eq!(
+                next(Some(current), &sample(E::CancellationRefused)),
+                Some(current)
+            );
+        }
+        // An acceptance ends a live order; it cannot reopen a finished one.
+        assert_eq!(
+            next(Some(S::Fulfilling), &sample(E::CancellationAccepted)),
+            Some(S::Cancelled)
+        );
+        assert_eq!(
+            next(Some(S::Delivered), &sample(E::CancellationAccepted)),
+            Some(S::Delivered)
+        );
+    }
+
+    #[test]
+    fn check_history_rejects_illegal_cancellations() {
+        let with = |types: &[EventType], extra: Vec<Event>| -> Vec<Event> {
+            let mut v = history(types);
+            v.extend(extra);
+            v
+        };
+        let to_paid = &HAPPY[..4];
+        let cases: Vec<(&str, Vec<Event>, &str)> = vec![
+            (
+                "accepted without a request",
+                with(to_paid, vec![sample(E::CancellationAccepted)]),
+                "requires a prior CancelRequested",
+            ),
+            (
+                "refused before ready to ship",
+                with(
+                    to_paid,
+                    vec![sample(E::OrderCancelled), sample(E::CancellationRefused)],
+                ),
+                "requires a prior Ready",
+            ),
+            (
+                "accepted after ready to ship",
+                with(
+                    &HAPPY[..7],
+                    vec![sample(E::OrderCancelled), sample(E::CancellationAccepted)],
+                ),
+                "cannot follow Ready",
+            ),
+            (
+                "picked after the acceptance",
+                with(
+                    to_paid,
+                    vec![
+                        sample(E::OrderCancelled),
+                        sample(E::CancellationAccepted),
+                        sample(E::Picking),
+                    ],
+                ),
+                "cannot follow CancelAccepted",
+            ),
+            (
+                "released without failure or cancellation",
+                with(&HAPPY[..3], vec![sample(E::StockReleased)]),
+                "requires a prior one of [PaymentFailed, CancelAccepted]",
+            ),
+            (
+                "released twice",
+                with(
+                    &HAPPY[..3],
+                    vec![
+                        sample(E::OrderCancelled),
+                        sample(E::CancellationAccepted),
+                        sample(E::StockReleased),
+                        again(E::StockReleased, 2),
+                    ],
+                ),
+                "double effect",
+            ),
+            (
+                "refunded without a charge",
+                with(
+                    &HAPPY[..3],
+                    vec![
+                        sample(E::OrderCancelled),
+                        sample(E::CancellationAccepted),
+                        cancelled_refund(),
+                    ],
+                ),
+                "requires a prior Authorized",
+            ),
+        ];
+        for (case, events, message) in cases {
+            let err = check_history(&events).expect_err(case);
+            assert!(err.contains(message), "{case}: {err}");
+        }
+    }
+
+    #[test]
+    fn check_complete_requires_a_cancelled_orders_stock_and_charge_back() {
+        let paid_then_cancelled = {
+            let mut v = history(&HAPPY[..4]);
+            v.extend([sample(E::OrderCancelled), sample(E::CancellationAccepted)]);
+            v
+        };
+        let mut released = paid_then_cancelled.clone();
+        released.push(sample(E::StockReleased));
+        let err = check_complete(&released).expect_err("charge kept");
+        assert!(err.contains("never refunded"), "{err}");
+        let mut refunded = paid_then_cancelled.clone();
+        refunded.push(cancelled_refund());
+        let err = check_complete(&refunded).expect_err("stock kept");
+        assert!(err.contains("never released"), "{err}");
+        refunded.push(sample(E::StockReleased));
+        assert_eq!(check_complete(&refunded), Ok(S::Cancelled));
+    }
+
     #[test]
     fn check_history_rejects_illegal_sagas() {
         let prefix = |types: &[EventType], extra: Vec<Event>| -> Vec<Event> {
@@ -1065,7 +1316,7 @@ mod tests {
             (
                 "released without a failed payment",
                 prefix(TO_RESERVED, vec![sample(E::StockReleased)]),
-                "prior PaymentFailed",
+                "prior one of [PaymentFailed, CancelAccepted]",
             ),
             (
                 "authorized and failed",
@@ -1157,7 +1408,7 @@ mod tests {
             (
                 "refunded without a failed delivery",
                 prefix(TO_SHIPPED, vec![sample(E::PaymentRefunded)]),
-                "prior DeliveryFailed",
+                "prior one of [DeliveryFailed, CancelAccepted]",
             ),
             (
                 "refunded after delivery",
@@ -1165,7 +1416,7 @@ mod tests {
                     TO_SHIPPED,
                     vec![sample(E::Delivered), sample(E::PaymentRefunded)],
                 ),
-                "prior DeliveryFailed",
+                "prior one of [DeliveryFailed, CancelAccepted]",
             ),
             (
                 "refunded twice",
