@@ -178,7 +178,6 @@ fn cancellation(order: &str) -> Outgoing {
 /// The carrier taking the order's parcel.
 fn picked_up(order: &str) -> Outgoing {
     raw(json!({"event_type": "CarrierScan",
-        "event_id": format!("scan-{order}-1"),
         "order_id": order, "store_id": STORE, "correlation_id": format!("corr-{order}"),
         "occurred_at": now_ms(), "carrier": "DHL", "tracking_number": format!("TN-{order}"),
         "scan": "picked_up", "scanned_at": now_ms()}))
@@ -259,6 +258,12 @@ fn cancellation_at_every_position() {
         // The outage lasts as long as the test needs: payment must not give up first.
         ("ORDERFLOW_PAYMENT_MAX_ATTEMPTS", "1000".to_string()),
     ]);
+    // The tables exist before the sinks start (both would create them otherwise).
+    let db = rt.block_on(async {
+        let db = Db::connect(&db_url).await.expect("the database");
+        db.migrate().await.expect("migrations");
+        db
+    });
     let pipeline = env.spawn_worker(&[], &wenv);
     let sinks = env.spawn_worker(
         &["projector", "stats", "alerts"],
@@ -267,8 +272,6 @@ fn cancellation_at_every_position() {
     let mut levels = env.collector(topics::INVENTORY_UPDATED);
 
     rt.block_on(async {
-        let db = Db::connect(&db_url).await.expect("the database");
-        db.migrate().await.expect("migrations");
         let options = ApiOptions {
             stream_poll: Duration::from_millis(100),
             ..ApiOptions::default()
