@@ -703,9 +703,7 @@ mod tests {
                 E::StockReserved | E::PaymentRetrying => Some(S::Reserved),
                 E::StockRejected => Some(OUT_OF_STOCK),
                 E::PaymentAuthorized => Some(S::Paid),
-                E::PaymentFailed | E::StockReleased | E::CancellationAccepted => {
-                    Some(S::Cancelled)
-                }
+                E::PaymentFailed | E::StockReleased | E::CancellationAccepted => Some(S::Cancelled),
                 E::Picking | E::Packed | E::ReadyToShip => Some(S::Fulfilling),
                 E::Shipped | E::InTransit | E::OutForDelivery | E::DeliveryFailed => {
                     Some(S::Shipped)
@@ -1083,7 +1081,12 @@ mod tests {
                 vec![request(), refused()],
                 S::Fulfilling,
             ),
-            ("shipped", &HAPPY[..8], vec![request(), refused()], S::Shipped),
+            (
+                "shipped",
+                &HAPPY[..8],
+                vec![request(), refused()],
+                S::Shipped,
+            ),
             ("delivered", HAPPY, vec![request(), refused()], S::Delivered),
         ];
         for (position, before, cancellation, status) in cases {
@@ -1108,13 +1111,19 @@ mod tests {
     fn cancellation_events_and_the_cancellation_refund_imply_their_status() {
         assert_eq!(implied(&sample(E::OrderCancelled)), None);
         assert_eq!(implied(&sample(E::CancellationRefused)), None);
-        assert_eq!(implied(&sample(E::CancellationAccepted)), Some(S::Cancelled));
+        assert_eq!(
+            implied(&sample(E::CancellationAccepted)),
+            Some(S::Cancelled)
+        );
         assert_eq!(implied(&cancelled_refund()), Some(S::Cancelled));
         assert_eq!(implied(&sample(E::PaymentRefunded)), Some(S::Refunded));
         assert_eq!(implied(&cancelled_failure()), Some(S::Cancelled));
         // A request never moves an order, a refusal never either.
         for current in [S::Reserved, S::Fulfilling, S::Shipped, S::Delivered] {
-            assert_eq!(next(Some(current), &sample(E::OrderCancelled)), Some(current));
+            assert_eq!(
+                next(Some(current), &sample(E::OrderCancelled)),
+                Some(current)
+            );
             assert_eq!(
                 next(Some(current), &sample(E::CancellationRefused)),
                 Some(current)

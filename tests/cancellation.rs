@@ -194,8 +194,10 @@ fn ledger_status(gateway: &Gateway, order: &str) -> Option<(LedgerStatus, bool)>
 
 /// The units of `sku` available now, read with a stock count that changes nothing.
 fn available(env: &TestEnv, levels: &mut Collector, sku: &str, tag: &str) -> i32 {
-    env.producer()
-        .send_all(&env.topic(topics::INVENTORY_COMMANDS), &[probe(STORE, sku, tag)]);
+    env.producer().send_all(
+        &env.topic(topics::INVENTORY_COMMANDS),
+        &[probe(STORE, sku, tag)],
+    );
     let codec = Codec::new();
     let until = Instant::now() + Duration::from_secs(60);
     loop {
@@ -295,8 +297,12 @@ fn cancellation_at_every_position() {
 
         // --- 1. Before payment: the request comes before the order --------------------
         producer.send_all(&cancelled_topic, &[cancellation("o-before")]);
-        api.until("o-before", &["OrderCancelled", "CancellationAccepted"], &workers)
-            .await;
+        api.until(
+            "o-before",
+            &["OrderCancelled", "CancellationAccepted"],
+            &workers,
+        )
+        .await;
         api.place("o-before", "SKU-A").await;
         let (status, timeline) = api.until("o-before", &["OrderScreened"], &workers).await;
         // Inventory remembered the cancellation: nothing is reserved, paid or picked.
@@ -338,7 +344,9 @@ fn cancellation_at_every_position() {
         api.until("o-retrying", &["PaymentRetrying"], &workers)
             .await;
         // Bad bodies first: a reason of the wrong type, too long, an unknown field.
-        let a = api.cancel("o-retrying", STORE, Some(r#"{"reason": 7}"#)).await;
+        let a = api
+            .cancel("o-retrying", STORE, Some(r#"{"reason": 7}"#))
+            .await;
         assert_eq!(a.status, 422, "{}", a.body);
         assert_eq!(a.body["error"]["field"], "reason", "{}", a.body);
         let long = json!({"reason": "x".repeat(501)}).to_string();
@@ -389,7 +397,9 @@ fn cancellation_at_every_position() {
         let request = api.payload("o-retrying", "OrderCancelled").await;
         assert_eq!(request["reason"], "found it cheaper", "{request}");
         assert!(
-            !timeline.iter().any(|t| t == "PaymentAuthorized" || t == "Picking"),
+            !timeline
+                .iter()
+                .any(|t| t == "PaymentAuthorized" || t == "Picking"),
             "{timeline:?}"
         );
         assert_eq!(
@@ -448,7 +458,11 @@ fn cancellation_at_every_position() {
         // A request that raced past the API's check: fulfillment refuses it.
         producer.send_all(&cancelled_topic, &[cancellation("o-ready")]);
         let (status, timeline) = api
-            .until("o-ready", &["OrderCancelled", "CancellationRefused"], &workers)
+            .until(
+                "o-ready",
+                &["OrderCancelled", "CancellationRefused"],
+                &workers,
+            )
             .await;
         assert_eq!(status.as_deref(), Some("fulfilling"), "{timeline:?}");
         let refused = api.payload("o-ready", "CancellationRefused").await;

@@ -576,7 +576,11 @@ pub async fn cancel(
         "shipped" => return Err(too_late("the order has already shipped")),
         "delivered" => return Err(too_late("the order has already been delivered")),
         "cancelled" => return Err(too_late("the order is already cancelled")),
-        "rejected" => return Err(too_late("the order was rejected; there is nothing to cancel")),
+        "rejected" => {
+            return Err(too_late(
+                "the order was rejected; there is nothing to cancel",
+            ));
+        }
         "refunded" => return Err(too_late("the order was already refunded")),
         _ if seen(EventType::ReadyToShip) || seen(EventType::CancellationRefused) => {
             return Err(too_late(

@@ -568,8 +568,7 @@ mod tests {
             reach(&mut h, position)?;
             // Every request arrives at the same instant, after the order would be ready.
             h.now = at;
-            if let Position::Picking | Position::Packed | Position::AlreadyCancelled = position
-            {
+            if let Position::Picking | Position::Packed | Position::AlreadyCancelled = position {
                 // Keep the order where it is: the request arrives before its next step.
                 h.now = match position {
                     Position::Picking | Position::AlreadyCancelled => T0 + PICK - 1,
@@ -603,7 +602,10 @@ mod tests {
             assert_eq!(got, timers, "{position:?}: timers");
             if let [answer] = out.as_slice() {
                 let env = answer.envelope();
-                assert_eq!(env.event_id, derive_id("oc-1", "fulfillment", 0).to_string());
+                assert_eq!(
+                    env.event_id,
+                    derive_id("oc-1", "fulfillment", 0).to_string()
+                );
                 assert_eq!(env.causation_id.as_deref(), Some("oc-1"));
                 assert_eq!(env.order_id.as_deref(), Some("o-1"));
                 assert_eq!(env.store_id, "s-1");

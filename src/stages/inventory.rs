@@ -34,9 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::InventorySettings;
 use crate::events::{
-    CancellationAccepted, Envelope, Event, LowStock, LowStockTrigger, OrderLine, OrderScreened, PaymentAuthorized,
-    PaymentFailed, ScreeningDecision, Shortage, StockAdjusted, StockLevelChanged, StockRejected,
-    StockReleased, StockReserved, StockRestocked, ThresholdSet,
+    CancellationAccepted, Envelope, Event, LowStock, LowStockTrigger, OrderLine, OrderScreened,
+    PaymentAuthorized, PaymentFailed, ScreeningDecision, Shortage, StockAdjusted,
+    StockLevelChanged, StockRejected, StockReleased, StockReserved, StockRestocked, ThresholdSet,
 };
 use crate::stages::{Ctx, Input, Stage, StageError, StageName, Store, Timer};
 use crate::topics;
@@ -512,7 +512,14 @@ impl InventoryStage {
                 return Ok(());
             }
         };
-        self.give_back(ctx, store, order_id, items, CANCELLED, OrderOutcome::Cancelled)
+        self.give_back(
+            ctx,
+            store,
+            order_id,
+            items,
+            CANCELLED,
+            OrderOutcome::Cancelled,
+        )
     }
 
     /// Puts an order's lines back on the shelf, reports it, and closes the order.
@@ -1728,10 +1735,7 @@ mod tests {
         h.process(&restock("s-1", "a", 5))?;
         h.process(&approved("s-1", "o-1", &[("a", 2)]))?;
         assert_eq!(h.process(&authorized("s-1", "o-1"))?, []);
-        assert_eq!(
-            h.order("s-1", "o-1"),
-            Some(&sold(&[("a", 2)], NOW))
-        );
+        assert_eq!(h.order("s-1", "o-1"), Some(&sold(&[("a", 2)], NOW)));
         assert_eq!(
             h.timer("retire/s-1/o-1").map(|t| t.due_at),
             Some(NOW + SETTLED_RETENTION_MS)
@@ -2104,10 +2108,7 @@ mod tests {
             ),
             (
                 "cancelled",
-                vec![
-                    approved("s-1", "o-1", &[("a", 2)]),
-                    accepted("s-1", "o-1"),
-                ],
+                vec![approved("s-1", "o-1", &[("a", 2)]), accepted("s-1", "o-1")],
                 OrderOutcome::Cancelled,
             ),
             (

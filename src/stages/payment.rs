@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use super::{Ctx, Effect, EffectOutcome, Input, Stage, StageError, Timer};
 use crate::config::PaymentSettings;
 use crate::events::{
-    CancellationAccepted, Event, PaymentAuthorized, PaymentFailed, PaymentFailureReason, PaymentRefunded,
-    PaymentRetrying, derive_id,
+    CancellationAccepted, Event, PaymentAuthorized, PaymentFailed, PaymentFailureReason,
+    PaymentRefunded, PaymentRetrying, derive_id,
 };
 use crate::status::CANCELLED_REFUND_REASON;
 use crate::topics;
@@ -1102,7 +1102,12 @@ mod tests {
         // (position, requested on the acceptance, its outcome's output, status at the end)
         let cases: Vec<(P, Option<&Effect>, &str, Status)> = vec![
             (P::NoRecord, None, "", Status::Cancelled),
-            (P::AttemptInFlight, Some(&void), "failed cancelled", Status::Failed),
+            (
+                P::AttemptInFlight,
+                Some(&void),
+                "failed cancelled",
+                Status::Failed,
+            ),
             (P::Retrying, Some(&void), "failed cancelled", Status::Failed),
             (
                 P::Authorized,
@@ -1160,7 +1165,10 @@ mod tests {
             // (the void cancels whatever it charged).
             if let Some(attempt) = in_flight {
                 let late = h.outcome("o-1", &attempt, ok("auth-late"));
-                assert!(late.out.is_empty() && late.effects.is_empty(), "{position:?}");
+                assert!(
+                    late.out.is_empty() && late.effects.is_empty(),
+                    "{position:?}"
+                );
             }
             if let Some(call) = call {
                 let reference = if call == &refund { "r-9" } else { "v-9" };
@@ -1171,12 +1179,18 @@ mod tests {
             // A repeated acceptance, and a replayed reservation, change nothing more.
             h.commit();
             let again = h.input(topics::FULFILLMENT_UPDATED, &accepted("o-1", "accepted-2"))?;
-            assert!(again.out.is_empty() && again.effects.is_empty(), "{position:?}");
+            assert!(
+                again.out.is_empty() && again.effects.is_empty(),
+                "{position:?}"
+            );
             // (Where the order was never reserved, the reservation is not a replay: see
             // `a_cancellation_before_the_reservation_never_charges`.)
             if !matches!(position, P::NoRecord | P::CancelledAlready) {
                 let replay = h.reserve("o-1")?;
-                assert!(replay.out.is_empty() && replay.effects.is_empty(), "{position:?}");
+                assert!(
+                    replay.out.is_empty() && replay.effects.is_empty(),
+                    "{position:?}"
+                );
             }
             assert_eq!(h.status("o-1"), Some(end), "{position:?}: status");
         }
@@ -1196,7 +1210,10 @@ mod tests {
             panic!("expected PaymentFailed, got {:?}", step.out);
         };
         assert_eq!(f.reason, PaymentFailureReason::Cancelled);
-        assert_eq!((f.amount_cents, f.currency.as_str(), f.attempts), (4_998, "USD", 0));
+        assert_eq!(
+            (f.amount_cents, f.currency.as_str(), f.attempts),
+            (4_998, "USD", 0)
+        );
         assert_eq!(f.envelope.order_id.as_deref(), Some("o-1"));
         assert_eq!(h.status("o-1"), Some(Status::Failed));
         // Replayed reservation: nothing more.
