@@ -224,10 +224,10 @@ impl FulfillmentStage {
         let store_id = env.store_id.as_str();
         let key = order_key(store_id, order_id);
         let now = ctx.now();
-        let progress = match ctx.state.get(&key) {
-            Some(FulfillmentState::Order(p)) => Some(p.clone()),
-            None => None,
-        };
+        let progress = ctx
+            .state
+            .get(&key)
+            .map(|FulfillmentState::Order(p)| p.clone());
         match progress.as_ref().map(|p| p.phase) {
             None | Some(Phase::Picking) | Some(Phase::Packed) => {
                 ctx.cancel(&timer_id(Step::Pack, store_id, order_id));
@@ -524,7 +524,8 @@ mod tests {
         let retire = timer_id(Step::Retire, "s-1", "o-1");
         let at = T0 + PICK + PACK;
         // (position, outputs, phase after, timers after (id, due))
-        let rows: Vec<(Position, Vec<E>, Phase, Vec<(String, i64)>)> = vec![
+        type Row = (Position, Vec<E>, Phase, Vec<(String, i64)>);
+        let rows: Vec<Row> = vec![
             (
                 Position::NoRecord,
                 vec![E::CancellationAccepted],

@@ -1942,7 +1942,14 @@ mod tests {
         let order = || approved("s-1", "o-1", &[("a", 2), ("b", 1), ("a", 1)]);
         let released = "released a:2,b:1,a:1 cancelled";
         // (position, history, outputs of the acceptance, record after, a and b after)
-        let cases: Vec<(&str, Vec<Event>, Vec<&str>, InventoryState, (i32, i32))> = vec![
+        type Case = (
+            &'static str,
+            Vec<Event>,
+            Vec<&'static str>,
+            InventoryState,
+            (i32, i32),
+        );
+        let cases: Vec<Case> = vec![
             (
                 "no record",
                 vec![],

@@ -287,9 +287,15 @@ impl PaymentStage {
         mut p: OrderPayment,
         attempt: u32,
         error: String,
-        cancelled: bool,
         outcome: &EffectOutcome,
     ) {
+        let cancelled = matches!(
+            p.status,
+            Status::Voiding {
+                cancelled: true,
+                ..
+            }
+        );
         let attempts = p.attempt;
         let void = match outcome {
             EffectOutcome::Succeeded { reference } => Some(format!("void: {reference}")),
@@ -359,9 +365,15 @@ impl PaymentStage {
         mut p: OrderPayment,
         authorization_id: String,
         attempt: u32,
-        cancelled: bool,
         outcome: &EffectOutcome,
     ) {
+        let cancelled = matches!(
+            p.status,
+            Status::Refunding {
+                cancelled: true,
+                ..
+            }
+        );
         let now = ctx.now();
         match outcome {
             EffectOutcome::Succeeded { reference } => {
@@ -650,14 +662,10 @@ impl Stage for PaymentStage {
             } => {
                 let key = order_key(store_id, order_id);
                 if let Some(PaymentState::Order(p)) = ctx.state.get(&key).cloned()
-                    && let Status::Voiding {
-                        attempt,
-                        error,
-                        cancelled,
-                    } = p.status.clone()
+                    && let Status::Voiding { attempt, error, .. } = p.status.clone()
                     && attempt == *requested
                 {
-                    self.on_void(ctx, &key, p, attempt, error, cancelled, outcome);
+                    self.on_void(ctx, &key, p, attempt, error, outcome);
                 }
             }
             Effect::Refund {
@@ -671,11 +679,11 @@ impl Stage for PaymentStage {
                     && let Status::Refunding {
                         authorization_id,
                         attempt,
-                        cancelled,
+                        ..
                     } = p.status.clone()
                     && attempt == *requested
                 {
-                    self.on_refund(ctx, &key, p, authorization_id, attempt, cancelled, outcome);
+                    self.on_refund(ctx, &key, p, authorization_id, attempt, outcome);
                 }
             }
         }
