@@ -504,7 +504,20 @@ impl InventoryStage {
                 outcome: OrderOutcome::Sold,
                 items,
                 ..
-            })) => items.clone(),
+            })) if !items.is_empty() => items.clone(),
+            // Sold before sold records kept their lines: what to give back is unknown.
+            Some(InventoryState::Closed(ClosedOrder {
+                outcome: OrderOutcome::Sold,
+                ..
+            })) => {
+                tracing::warn!(
+                    store_id = store,
+                    order_id,
+                    "a cancelled order's sold record has no lines; its stock is not given back"
+                );
+                self.close(ctx, store, order_id, OrderOutcome::Cancelled, Vec::new());
+                return Ok(());
+            }
             // Released, rejected or cancelled already: nothing is held, and nothing will be.
             Some(_) => return Ok(()),
             None => {
