@@ -286,6 +286,7 @@ fn a_load_run_holds_the_target_rate_and_keys_by_store() {
         },
         rate: RATE,
         stock: true,
+        cancel_rate: 0.0,
     };
     let report = block_on(run_load(
         &env.settings,
