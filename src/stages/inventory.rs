@@ -2082,6 +2082,25 @@ mod tests {
         Ok(())
     }
 
+    /// A sold record written before sold records kept their lines: nothing is known to
+    /// give back, so nothing is released (rather than an empty release), and the order
+    /// is closed as cancelled all the same.
+    #[test]
+    fn a_sold_record_without_lines_is_cancelled_without_a_release() -> TestResult {
+        let mut h = harness(settings());
+        h.process(&restock("s-1", "a", 5))?;
+        h.state
+            .insert(order_key("s-1", "o-1"), closed(OrderOutcome::Sold, NOW));
+        h.commit();
+        assert_eq!(h.process(&accepted("s-1", "o-1"))?, []);
+        assert_eq!(
+            h.order("s-1", "o-1"),
+            Some(&closed(OrderOutcome::Cancelled, NOW))
+        );
+        assert_eq!(h.available("s-1", "a"), Some(5));
+        Ok(())
+    }
+
     #[test]
     fn fulfillment_progress_and_a_refusal_change_nothing() -> TestResult {
         let env = || envelope("s-1", Some("o-1"));
