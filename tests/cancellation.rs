@@ -16,18 +16,31 @@
 //!
 //! Each asserts the order's timeline and status through the API, and the gateway's ledger
 //! entry of the order's charge.
+//!
+//! Then the same at scale, with chance deciding the interleavings: a simulated shop whose
+//! customers cancel a third of their orders at seeded delays, against a gateway that
+//! declines and fails transiently. Every order must end as a legal, complete saga
+//! ([`status::check_complete`]), no cancelled order may stay charged, and every SKU's stock
+//! must come out as restocked minus what orders kept.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::pipeline::{probe, restock, worker_env};
-use common::{Collector, Outgoing, TestEnv, Worker, now_ms};
+use std::collections::{BTreeMap, HashMap};
+
+use common::pipeline::{Lifecycle, probe, rank, restock, worker_env};
+use common::{Collector, Outgoing, TestEnv, Worker, deadline, now_ms};
 use orderflow::api::{self, ApiOptions, ApiState};
 use orderflow::events::codec::{Codec, DecodeHints};
-use orderflow::events::{Event, order_cancelled_id};
+use orderflow::events::{Event, EventType, order_cancelled_id};
 use orderflow::gateway::server::{Gateway, GatewayConfig, LedgerStatus, serve_gateway};
+use orderflow::simulator::generate::StockAction;
+use orderflow::simulator::{
+    CarrierConfig, LoadConfig, Plan, PlanConfig, SimulationConfig, simulate,
+};
 use orderflow::sql::Db;
+use orderflow::status::{self, OrderStatus};
 use orderflow::topics;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -507,5 +520,295 @@ fn cancellation_at_every_position() {
     }
     pipeline.assert_alive();
     sinks.assert_alive();
+    stop.cancel();
+}
+
+/// One order's events in causal order: by occurrence time, an event after its cause (by
+/// causation ID) when both happened in one millisecond, then in saga order.
+fn causal(events: &[Event]) -> Vec<Event> {
+    let cause: HashMap<&str, &str> = events
+        .iter()
+        .filter_map(|e| {
+            let env = e.envelope();
+            Some((env.event_id.as_str(), env.causation_id.as_deref()?))
+        })
+        .collect();
+    let depth = |e: &Event| {
+        let mut d = 0;
+        let mut at = e.envelope().event_id.as_str();
+        while let Some(c) = cause.get(at) {
+            d += 1;
+            at = c;
+            if d > events.len() {
+                break;
+            }
+        }
+        d
+    };
+    let mut sorted = events.to_vec();
+    sorted.sort_by_key(|e| (e.envelope().occurred_at, depth(e), rank(e.event_type())));
+    sorted
+}
+
+/// The step after which order `order_id`'s customer asks to cancel it, if they do: a
+/// fixed hash of the ID, so a run is reproducible as far as the pipeline's timing allows.
+fn cancel_after(order_id: &str) -> Option<EventType> {
+    use std::hash::{Hash, Hasher};
+    const STEPS: [EventType; 10] = [
+        EventType::OrderCreated,
+        EventType::OrderScreened,
+        EventType::StockReserved,
+        EventType::PaymentRetrying,
+        EventType::PaymentAuthorized,
+        EventType::Picking,
+        EventType::Packed,
+        EventType::ReadyToShip,
+        EventType::Shipped,
+        EventType::Delivered,
+    ];
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    order_id.hash(&mut h);
+    let n = h.finish() % 20;
+    STEPS.get(n as usize).copied()
+}
+
+#[test]
+fn random_cancellations_end_consistent() {
+    const ORDERS: u64 = 300;
+    let env = TestEnv::new("cancellation-load", 3);
+    for base in [
+        topics::ORDER_CANCELLED,
+        topics::INVENTORY_COMMANDS,
+        topics::INVENTORY_UPDATED,
+        topics::PAYMENT_PROCESSED,
+        topics::FULFILLMENT_UPDATED,
+        topics::CARRIER_UPDATES,
+        topics::DELIVERY_UPDATED,
+    ] {
+        common::wait_for_partitions(&env.topic(base), 3);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let stop = CancellationToken::new();
+    let gateway = Gateway::new(GatewayConfig {
+        decline_rate: 0.05,
+        transient_error_rate: 0.2,
+        seed: 5,
+        ..GatewayConfig::default()
+    })
+    .expect("a gateway config");
+    let (gateway_addr, _task) = rt
+        .block_on(serve_gateway("127.0.0.1:0", gateway.clone(), stop.clone()))
+        .expect("the gateway listens");
+    let worker = env.spawn_worker(&[], &worker_env(&gateway_addr.to_string()));
+    let mut seen = Lifecycle::new(&env);
+
+    // The shop's traffic and its carrier in the background; the customers' cancellations
+    // from here, each as soon as its order has taken its chosen step.
+    let plan = PlanConfig {
+        orders: ORDERS,
+        stores: 4,
+        skus: 10,
+        run_id: "cx".into(),
+        ..PlanConfig::default()
+    };
+    let config = SimulationConfig {
+        load: LoadConfig {
+            plan: plan.clone(),
+            rate: 50.0,
+            stock: true,
+            cancel_rate: 0.0,
+        },
+        carrier: Some(CarrierConfig::default()),
+        observe: Duration::from_secs(120),
+        show_progress: false,
+    };
+    let prefix = config.load.order_prefix();
+    let run = {
+        let (settings, config, stop) = (env.settings.clone(), config.clone(), stop.clone());
+        rt.spawn(async move { simulate(&settings, &config, &stop).await })
+    };
+    let producer = env.producer();
+    let cancelled_topic = env.topic(topics::ORDER_CANCELLED);
+    let mut requested: BTreeMap<(String, String), EventType> = BTreeMap::new();
+    let has = |events: &[Event], t: EventType| events.iter().any(|e| e.event_type() == t);
+    let until = deadline(240);
+    let checked: BTreeMap<(String, String), (OrderStatus, Vec<Event>)> = loop {
+        seen.poll(Duration::from_millis(100));
+        let mut due = Vec::new();
+        let mut done = BTreeMap::new();
+        let mut failures = Vec::new();
+        for (key, events) in &seen.by_order {
+            if !key.1.starts_with(&prefix) {
+                continue;
+            }
+            if let Some(step) = cancel_after(&key.1)
+                && !requested.contains_key(key)
+                && has(events, step)
+            {
+                due.push((key.clone(), step));
+            }
+            let events = causal(events);
+            let answered = !requested.contains_key(key)
+                || has(&events, EventType::CancellationAccepted)
+                || has(&events, EventType::CancellationRefused);
+            match status::check_complete(&events) {
+                Ok(s) if answered => {
+                    done.insert(key.clone(), (s, events));
+                }
+                Ok(_) => failures.push(format!("{key:?}: no answer to its cancellation yet")),
+                Err(e) => {
+                    let types: Vec<EventType> = events.iter().map(Event::event_type).collect();
+                    failures.push(format!("{key:?}: {e}; {types:?}"));
+                }
+            }
+        }
+        let records: Vec<Outgoing> = due
+            .iter()
+            .map(|((store, order), step)| {
+                Outgoing::new(
+                    store.clone(),
+                    serde_json::to_vec(&json!({"order_id": order, "store_id": store,
+                        "occurred_at": now_ms(), "reason": format!("after {step}")}))
+                    .expect("JSON"),
+                )
+            })
+            .collect();
+        if !records.is_empty() {
+            producer.send_all(&cancelled_topic, &records);
+            requested.extend(due);
+        }
+        if run.is_finished()
+            && records.is_empty()
+            && failures.is_empty()
+            && done.len() as u64 == ORDERS
+        {
+            break done;
+        }
+        worker.assert_alive();
+        assert!(
+            Instant::now() < until,
+            "{} of {ORDERS} orders complete; first problems:\n{}\n{}",
+            done.len(),
+            failures[..failures.len().min(5)].join("\n"),
+            worker.log_tail(20)
+        );
+    };
+    let summary = rt
+        .block_on(run)
+        .expect("the run's task")
+        .expect("a simulated run");
+    assert_eq!(summary.load.orders, ORDERS, "{summary}");
+    assert!(seen.conflicts.is_empty(), "{:?}", seen.conflicts.first());
+
+    // The requests met orders at every step, and were answered both ways.
+    let count = |f: &dyn Fn(&OrderStatus, &[Event]) -> bool| {
+        checked.values().filter(|(s, e)| f(s, e)).count()
+    };
+    let accepted = count(&|_, e| has(e, EventType::CancellationAccepted));
+    let refused = count(&|_, e| has(e, EventType::CancellationRefused));
+    let refunded = count(&|s, e| {
+        *s == OrderStatus::Cancelled
+            && has(e, EventType::CancellationAccepted)
+            && has(e, EventType::PaymentRefunded)
+    });
+    let before_payment = count(&|s, e| {
+        *s == OrderStatus::Cancelled
+            && has(e, EventType::CancellationAccepted)
+            && has(e, EventType::StockReleased)
+            && !has(e, EventType::PaymentAuthorized)
+    });
+    eprintln!(
+        "{} cancellation requests: {accepted} accepted ({refunded} refunded, {before_payment} released before payment), {refused} refused",
+        requested.len()
+    );
+    assert_eq!(accepted + refused, requested.len());
+    assert!(
+        accepted > 0 && refused > 0 && refunded > 0 && before_payment > 0,
+        "{accepted} accepted ({refunded} refunded, {before_payment} before payment), {refused} refused"
+    );
+
+    // No cancelled order stays charged or ships; no order is charged twice.
+    let ledger = gateway.ledger();
+    for ((store, order), (status, events)) in &checked {
+        let entries: Vec<_> = ledger
+            .iter()
+            .filter(|e| &e.store_id == store && &e.order_id == order)
+            .collect();
+        assert!(entries.len() <= 1, "{order}: {entries:?}");
+        let charge = entries.first().map(|e| e.status);
+        if has(events, EventType::CancellationAccepted) {
+            assert!(
+                matches!(
+                    charge,
+                    None | Some(
+                        LedgerStatus::Voided | LedgerStatus::Refunded | LedgerStatus::Declined
+                    )
+                ),
+                "{order}: cancelled but charged {charge:?}: {:?}",
+                events.iter().map(Event::event_type).collect::<Vec<_>>()
+            );
+            assert!(!has(events, EventType::ReadyToShip), "{order} shipped");
+        }
+        if *status == OrderStatus::Delivered {
+            assert_eq!(charge, Some(LedgerStatus::Authorized), "{order}");
+        }
+    }
+
+    // Stock: restocked, minus what the orders reserved and did not get back.
+    let mut expected: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for c in Plan::new(plan).stock_commands() {
+        if let StockAction::Restock { quantity } = c.action {
+            *expected.entry((c.store_id, c.sku)).or_default() += i64::from(quantity);
+        }
+    }
+    for ((store, _), (_, events)) in &checked {
+        for e in events {
+            let (items, sign) = match e {
+                Event::StockReserved(r) => (&r.items, -1),
+                Event::StockReleased(r) => (&r.items, 1),
+                _ => continue,
+            };
+            for l in items {
+                *expected.entry((store.clone(), l.sku.clone())).or_default() +=
+                    sign * i64::from(l.quantity);
+            }
+        }
+    }
+    let probes: Vec<Outgoing> = expected
+        .keys()
+        .map(|(store, sku)| probe(store, sku, "final-count"))
+        .collect();
+    env.producer()
+        .send_all(&env.topic(topics::INVENTORY_COMMANDS), &probes);
+    let until = deadline(60);
+    let counted: BTreeMap<(String, String), i64> = loop {
+        seen.poll(Duration::from_millis(300));
+        let counted: BTreeMap<(String, String), i64> = seen
+            .other
+            .iter()
+            .filter_map(|e| match e {
+                Event::StockLevelChanged(c) if c.reason == "final-count" => Some((
+                    (c.envelope.store_id.clone(), c.sku.clone()),
+                    i64::from(c.available),
+                )),
+                _ => None,
+            })
+            .collect();
+        if counted.len() == expected.len() {
+            break counted;
+        }
+        assert!(
+            Instant::now() < until,
+            "{} of {} stock counts answered",
+            counted.len(),
+            expected.len()
+        );
+    };
+    assert_eq!(counted, expected);
+    worker.assert_alive();
     stop.cancel();
 }
