@@ -11,9 +11,10 @@
 # Extra arguments go to `cargo test`, e.g. `bash scripts/test.sh -- --nocapture`.
 #
 # Integration tests never skip: they panic when ORDERFLOW_TEST_BROKERS (the broker),
-# ORDERFLOW_TEST_TXN_BROKERS (the transactional broker, for `exactly_once` tests) or
-# ORDERFLOW_TEST_POSTGRES_URL (the database server, for tests that need one) is unset,
-# and this script always sets all three. What it started is stopped by PID on exit,
+# ORDERFLOW_TEST_TXN_BROKERS (the transactional broker, for `exactly_once` tests),
+# ORDERFLOW_TEST_POSTGRES_URL (the database server, for tests that need one) or
+# ORDERFLOW_TEST_CHROMEDRIVER (Debian's chromedriver, for the dashboard's browser test)
+# is unset, and this script always sets all four. What it started is stopped by PID on exit,
 # however the script ends, and the database cluster's directory is deleted.
 #
 # nisshi refuses transactional producers, so `exactly_once` runs against tansu as PyPI's
@@ -77,6 +78,17 @@ ensure_tools() {
             rustup component add "${component/fmt/rustfmt}"
         fi
     done
+
+    # The browser test drives Debian's headless Chromium through chromedriver.
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+        command -v apt-get >/dev/null || die "missing chromium or chromedriver and no apt-get to install them"
+        echo "installing chromium and chromium-driver with apt-get (for the browser test)"
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
+    fi
+    ORDERFLOW_TEST_CHROMEDRIVER="$(command -v chromedriver)"
+    export ORDERFLOW_TEST_CHROMEDRIVER
+    echo "chromedriver: $ORDERFLOW_TEST_CHROMEDRIVER ($(chromium --version 2>/dev/null | head -n 1))"
 
     if ! command -v nisshi >/dev/null; then
         echo "installing nisshi $NISSHI_VERSION, the test broker (about 15 minutes the first time)"

@@ -299,6 +299,8 @@ pub enum ConfigError {
     },
     #[error("invalid value of {var}: {message}")]
     Env { var: &'static str, message: String },
+    #[error("inconsistent settings: {0}")]
+    Inconsistent(String),
 }
 
 impl Settings {
@@ -318,7 +320,33 @@ impl Settings {
             None => Settings::default(),
         };
         s.apply_env(|k| std::env::var(k).ok())?;
+        s.check()?;
         Ok(s)
+    }
+
+    /// Settings that cannot work together. Under `at_least_once` a batch's outputs are
+    /// written into the changelog first, in chunks of up to the outbox's chunk size (or
+    /// one output, up to `max_record_bytes`): a producer that refuses records that large
+    /// could write no batch at all.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let Some(v) = self.kafka.get("message.max.bytes") else {
+            return Ok(());
+        };
+        let max: usize = v.trim().parse().map_err(|_| {
+            ConfigError::Inconsistent(format!("kafka message.max.bytes {v:?} is not a number"))
+        })?;
+        let needed = self
+            .max_record_bytes
+            .max(crate::runtime::outbox::CHUNK_BYTES)
+            + 4096;
+        if self.guarantee == Guarantee::AtLeastOnce && max < needed {
+            return Err(ConfigError::Inconsistent(format!(
+                "kafka message.max.bytes ({max}) is below {needed}, the largest changelog record under at_least_once (max_record_bytes {} or the outbox's {}-byte chunks, plus headers); raise it or lower max_record_bytes",
+                self.max_record_bytes,
+                crate::runtime::outbox::CHUNK_BYTES
+            )));
+        }
+        Ok(())
     }
 
     /// Applies `ORDERFLOW_*` variables; `get` is injected so tests need not touch the
@@ -524,5 +552,31 @@ mod example_file {
         assert_eq!(s.database_url, d.database_url);
         assert_eq!(s.alerts, d.alerts);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod consistency {
+    use super::*;
+
+    #[test]
+    fn a_producer_limit_below_the_changelogs_records_is_refused_under_at_least_once() {
+        let mut s = Settings {
+            guarantee: Guarantee::AtLeastOnce,
+            ..Settings::default()
+        };
+        assert!(s.check().is_ok(), "no limit set");
+        s.kafka.insert("message.max.bytes".into(), "40000".into());
+        let err = s.check().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("message.max.bytes (40000)"), "{err}");
+        s.kafka.insert("message.max.bytes".into(), "1000000".into());
+        assert!(s.check().is_ok());
+        s.kafka.insert("message.max.bytes".into(), "lots".into());
+        assert!(s.check().is_err());
+        // Under exactly_once there is no outbox: an output too large for the producer
+        // is dead-lettered in its place instead.
+        s.guarantee = Guarantee::ExactlyOnce;
+        s.kafka.insert("message.max.bytes".into(), "40000".into());
+        assert!(s.check().is_ok());
     }
 }

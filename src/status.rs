@@ -206,6 +206,7 @@ pub fn implied(event: &Event) -> Option<OrderStatus> {
         | Event::ThresholdSet(_)
         | Event::StockLevelChanged(_)
         | Event::LowStock(_)
+        | Event::StockRecovered(_)
         | Event::ReplenishmentRequested(_) => return None,
     })
 }
@@ -300,6 +301,7 @@ impl Fact {
             | Event::ThresholdSet(_)
             | Event::StockLevelChanged(_)
             | Event::LowStock(_)
+            | Event::StockRecovered(_)
             | Event::ReplenishmentRequested(_) => return None,
         })
     }
@@ -567,6 +569,13 @@ mod tests {
                 trigger: LowStockTrigger::Crossing,
             }
             .into(),
+            EventType::StockRecovered => StockRecovered {
+                envelope: e,
+                sku: "sku-1".into(),
+                available: 2,
+                threshold: 1,
+            }
+            .into(),
             EventType::PaymentAuthorized => PaymentAuthorized {
                 envelope: e,
                 amount_cents: 100,
@@ -719,6 +728,7 @@ mod tests {
                 | E::ThresholdSet
                 | E::StockLevelChanged
                 | E::LowStock
+                | E::StockRecovered
                 | E::ReplenishmentRequested => None,
             };
             assert_eq!(implied(&sample(t)), want, "{t}");

@@ -102,7 +102,7 @@ pub fn topic_of(t: EventType) -> &'static str {
         OrderScreened => ORDER_SCREENED,
         StockRestocked | StockAdjusted | ThresholdSet => INVENTORY_COMMANDS,
         StockReserved | StockRejected | StockReleased | StockLevelChanged => INVENTORY_UPDATED,
-        LowStock => INVENTORY_THRESHOLD_REACHED,
+        LowStock | StockRecovered => INVENTORY_THRESHOLD_REACHED,
         PaymentAuthorized | PaymentRetrying | PaymentFailed | PaymentRefunded => PAYMENT_PROCESSED,
         OrderCancelled => ORDER_CANCELLED,
         Picking | Packed | ReadyToShip | CancellationAccepted | CancellationRefused => {

@@ -277,6 +277,9 @@ enum Crash {
     /// SIGKILLed by the test as soon as the batch's first output can be read: wherever the
     /// worker happens to be, mid-transaction or just past the commit.
     KillAtFirstOutput,
+    /// Not a crash: the batch's changelog write fails after its first half reached the log
+    /// (`ORDERFLOW_FAIL_CHANGELOG_WRITE`), and the worker carries on.
+    FailedChangelogWrite,
 }
 
 impl Crash {
@@ -284,6 +287,7 @@ impl Crash {
         match self {
             Crash::At(point) => point,
             Crash::KillAtFirstOutput => "sigkill_at_first_output",
+            Crash::FailedChangelogWrite => "failed_changelog_write",
         }
     }
 }
@@ -335,6 +339,9 @@ fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
     let crash_env = match crash {
         Crash::At(point) => vec![("ORDERFLOW_CRASH_AT", format!("{point}:1"))],
         Crash::KillAtFirstOutput => Vec::new(),
+        Crash::FailedChangelogWrite => {
+            vec![("ORDERFLOW_FAIL_CHANGELOG_WRITE", "1".to_owned())]
+        }
     };
     let mut crashing = if exactly_once {
         env.restart_worker(&mut first, &["inventory"], &crash_env);
@@ -366,8 +373,24 @@ fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
             );
             crashing.kill9();
         }
+        Crash::FailedChangelogWrite => {
+            wait_for(
+                "the failed changelog write",
+                deadline(60),
+                &[&crashing],
+                |_| {
+                    crashing
+                        .log_tail(400)
+                        .contains("changelog write failed; restoring")
+                        .then_some(())
+                },
+            );
+        }
     }
-    let after = if exactly_once {
+    let mut after = if matches!(crash, Crash::FailedChangelogWrite) {
+        // The same worker restores the partition and goes on.
+        crashing
+    } else if exactly_once {
         env.restart_worker(&mut crashing, &["inventory"], &[]);
         crashing
     } else {
@@ -442,6 +465,30 @@ fn crash_between_decision_and_state(env: TestEnv, crash: Crash) {
         "[{point}] SKU-A: 1 unit, o-1 reserved and released it, o-2 reserved={o2_reserved}"
     );
     assert_eq!(b, 1, "[{point}] SKU-B: 5 units, 4 reserved");
+    if matches!(crash, Crash::FailedChangelogWrite) {
+        // What the worker went on with is what its changelog holds: a new owner restores
+        // the same levels.
+        after.kill9();
+        let fresh = env.spawn_worker(&["inventory"], &[]);
+        producer.send(&commands, &probe(STORE, "SKU-A", "probe-a2"));
+        producer.send(&commands, &probe(STORE, "SKU-B", "probe-b2"));
+        let restored = wait_for(
+            "both probes after a restore",
+            deadline(60),
+            &[&fresh],
+            |_| {
+                out.poll();
+                Some((
+                    out.probed("SKU-A", "probe-a2")?,
+                    out.probed("SKU-B", "probe-b2")?,
+                ))
+            },
+        );
+        assert_eq!(restored, (a, b), "[{point}] levels after a restore");
+        out.drain();
+        out.assert_one_content(point);
+        after = fresh;
+    }
     let mut dlq = dlq;
     dlq.drain();
     assert!(
@@ -482,6 +529,12 @@ fn a_crash_mid_changelog_changes_no_decision() {
 #[test]
 fn a_crash_after_the_changelog_sends_the_outbox_once_restored() {
     at_least_once("after_changelog");
+}
+
+#[test]
+fn a_changelog_write_that_fails_half_way_is_restored_and_changes_no_decision() {
+    let env = TestEnv::new("failed-changelog-write", 2);
+    crash_between_decision_and_state(env, Crash::FailedChangelogWrite);
 }
 
 #[test]
@@ -630,12 +683,18 @@ fn a_crash_after_a_watchdog_rounds_outputs_fires_no_round_again() {
 
 /// Orders of `customers` customers, `per` each, in stores spread over the partitions.
 fn customer_orders(tag: &str, customers: usize, per: usize, from: usize) -> Vec<TestOrder> {
+    let stores: Vec<String> = (0..customers).map(|c| format!("store-{c}")).collect();
+    customer_orders_at(tag, &stores, per, from)
+}
+
+/// Like [`customer_orders`], customer `c` shopping at `stores[c]`.
+fn customer_orders_at(tag: &str, stores: &[String], per: usize, from: usize) -> Vec<TestOrder> {
     let mut orders = Vec::new();
-    for c in 0..customers {
+    for (c, store) in stores.iter().enumerate() {
         for i in from..from + per {
             let mut o = TestOrder::new(
                 format!("{tag}-c{c}-{i}"),
-                format!("store-{c}"),
+                store.clone(),
                 format!("{tag}-customer-{c}"),
                 now_ms() + i as i64,
             );
@@ -710,6 +769,18 @@ fn a_writer_expelled_mid_batch_is_fenced_by_the_new_owners_claim() {
     drop(zombie);
 }
 
+/// How many partitions the worker's last "restoring state" line names.
+fn b_partitions(log: &str) -> usize {
+    log.lines()
+        .rev()
+        .find_map(|l| {
+            let list = l.split("restoring state partitions=[").nth(1)?;
+            let list = list.split(']').next()?;
+            Some(list.split(',').filter(|p| !p.trim().is_empty()).count())
+        })
+        .unwrap_or(usize::MAX)
+}
+
 /// Partitions move away and come back: the state parked when they left must not be
 /// reused once somebody else wrote their changelog, or velocity counts would miss the
 /// other owner's orders.
@@ -723,10 +794,12 @@ fn parked_state_is_dropped_when_another_owner_wrote_meanwhile() {
         ("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", "3".to_string()),
         ("ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS", "3600".to_string()),
     ];
-    let customers = 12;
+    // Three customers' stores on each partition, so that both workers have some.
+    let stores = stores_on_every_partition(3, env.partitions);
+    let customers = stores.len();
     let mut sent_orders = 0;
     let mut send = |from: usize, per: usize, out: &mut Outputs, workers: &[&Worker]| {
-        let orders = customer_orders("v", customers, per, from);
+        let orders = customer_orders_at("v", &stores, per, from);
         let recs: Vec<Outgoing> = orders.iter().map(TestOrder::outgoing).collect();
         producer.send_all(&created, &recs);
         sent_orders += orders.len();
@@ -740,6 +813,19 @@ fn parked_state_is_dropped_when_another_owner_wrote_meanwhile() {
     send(0, 2, &mut out, &[&a]); // orders 0, 1 of every customer: all on A
     let mut b = env.spawn_worker(&["fraud"], &fraud);
     wait_for_group_members(&env, "fraud", 2, deadline(60));
+    // Only once B runs its half (restored, in the group's new generation) may order 2
+    // go out, or A could screen all of it before the group moves anything.
+    wait_for("B restored its partitions", deadline(60), &[&a, &b], |_| {
+        let log = b.log_tail(400);
+        let restored = log.matches("state restored").count();
+        let a_moved = a
+            .log_tail(400)
+            .lines()
+            .filter(|l| l.contains("assignment partitions="))
+            .count()
+            >= 2;
+        (restored > 0 && a_moved && restored >= b_partitions(&log)).then_some(())
+    });
     send(2, 1, &mut out, &[&a, &b]); // order 2: half the partitions on B
     b.kill9();
     // The group gives B's partitions back to A after B's session times out.
@@ -757,6 +843,16 @@ fn parked_state_is_dropped_when_another_owner_wrote_meanwhile() {
     for (customer, n) in &approved {
         assert_eq!(*n, 3, "{customer}: exactly the first 3 orders are approved");
     }
+    // B wrote the changelog of the partitions it held, so A restored them rather than
+    // reuse what it had parked: no batch of A's was built on stale state (the commit's
+    // own check would withhold such a batch and restore then).
+    let log = a.log_tail(100_000);
+    assert!(
+        !log.contains("another writer appended to the changelog"),
+        "A built a batch on parked state that B's writes had made stale; log:\n{}",
+        a.log_tail(60)
+    );
+    assert!(log.contains("restoring state"), "A restored B's partitions");
 }
 
 /// Two fraud workers, good orders mixed with garbage and four JSON orders of 0.9–0.99 MB
@@ -845,6 +941,176 @@ fn records_too_large_to_dead_letter_as_they_are_are_cut_and_block_nothing() {
             Some("invalid")
         );
     }
+}
+
+/// Gives a topic a `max.message.bytes` of its own: deletes it and creates it again with
+/// the limit (the broker takes topic configs at creation).
+fn limit_topic(env: &TestEnv, topic: &str, partitions: i32, bytes: usize) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.settings.brokers)
+        .create()
+        .expect("an admin client");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in futures::executor::block_on(admin.delete_topics(&[topic], &opts))
+        .expect("delete topics answered")
+    {
+        r.unwrap_or_else(|(t, code)| panic!("deleting {t}: {code}"));
+    }
+    let limit = bytes.to_string();
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
+        .set("max.message.bytes", &limit);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = futures::executor::block_on(admin.create_topics([&new], &opts))
+            .expect("create topics answered");
+        match r.into_iter().next().expect("one result") {
+            Ok(_) => return,
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists))
+                if Instant::now() < until =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err((t, code)) => panic!("creating {t} with max.message.bytes {bytes}: {code}"),
+        }
+    }
+}
+
+/// An output the broker refuses for good — it fits `max_record_bytes`, but its topic
+/// takes smaller records — is dead-lettered in its place, once, cut to fit and saying
+/// where it was going; the changelog and every other output go on, nothing is stuck.
+/// The broker checks its limit on whole batches, so the small outputs batched with a
+/// large one are refused with it: they must still arrive, not be dead-lettered.
+#[test]
+fn an_output_the_broker_refuses_is_dead_lettered_once_and_blocks_nothing() {
+    refused_outputs(TestEnv::new("refused", 4));
+}
+
+/// The same under `exactly_once`: a refused output aborts the transaction; the next
+/// attempt sends it alone, and the one after dead-letters it within the transaction.
+/// The transactional test broker ignores topic size limits, so here the worker's own
+/// producer refuses (`message.max.bytes` of 40 kB): the refusal comes at once instead
+/// of with the batch, and the path from refusal to dead letter is the same.
+#[test]
+fn exactly_once_an_output_refused_for_good_is_dead_lettered_once_and_blocks_nothing() {
+    refused_outputs(TestEnv::exactly_once("txn-refused", 4));
+}
+
+fn refused_outputs(env: TestEnv) {
+    let exactly_once = env.settings.guarantee == orderflow::config::Guarantee::ExactlyOnce;
+    let screened = env.topic(topics::ORDER_SCREENED);
+    let worker_env = [("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", "1000".to_owned())];
+    let producer_limit = if exactly_once {
+        "message.max.bytes=40000"
+    } else {
+        limit_topic(&env, &screened, env.partitions, 40_000);
+        ""
+    };
+    let producer = env.producer();
+    let created = env.topic(topics::ORDER_CREATED);
+    let mut out = Outputs::new(&env, topics::ORDER_SCREENED);
+    let mut dlq = env.collector(topics::DLQ);
+    let good = customer_orders("fine", 40, 5, 0);
+    let mut recs: Vec<Outgoing> = good.iter().map(TestOrder::outgoing).collect();
+    // Three valid orders whose screening (with every line) takes about 60 kB.
+    let big: Vec<String> = (0..3).map(|i| format!("big-{i}")).collect();
+    for (i, id) in big.iter().enumerate() {
+        let o = TestOrder::new(
+            id.clone(),
+            good[i * 7].store_id.clone(),
+            format!("c-big-{i}"),
+            now_ms(),
+        );
+        let mut v = o.json_value();
+        v["items"] = json!(
+            (0..1_000)
+                .map(|n| json!({"sku": format!("SKU-{n:04}-{}", "x".repeat(40)), "quantity": 1, "unit_price_cents": 1}))
+                .collect::<Vec<_>>()
+        );
+        recs.insert(
+            i * 60 + 10,
+            Outgoing::new(o.store_id.clone(), serde_json::to_vec(&v).expect("JSON")),
+        );
+    }
+    let w = env.spawn_worker_with_kafka(&["fraud"], &worker_env, producer_limit);
+    producer.send_all(&created, &recs);
+    wait_for(
+        "every good order and every refused output",
+        deadline(120),
+        &[&w],
+        |p| {
+            out.poll();
+            dlq.poll(Duration::from_millis(50));
+            *p = format!(
+                "{} of {} screened, {} of {} dead letters",
+                out.events.len(),
+                good.len(),
+                dlq.records.len(),
+                big.len()
+            );
+            (out.events.len() >= good.len() && dlq.records.len() >= big.len()).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    out.drain();
+    dlq.drain();
+    if exactly_once {
+        // What a read_committed reader of a correct broker sees (see `common::txn_broker`).
+        let (_aborted, open) = out.as_committed(&env.settings.brokers, env.partitions);
+        assert_eq!(open, 0, "transactions still open");
+    }
+    assert_eq!(
+        out.events.len(),
+        good.len(),
+        "every good order screened once"
+    );
+    assert_eq!(
+        dlq.records.len(),
+        big.len(),
+        "each refused output dead-lettered once"
+    );
+    let codec = Codec::new();
+    let mut refused: Vec<String> = Vec::new();
+    for r in &dlq.records {
+        assert_eq!(
+            r.header_str("orderflow.error.class").as_deref(),
+            Some("refused")
+        );
+        assert_eq!(
+            r.header_str("orderflow.target.topic").as_deref(),
+            Some(screened.as_str())
+        );
+        let value = r.value.clone().expect("a dead letter has a value");
+        assert!(value.len() < 64 * 1024, "cut to fit: {} bytes", value.len());
+        match codec.decode(&value, DecodeHints::default()) {
+            Ok(Event::OrderScreened(s)) => {
+                refused.push(s.envelope.order_id.clone().unwrap_or_default())
+            }
+            // Cut: the event no longer decodes; the header says how large it was.
+            _ => {
+                let original: usize = r
+                    .header_str("orderflow.truncated.original-bytes")
+                    .and_then(|v| v.parse().ok())
+                    .expect("a dead letter that does not decode was cut, and says so");
+                assert!(original > 40_000, "{original}");
+                // The output's own headers come along: its flow names the order.
+                refused.push(r.header_str("correlation-id").unwrap_or_default());
+            }
+        }
+    }
+    assert!(
+        w.log_tail(400)
+            .contains("the broker refused an output for good"),
+        "the worker's log:\n{}",
+        w.log_tail(40)
+    );
+    refused.sort();
+    assert_eq!(
+        refused, big,
+        "exactly the large orders' screenings are refused"
+    );
+    eprintln!("refused outputs dead-lettered: {refused:?}");
 }
 
 /// An input whose output cannot be produced (here: larger than `max_record_bytes`) is

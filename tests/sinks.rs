@@ -58,6 +58,9 @@ const T0: i64 = 1_767_225_600_000;
 ///   of deleted rows. (Alerts are compared by every other column.)
 /// - `order_events.seq`: the order in which the projector inserted the rows (the API's
 ///   event streams resume by it), which follows how the records fell into batches.
+/// - `alert_changes.seq` and `alert_changes.alert_id`: the change log's position (the
+///   alert stream resumes by it, and a rebuild continues it rather than reusing it) and
+///   the alert's surrogate key, both from sequences.
 /// - `sink_offsets.epoch`: raised by every claim, and by the reset itself.
 /// - `sink_applied_events.applied_at`, `sink_outbox.created_at`: wall-clock times of
 ///   the sink's bookkeeping.
@@ -68,6 +71,8 @@ const EXCLUDED: &[(&str, &str)] = &[
     ("orders", "updated_at"),
     ("alerts", "id"),
     ("order_events", "seq"),
+    ("alert_changes", "seq"),
+    ("alert_changes", "alert_id"),
     ("sink_offsets", "epoch"),
     ("sink_applied_events", "applied_at"),
     ("sink_outbox", "created_at"),

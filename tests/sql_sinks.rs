@@ -7,8 +7,9 @@
 //! projects to its row and timeline; a replayed batch changes nothing; a fenced epoch's
 //! commit changes nothing; stats equal a recomputation from the projected events for
 //! generated orders delivered in shuffled order; the low-stock alert opens once, counts
-//! repeats, is acknowledged, resolves on restock and publishes one replenishment request
-//! per opening; the other alert rules open and resolve as documented.
+//! repeats, is acknowledged, resolves on the SKU's StockRecovered (stock levels alone
+//! resolve nothing) and publishes one replenishment request per opening; the other alert
+//! rules open and resolve as documented.
 //!
 //! Without `ORDERFLOW_TEST_POSTGRES_URL` every test fails (it never skips).
 
@@ -16,7 +17,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::lifecycle::{level, lifecycle, low_stock};
+use common::lifecycle::{level, lifecycle, low_stock, recovered};
 use common::postgres::TestDatabase;
 use orderflow::config::AlertSettings;
 use orderflow::events::*;
@@ -538,7 +539,7 @@ async fn stats_equal_a_recomputation_from_the_projected_events() -> TestResult {
 }
 
 #[tokio::test]
-async fn a_low_stock_alert_opens_once_and_resolves_on_restock() -> TestResult {
+async fn a_low_stock_alert_opens_once_and_resolves_when_the_stock_recovers() -> TestResult {
     for t in databases("sinks_low_stock").await? {
         let db = &t.db;
         let sink = Sink::Alerts;
@@ -634,16 +635,17 @@ async fn a_low_stock_alert_opens_once_and_resolves_on_restock() -> TestResult {
         let repeat = commit(vec![low_stock("low-4", "s-1", 0, 5, T0 + 3_000)], 4).await?;
         assert_eq!(repeat.publish.len(), 0);
 
-        // A restock reported before the last low report is stale and resolves nothing;
-        // a current one above the threshold resolves.
-        commit(vec![level("lvl-old", "s-1", 30, T0 + 2_500)], 5).await?;
+        // Stock reports fill the stock table and leave the alert alone: the inventory
+        // stage says when the spell is over, and its report resolves the alert.
+        commit(vec![level("lvl-1", "s-1", 30, T0 + 4_000)], 5).await?;
         assert_eq!(
             db.alerts("s-1", Some(AlertStatus::Acknowledged), 10)
                 .await?
                 .len(),
             1
         );
-        commit(vec![level("lvl-1", "s-1", 30, T0 + 4_000)], 6).await?;
+        assert_eq!(db.stock_levels("s-1", true).await?, vec![]);
+        commit(vec![recovered("rec-1", "s-1", 30, 5, T0 + 4_000)], 6).await?;
         let resolved = db.alerts("s-1", Some(AlertStatus::Resolved), 10).await?;
         assert_eq!(resolved.len(), 1, "{}", t.label);
         assert_eq!(
@@ -654,7 +656,6 @@ async fn a_low_stock_alert_opens_once_and_resolves_on_restock() -> TestResult {
             ),
             (a.id, 4, Some(T0 + 4_000))
         );
-        assert_eq!(db.stock_levels("s-1", true).await?, vec![]);
         let again = db.resolve("s-1", a.id).await.err();
         assert!(
             matches!(again, Some(SqlError::AlreadyResolved { id }) if id == a.id),
@@ -668,16 +669,15 @@ async fn a_low_stock_alert_opens_once_and_resolves_on_restock() -> TestResult {
             Some(format!("alert {} is already resolved", a.id))
         );
 
-        // A low report older than the restock opens nothing; a new low spell opens a
-        // new alert and publishes again, once; the replayed first report does nothing.
-        let stale = commit(vec![low_stock("low-stale", "s-1", 1, 5, T0 + 3_500)], 7).await?;
-        assert_eq!((stale.applied, stale.publish.len()), (1, 0));
+        // A new low spell opens a new alert and publishes again, once — whatever time it
+        // carries: the order of the SKU's reports on their topic decides, so every reader
+        // finds the same episodes. The replayed first report does nothing.
         let reopened = commit(
             vec![
-                low_stock("low-5", "s-1", 4, 5, T0 + 10_000),
+                low_stock("low-5", "s-1", 4, 5, T0 + 3_500),
                 low_stock("low-1", "s-1", 2, 5, T0),
             ],
-            9,
+            8,
         )
         .await?;
         assert_eq!((reopened.applied, reopened.duplicates), (1, 1));
@@ -698,6 +698,24 @@ async fn a_low_stock_alert_opens_once_and_resolves_on_restock() -> TestResult {
             .collect();
         assert_eq!(db.outbox_done(sink, &ids).await?, 2);
         assert_eq!(db.outbox(sink).await?, vec![]);
+
+        // A recovery carrying an earlier time than the spell's last report still ends
+        // it (never resolved before it was last seen).
+        commit(vec![recovered("rec-2", "s-1", 9, 5, T0 + 3_000)], 9).await?;
+        let all = db.alerts("s-1", None, 10).await?;
+        assert_eq!(
+            all.iter()
+                .map(|a| (a.status, a.resolved_at))
+                .collect::<Vec<_>>(),
+            vec![
+                (AlertStatus::Resolved, Some(T0 + 3_500)),
+                (AlertStatus::Resolved, Some(T0 + 4_000))
+            ]
+        );
+        let open = commit(vec![low_stock("low-6", "s-1", 1, 5, T0 + 20_000)], 10).await?;
+        assert_eq!(open.publish.len(), 1);
+        let all = db.alerts("s-1", Some(AlertStatus::Open), 10).await?;
+        assert_eq!(all.len(), 1);
 
         // Operator resolution of the open one.
         let r = db.resolve("s-1", all[0].id).await?;

@@ -152,9 +152,14 @@ fn operation(spec: &RouteSpec) -> Value {
             "description": "The same key with the same body gets the same answer; with another body, a 422", "schema": {"type": "string"}}));
     }
     if spec.path.ends_with("/events") {
+        let description = if spec.path.starts_with("/alerts") {
+            "Resume after this alert change (an event's id)"
+        } else {
+            "Resume after this timeline event ID"
+        };
         parameters.push(
             json!({"name": "Last-Event-ID", "in": "header", "required": false,
-            "description": "Resume after this timeline event ID", "schema": {"type": "string"}}),
+            "description": description, "schema": {"type": "string"}}),
         );
     }
     for q in spec.query {
@@ -341,6 +346,17 @@ fn schemas() -> Value {
         "StockLevels": object(&["items"], json!({"items": {"type": "array", "items": object(&["sku", "updated_at"],
             json!({"sku": string(), "available": nullable(integer()), "threshold": nullable(integer()), "updated_at": integer()}))}})),
         "Health": object(&["status"], json!({"status": string()})),
+        "StoreList": object(&["items"], json!({"items": {"type": "array", "items": string()}})),
+        "Workflow": object(&["from", "to", "window_ms", "statuses", "hops"],
+            json!({"from": integer(), "to": integer(), "window_ms": integer(),
+                   "statuses": {"type": "object", "additionalProperties": integer(),
+                                "description": "orders now at each status"},
+                   "hops": {"type": "array", "items": object(
+                       &["from", "to", "stage", "count", "per_minute"],
+                       json!({"from": string(), "to": string(), "stage": string(),
+                              "reason": {"type": "string", "enum": ["fraud", "out_of_stock"]},
+                              "count": integer(), "per_minute": {"type": "number"},
+                              "p50_ms": nullable(integer()), "p95_ms": nullable(integer())}))}})),
     })
 }
 

@@ -5,6 +5,8 @@
 //!   live event stream, manual retry.
 //! - [`stats`]: dashboard metrics and the alert lifecycle.
 //! - [`inventory`]: stock commands and stock levels.
+//! - [`dashboard`]: the built-in dashboard page, and the store list, workflow and live
+//!   alert stream it shows.
 //! - [`health`]: liveness, readiness, Prometheus metrics and the OpenAPI document.
 //! - [`error`]: the one error shape.
 //!
@@ -13,6 +15,7 @@
 //! store's order is answered exactly as a missing one (404). The router and the OpenAPI
 //! document are both built from [`ROUTES`], so what is served is what is documented.
 
+pub mod dashboard;
 pub mod error;
 pub mod health;
 pub mod inventory;
@@ -392,6 +395,10 @@ pub const ROUTES: &[RouteSpec] = &[
     stats::ALERTS,
     stats::ACKNOWLEDGE,
     stats::RESOLVE,
+    dashboard::ALERT_EVENTS,
+    dashboard::WORKFLOW,
+    dashboard::STORES,
+    dashboard::INDEX,
     inventory::RESTOCK,
     inventory::THRESHOLD,
     inventory::LEVELS,
@@ -416,6 +423,10 @@ fn handler(spec: &RouteSpec) -> MethodRouter<ApiState> {
         ("get", "/alerts") => get(stats::alerts),
         ("post", "/alerts/{id}/acknowledge") => post(stats::acknowledge),
         ("post", "/alerts/{id}/resolve") => post(stats::resolve),
+        ("get", "/alerts/events") => get(dashboard::alert_events),
+        ("get", "/workflow") => get(dashboard::workflow),
+        ("get", "/stores") => get(dashboard::stores),
+        ("get", "/") => get(dashboard::index),
         ("post", "/inventory/{sku}/restock") => post(inventory::restock),
         ("put", "/inventory/{sku}/threshold") => put(inventory::threshold),
         ("get", "/inventory") => get(inventory::levels),

@@ -108,6 +108,11 @@ pub const LIST: RouteSpec = RouteSpec {
             schema: "string",
             description: "next_cursor of the previous page",
         },
+        QueryParam {
+            name: "sort",
+            schema: "string",
+            description: "order_id (default, paged) or recent: the newest first, one page of `limit`, no status filter or cursor",
+        },
     ],
     request: None,
     responses: &[
@@ -389,6 +394,7 @@ pub async fn list(
     let mut status = None;
     let mut limit = 50u32;
     let mut cursor = None;
+    let mut recent = false;
     for (k, v) in query_pairs(raw.as_deref())? {
         match k.as_str() {
             "status" => {
@@ -415,15 +421,45 @@ pub async fn list(
                 }
                 cursor = Some(v);
             }
+            "sort" => {
+                recent = match v.as_str() {
+                    "order_id" => false,
+                    "recent" => true,
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "sort",
+                            "sort must be order_id or recent",
+                        ));
+                    }
+                }
+            }
             other => {
                 return Err(ApiError::bad_request(
                     other,
                     format!(
-                        "unknown query parameter {other:?}; this route takes status, limit, cursor"
+                        "unknown query parameter {other:?}; this route takes status, limit, cursor, sort"
                     ),
                 ));
             }
         }
+    }
+    if recent {
+        // The newest orders are one page: a keyset over a moving "newest" has no stable
+        // next page.
+        for (name, given) in [("cursor", cursor.is_some()), ("status", status.is_some())] {
+            if given {
+                return Err(ApiError::bad_request(
+                    name,
+                    format!("{name} cannot be combined with sort=recent"),
+                ));
+            }
+        }
+        let items = state.db().recent_orders(&store.0, limit).await?;
+        return Ok(Json(OrderPage {
+            items,
+            next_cursor: None,
+        })
+        .into_response());
     }
     let page = state
         .db()

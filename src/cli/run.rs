@@ -84,29 +84,90 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("binding the HTTP endpoint {}", settings.http_addr))?;
     tracing::info!(%addr, "metrics on http://{addr}/metrics, health on http://{addr}/health/ready");
-    let handles = stages
-        .iter()
-        .map(|name| spawn_stage(*name, &settings, &metrics, shutdown.clone()))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let workers = Workers::start(&stages, &settings, &metrics, shutdown.clone())?;
     health.set_ready(true);
-    let mut first_error: Option<RuntimeError> = None;
-    for (name, handle) in stages.iter().zip(handles) {
-        let result = tokio::task::spawn_blocking(move || handle.join())
-            .await
-            .expect("joining a stage thread")
-            .unwrap_or(Err(RuntimeError::Panicked(name.as_str())));
-        if let Err(e) = result {
-            // One stage failing stops the worker: a half-running process hides problems.
-            health.set_ready(false);
-            shutdown.cancel();
-            first_error.get_or_insert(e);
-        }
-    }
+    let result = workers.join(&health, &shutdown).await;
     shutdown.cancel();
     let _ = http.await;
-    match first_error {
-        Some(e) => Err(e.into()),
-        None => Ok(()),
+    result.map_err(Into::into)
+}
+
+/// Stage and sink workers started together, each on its own thread, stopped by one
+/// token. `orderflow run` starts one set; `orderflow dev` starts the stages and the sinks
+/// as two sets, to stop them one after the other.
+pub(super) struct Workers {
+    roles: Vec<Role>,
+    handles: Vec<std::thread::JoinHandle<Result<(), RuntimeError>>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Workers {
+    /// Spawns a worker per role; `stop` stops them all.
+    pub(super) fn start(
+        roles: &[Role],
+        settings: &Settings,
+        metrics: &Metrics,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Workers> {
+        let mut handles = Vec::with_capacity(roles.len());
+        for role in roles {
+            match spawn_stage(*role, settings, metrics, stop.clone()) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // Those already running stop before the error is reported.
+                    stop.cancel();
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Workers {
+            roles: roles.to_vec(),
+            handles,
+            stop,
+        })
+    }
+
+    /// Waits until every worker has returned. The first one to fail (or panic) marks
+    /// `health` not ready and cancels `on_failure` and the workers' own token: one
+    /// stage failing stops the process, since a half-running process hides problems.
+    /// Workers are watched all at once, so a failure is acted on when it happens, not
+    /// when the workers started before it return. Returns the first error.
+    pub(super) async fn join(
+        self,
+        health: &Health,
+        on_failure: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), RuntimeError> {
+        use futures::StreamExt;
+        let mut running: futures::stream::FuturesUnordered<_> = self
+            .roles
+            .iter()
+            .zip(self.handles)
+            .map(|(role, handle)| {
+                let name = role.as_str();
+                async move {
+                    tokio::task::spawn_blocking(move || handle.join())
+                        .await
+                        .expect("joining a worker thread")
+                        .unwrap_or(Err(RuntimeError::Panicked(name)))
+                }
+            })
+            .collect();
+        let mut first_error: Option<RuntimeError> = None;
+        while let Some(result) = running.next().await {
+            if let Err(e) = result {
+                health.set_ready(false);
+                self.stop.cancel();
+                on_failure.cancel();
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

@@ -232,6 +232,11 @@ event_struct!(LowStock {
     threshold: i32,
     trigger: LowStockTrigger
 });
+event_struct!(StockRecovered {
+    sku: String,
+    available: i32,
+    threshold: i32
+});
 event_struct!(PaymentAuthorized {
     amount_cents: i64,
     currency: String,
@@ -397,6 +402,7 @@ events! {
     StockReleased => "stock_released.avsc",
     StockLevelChanged => "stock_level_changed.avsc",
     LowStock => "low_stock.avsc",
+    StockRecovered => "stock_recovered.avsc",
     PaymentAuthorized => "payment_authorized.avsc",
     PaymentRetrying => "payment_retrying.avsc",
     PaymentFailed => "payment_failed.avsc",

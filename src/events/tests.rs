@@ -56,6 +56,7 @@ macro_rules! with_inner {
             Event::StockReleased($e) => $body,
             Event::StockLevelChanged($e) => $body,
             Event::LowStock($e) => $body,
+            Event::StockRecovered($e) => $body,
             Event::PaymentAuthorized($e) => $body,
             Event::PaymentRetrying($e) => $body,
             Event::PaymentFailed($e) => $body,
@@ -438,7 +439,7 @@ fn check_round_trip(codec: &Codec, t: EventType, value: &Value) -> Result<(), Te
 
 #[test]
 fn every_schema_parses_and_its_record_is_named_after_its_event_type() -> TestResult {
-    assert_eq!(EventType::ALL.len(), 28);
+    assert_eq!(EventType::ALL.len(), 29);
     let codec = Codec::new();
     for &t in EventType::ALL {
         let schema = Schema::parse_str(t.schema_source())?;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureRecord, Producer, PurgeConfig};
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer, PurgeConfig};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::changelog::{BatchRecords, ChangelogRecord, GEN_HEADER, SEQ_HEADER};
@@ -26,8 +26,9 @@ use super::dispatch::Outputs;
 use super::disposition::{Disposition, backoff, classify};
 use super::outbox::Out;
 use super::stage::StageBackend;
-use super::{Backend, RuntimeError, Worker, dlq_headers, kafka};
+use super::{Backend, EVENT_TYPE_HEADER, RuntimeError, Worker, dlq_headers, kafka};
 use crate::config::Guarantee;
+use crate::events::codec::DecodeHints;
 use crate::stages::Stage;
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,7 +113,16 @@ impl<S: Stage> Worker<StageBackend<S>> {
             let _ = self.send_all(&log[..log.len() / 2]);
             crash::reached(Point::MidChangelog);
         }
-        let delivered = match self.send_all(&log) {
+        let sent = if crash::fail_changelog_write(log.len()) {
+            let half = self.send_all(&log[..log.len() / 2]);
+            tracing::warn!(sent = ?half.as_ref().map(Vec::len), "changelog write cut after its first half (injected)");
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            ))
+        } else {
+            self.send_all(&log)
+        };
+        let delivered = match sent {
             Ok(d) => d,
             Err(e) => {
                 // Some of the records may be in the log, some may still arrive: what the
@@ -191,16 +201,34 @@ impl<S: Stage> Worker<StageBackend<S>> {
             return true;
         }
         let results = self.send_each(pending.iter().copied());
-        let mut refused = Vec::new();
+        let mut suspects = Vec::new();
         let mut failed = None;
         for (o, r) in pending.iter().zip(results) {
             match r {
                 Ok(_) => {}
-                Err(e) if classify(&e) == Disposition::Permanent => {
-                    refused.push(self.refused_output(o, &e));
-                }
+                Err(e) if classify(&e) == Disposition::Permanent => suspects.push(*o),
                 Err(e) => {
                     failed.get_or_insert(e);
+                }
+            }
+        }
+        // A broker checks its size limit on a whole batch of records, and refuses every
+        // record of a batch that one large record pushed over it. Only a record refused
+        // on its own, alone in its batch, is refused for good; the others go through now
+        // (after records of their partition that were accepted: a refused batch cannot
+        // keep its place).
+        let mut refused = Vec::new();
+        if failed.is_none() {
+            for o in suspects {
+                match self.send_all(std::slice::from_ref(o)) {
+                    Ok(_) => {}
+                    Err(e) if classify(&e) == Disposition::Permanent => {
+                        refused.push(self.refused_output(o, &e.to_string()));
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
             }
         }
@@ -234,18 +262,45 @@ impl<S: Stage> Worker<StageBackend<S>> {
         true
     }
 
-    fn refused_output(&self, o: &Out, e: &KafkaError) -> Out {
+    /// What identifies an output across attempts of the same batch: a batch done again
+    /// after an abort is decided again, at another time, so the bytes may differ but the
+    /// event ID does not.
+    fn output_key(&self, o: &Out) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&o.topic, o.partition, &o.key).hash(&mut h);
+        let header_type = o
+            .headers
+            .iter()
+            .find(|(k, _)| k == EVENT_TYPE_HEADER)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok());
+        let hints = DecodeHints {
+            header_type,
+            ..DecodeHints::default()
+        };
+        let event = o
+            .payload
+            .as_deref()
+            .and_then(|p| self.codec.decode(p, hints).ok());
+        match event {
+            Some(e) => e.envelope().event_id.hash(&mut h),
+            None => o.payload.hash(&mut h),
+        }
+        h.finish()
+    }
+
+    fn refused_output(&self, o: &Out, error: &str) -> Out {
         use dlq_headers::*;
         self.metrics
             .dead_lettered
             .with_label_values(&[self.name, "refused"])
             .inc();
-        tracing::error!(topic = %o.topic, partition = o.partition, error = %e, "the broker refused an output for good; dead-lettering it");
+        tracing::error!(topic = %o.topic, partition = o.partition, error, "the broker refused an output for good; dead-lettering it");
         let mut headers = vec![
             (TARGET_TOPIC.to_owned(), o.topic.as_bytes().to_vec()),
             (STAGE.to_owned(), self.name.as_bytes().to_vec()),
             (ERROR_CLASS.to_owned(), b"refused".to_vec()),
-            (ERROR_MESSAGE.to_owned(), e.to_string().into_bytes()),
+            (ERROR_MESSAGE.to_owned(), error.as_bytes().to_vec()),
         ];
         headers.extend(o.headers.iter().cloned());
         fit(
@@ -256,8 +311,20 @@ impl<S: Stage> Worker<StageBackend<S>> {
                 payload: o.payload.clone(),
                 headers,
             },
-            REFUSED_OUTPUT_BYTES,
+            self.refused_output_bytes(),
         )
+    }
+
+    /// Size to which a refused output is cut: [`REFUSED_OUTPUT_BYTES`], or less if this
+    /// producer's own `message.max.bytes` is lower.
+    fn refused_output_bytes(&self) -> usize {
+        self.settings
+            .kafka
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map_or(REFUSED_OUTPUT_BYTES, |max| {
+                REFUSED_OUTPUT_BYTES.min(max.saturating_sub(1024).max(1024))
+            })
     }
 
     /// Under `exactly_once`: returns whether the transaction committed; `Err` only when
@@ -273,9 +340,61 @@ impl<S: Stage> Worker<StageBackend<S>> {
             .flat_map(|(p, br, _)| br.records.iter().map(|r| self.changelog_out(*p, 0, r)))
             .collect();
         let outputs: Vec<&Out> = batches.iter().flat_map(|(_, _, o)| o.iter()).collect();
+        // Outputs refused in an earlier attempt: each suspect is sent alone, and awaited,
+        // before anything else; one refused alone is dead-lettered in its place.
+        let mut alone: Vec<&Out> = Vec::new();
+        let mut batched: Vec<&Out> = Vec::new();
+        let mut dead: Vec<Out> = Vec::new();
+        let none_refused = self.b.suspect_outputs.is_empty() && self.b.refused_outputs.is_empty();
+        for o in &outputs {
+            if none_refused {
+                batched.push(o);
+                continue;
+            }
+            let key = self.output_key(o);
+            if let Some(error) = self.b.refused_outputs.get(&key) {
+                dead.push(self.refused_output(o, error));
+            } else if self.b.suspect_outputs.contains_key(&key) {
+                alone.push(o);
+            } else {
+                batched.push(o);
+            }
+        }
+        let mut in_flight: Vec<(&Out, DeliveryFuture)> = Vec::new();
+        let mut refused_alone: Option<(&Out, String)> = None;
+        let mut refused_at_once: Option<(&Out, String)> = None;
         let result = (|| {
             self.retry_in_place(|| self.producer.begin_transaction())?;
-            self.enqueue(outputs.iter().copied())?;
+            for o in &alone {
+                // Refused at once (by this producer) or with its batch of one (by the
+                // broker): either way, by itself.
+                let delivered = match self.send_one(o) {
+                    Ok(f) => match futures::executor::block_on(f) {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((e, _))) => Err(e),
+                        Err(_) => Err(KafkaError::Canceled),
+                    },
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = delivered {
+                    if classify(&e) == Disposition::Permanent {
+                        refused_alone = Some((o, e.to_string()));
+                    }
+                    return Err(e);
+                }
+            }
+            for o in &batched {
+                match self.send_one(o) {
+                    Ok(f) => in_flight.push((o, f)),
+                    Err(e) => {
+                        if classify(&e) == Disposition::Permanent {
+                            refused_at_once = Some((o, e.to_string()));
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            self.enqueue(dead.iter())?;
             self.crash_in_transaction(Point::TxnOutputsSent);
             self.enqueue(log.iter())?;
             let tpl = self.positions_tpl();
@@ -295,6 +414,8 @@ impl<S: Stage> Worker<StageBackend<S>> {
         match result {
             Ok(()) => {
                 crash::reached(Point::TxnAfterCommit);
+                self.b.suspect_outputs.clear();
+                self.b.refused_outputs.clear();
                 let mut per_topic: BTreeMap<&str, u64> = BTreeMap::new();
                 for o in &outputs {
                     *per_topic.entry(o.topic.as_str()).or_default() += 1;
@@ -323,6 +444,24 @@ impl<S: Stage> Worker<StageBackend<S>> {
                 }
                 if rebuild {
                     self.rebuild_producer()?;
+                }
+                // Aborted or not, every delivery has an outcome now.
+                for (o, f) in in_flight {
+                    if let Ok(Err((e, _))) = futures::executor::block_on(f)
+                        && classify(&e) == Disposition::Permanent
+                    {
+                        let key = self.output_key(o);
+                        self.b.suspect_outputs.insert(key, e.to_string());
+                    }
+                }
+                if let Some((o, error)) = refused_at_once {
+                    let key = self.output_key(o);
+                    self.b.suspect_outputs.insert(key, error);
+                }
+                if let Some((o, error)) = refused_alone {
+                    let key = self.output_key(o);
+                    self.b.suspect_outputs.remove(&key);
+                    self.b.refused_outputs.insert(key, error);
                 }
                 for (p, ps) in self.parts.iter_mut() {
                     match batches.iter().find(|(bp, _, _)| bp == p) {

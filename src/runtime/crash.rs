@@ -122,6 +122,27 @@ pub fn fail_seek() -> bool {
         .is_ok()
 }
 
+/// Fault injection for the `at_least_once` changelog write:
+/// `ORDERFLOW_FAIL_CHANGELOG_WRITE=<n>` cuts the process's `n`-th write of two or more
+/// changelog records: the first half reaches the log, then the write fails as a timed-out
+/// produce would — the worker lives on (never set in production). Returns whether this
+/// write of `records` records is the one to cut.
+pub fn fail_changelog_write(records: usize) -> bool {
+    static AT: OnceLock<Option<(u64, AtomicU64)>> = OnceLock::new();
+    let at = AT.get_or_init(|| {
+        let n = std::env::var("ORDERFLOW_FAIL_CHANGELOG_WRITE")
+            .ok()?
+            .parse()
+            .ok()?;
+        tracing::warn!(n, "changelog write failure armed");
+        Some((n, AtomicU64::new(0)))
+    });
+    match at {
+        Some((n, count)) if records >= 2 => count.fetch_add(1, Ordering::SeqCst) + 1 == *n,
+        _ => false,
+    }
+}
+
 /// Stall injection: `ORDERFLOW_STALL_BEFORE_COMMIT=<n>:<ms>` makes the worker sleep `ms`
 /// before its `n`-th commit — a batch blocked past `max.poll.interval.ms`, after which the
 /// group has moved on without it (never set in production).

@@ -6,6 +6,7 @@
 //! Invariant: a partition's part is its [`PartitionState`], restored from the changelog,
 //! and equal to the state of the last committed batch whenever the loop polls.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,13 @@ pub(crate) struct StageBackend<S: Stage> {
     pub(super) effect_runtime: tokio::runtime::Runtime,
     /// Requests made by the batch being processed.
     pub(super) pending_effects: Vec<PendingEffect>,
+    /// Under `exactly_once`: outputs (by `Worker::output_key`) that the broker refused for good
+    /// in a transaction that then aborted, with the error. A broker checks its size limit
+    /// on whole batches, so the next attempt sends each of them alone first, to tell a
+    /// record too large by itself from one that was batched with it.
+    pub(super) suspect_outputs: HashMap<u64, String>,
+    /// Outputs refused when sent alone: the next attempt dead-letters them in their place.
+    pub(super) refused_outputs: HashMap<u64, String>,
 }
 
 impl<S: Stage> StageBackend<S> {
@@ -46,6 +54,8 @@ impl<S: Stage> StageBackend<S> {
                 .build()
                 .map_err(RuntimeError::EffectRuntime)?,
             pending_effects: Vec::new(),
+            suspect_outputs: HashMap::new(),
+            refused_outputs: HashMap::new(),
         })
     }
 }

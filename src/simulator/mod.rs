@@ -205,27 +205,8 @@ pub async fn run_load(
 
     if config.stock {
         let started = Instant::now();
-        let commands = plan.stock_commands();
-        let pb = bar(
-            commands.len() as u64,
-            show_progress,
-            "stock    [{bar:40}] {pos}/{len} commands {elapsed}",
-        );
-        let topic = t.name(topics::INVENTORY_COMMANDS);
-        let now = chrono::Utc::now().timestamp_millis();
-        for c in &commands {
-            if shutdown.is_cancelled() {
-                break;
-            }
-            publisher
-                .send(&topic, &c.store_id, &c.to_json(now), &[])
-                .await?;
-            pb.inc(1);
-        }
-        // Stock first, acknowledged, then orders: so the first orders find it.
-        publisher.flush().await?;
-        pb.finish();
-        report.commands = publisher.acked();
+        report.commands =
+            publish_stock(settings, &mut publisher, &plan, show_progress, shutdown).await?;
         report.stock_elapsed = started.elapsed();
     }
 
@@ -302,6 +283,44 @@ pub async fn run_load(
     report.orders = publisher.acked() - before - report.cancellations;
     pb.finish();
     Ok(report)
+}
+
+/// Publishes the plan's stock commands (restocks, then thresholds, store by store) to
+/// `inventory.commands` and waits until every one is acknowledged; returns how many were.
+/// Stops early, with what it handed over acknowledged, when `shutdown` is cancelled.
+///
+/// The commands' event IDs derive from the plan's run ID, store, SKU and action, so
+/// publishing one plan twice is one restock per SKU: the inventory stage drops the
+/// repeat as a duplicate.
+pub async fn publish_stock(
+    settings: &Settings,
+    publisher: &mut publish::Publisher,
+    plan: &Plan,
+    show_progress: bool,
+    shutdown: &CancellationToken,
+) -> Result<u64, SimError> {
+    let commands = plan.stock_commands();
+    let pb = bar(
+        commands.len() as u64,
+        show_progress,
+        "stock    [{bar:40}] {pos}/{len} commands {elapsed}",
+    );
+    let topic = settings.topics().name(topics::INVENTORY_COMMANDS);
+    let before = publisher.acked();
+    let now = chrono::Utc::now().timestamp_millis();
+    for c in &commands {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        publisher
+            .send(&topic, &c.store_id, &c.to_json(now), &[])
+            .await?;
+        pb.inc(1);
+    }
+    // Stock first, acknowledged, then orders: so the first orders find it.
+    publisher.flush().await?;
+    pb.finish();
+    Ok(publisher.acked() - before)
 }
 
 /// A whole `orderflow load`: traffic, the carrier, and the watch on outcomes.

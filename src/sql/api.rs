@@ -151,7 +151,9 @@ impl Db {
     /// A round trip to the database: what readiness checks.
     pub async fn ping(&self) -> Result<(), SqlError> {
         let mut tx = self.begin_read().await?;
-        tx.fetch_one("SELECT 1", &[], &[Kind::I64]).await?;
+        // (A bare `1` is an INT4 on PostgreSQL.)
+        tx.fetch_one("SELECT CAST(1 AS BIGINT)", &[], &[Kind::I64])
+            .await?;
         tx.commit().await?;
         Ok(())
     }

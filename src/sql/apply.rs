@@ -256,16 +256,31 @@ pub(super) async fn apply(tx: &mut Tx, op: &RowOp, now: i64) -> Result<Option<Ev
             detail,
             replenish,
         } => {
-            let current =
-                observe_stock(tx, store_id, sku, Some(*available), Some(*threshold), *at).await?;
-            // A low report that a newer stock report superseded opens nothing.
-            if current {
-                let opened =
-                    open_or_count(tx, store_id, AlertKind::LowStock, sku, *at, detail).await?;
-                if opened {
-                    return Ok(replenish.as_deref().cloned());
-                }
+            observe_stock(tx, store_id, sku, Some(*available), Some(*threshold), *at).await?;
+            if open_or_count(tx, store_id, AlertKind::LowStock, sku, *at, detail).await? {
+                return Ok(replenish.as_deref().cloned());
             }
+        }
+        RowOp::StockRecovered {
+            store_id,
+            sku,
+            available,
+            threshold,
+            at,
+        } => {
+            observe_stock(tx, store_id, sku, Some(*available), Some(*threshold), *at).await?;
+            tx.execute(
+                "UPDATE alerts SET status = 'resolved', \
+                 resolved_at = CASE WHEN $4 > last_seen_at THEN $4 ELSE last_seen_at END \
+                 WHERE store_id = $1 AND kind = $2 AND subject = $3 AND status <> 'resolved'",
+                &[
+                    Arg::text(store_id),
+                    Arg::text(AlertKind::LowStock.as_str()),
+                    Arg::text(sku),
+                    Arg::int(*at),
+                ],
+            )
+            .await?;
         }
         RowOp::OpenAlert {
             store_id,
@@ -433,9 +448,8 @@ async fn observe_duration(
     Ok(())
 }
 
-/// Records a SKU's reported level and/or threshold, each only if no newer report of it is
-/// stored; then resolves its active low-stock alert if the level is above the threshold.
-/// Returns whether the report was current (not superseded) for every value it carried.
+/// Records a SKU's reported level and/or threshold in the stock table, each only if no
+/// newer report of it is stored.
 async fn observe_stock(
     tx: &mut Tx,
     store_id: &str,
@@ -443,7 +457,7 @@ async fn observe_stock(
     available: Option<i32>,
     threshold: Option<i32>,
     at: i64,
-) -> Result<bool, SqlError> {
+) -> Result<(), SqlError> {
     let row = tx
         .fetch_optional(
             "SELECT available, available_at, threshold, threshold_at, updated_at \
@@ -458,20 +472,15 @@ async fn observe_stock(
             (r.opt_i64(0)?, r.opt_i64(1)?, r.opt_i64(2)?, r.opt_i64(3)?);
         updated = updated.max(r.i64(4)?);
     }
-    let mut current = true;
-    if let Some(a) = available {
-        if avail_at.is_none_or(|t| at >= t) {
-            (avail, avail_at) = (Some(a.into()), Some(at));
-        } else {
-            current = false;
-        }
+    if let Some(a) = available
+        && avail_at.is_none_or(|t| at >= t)
+    {
+        (avail, avail_at) = (Some(a.into()), Some(at));
     }
-    if let Some(t) = threshold {
-        if thr_at.is_none_or(|x| at >= x) {
-            (thr, thr_at) = (Some(t.into()), Some(at));
-        } else {
-            current = false;
-        }
+    if let Some(t) = threshold
+        && thr_at.is_none_or(|x| at >= x)
+    {
+        (thr, thr_at) = (Some(t.into()), Some(at));
     }
     tx.execute(
         "INSERT INTO stock_levels (store_id, sku, available, available_at, threshold, threshold_at, updated_at) \
@@ -490,13 +499,7 @@ async fn observe_stock(
         ],
     )
     .await?;
-    if current
-        && let (Some(a), Some(t)) = (avail, thr)
-        && a > t
-    {
-        resolve_active(tx, store_id, AlertKind::LowStock, sku, at).await?;
-    }
-    Ok(current)
+    Ok(())
 }
 
 /// Opens an alert, or counts one more occurrence of the active one; `true` if it opened.

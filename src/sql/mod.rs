@@ -22,6 +22,7 @@
 
 pub mod api;
 mod apply;
+pub mod dashboard;
 pub mod read;
 
 use std::str::FromStr;
@@ -206,7 +207,12 @@ pub fn tables(sink: Sink) -> &'static [&'static str] {
             "stats_duration_totals_minute",
             "stats_milestones",
         ],
-        Sink::Alerts => &["alerts", "stock_levels", "alert_retry_counts"],
+        Sink::Alerts => &[
+            "alerts",
+            "alert_changes",
+            "stock_levels",
+            "alert_retry_counts",
+        ],
     }
 }
 

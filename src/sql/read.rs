@@ -36,12 +36,12 @@ pub struct Order {
     pub updated_at: i64,
 }
 
-const ORDER_COLUMNS: &str = "store_id, order_id, customer_id, status, rejection_reason, \
+pub(super) const ORDER_COLUMNS: &str = "store_id, order_id, customer_id, status, rejection_reason, \
     total_cents, currency, created_at, screened_at, reserved_at, paid_at, shipped_at, \
     delivered_at, rejected_at, cancelled_at, delivery_failed_at, refunded_at, \
     last_event_id, last_event_type, last_event_at, updated_at";
 
-const ORDER_KINDS: &[Kind] = &[
+pub(super) const ORDER_KINDS: &[Kind] = &[
     Kind::Text,
     Kind::Text,
     Kind::Text,
@@ -65,7 +65,7 @@ const ORDER_KINDS: &[Kind] = &[
     Kind::I64,
 ];
 
-fn order(r: &Row) -> Result<Order, SqlError> {
+pub(super) fn order(r: &Row) -> Result<Order, SqlError> {
     let status = match r.opt_text(3)? {
         Some(s) => {
             let reason = r.opt_text(4)?;
@@ -200,9 +200,9 @@ pub struct Alert {
     pub detail: serde_json::Value,
 }
 
-const ALERT_COLUMNS: &str = "id, store_id, kind, subject, status, opened_at, acknowledged_at, \
+pub(super) const ALERT_COLUMNS: &str = "id, store_id, kind, subject, status, opened_at, acknowledged_at, \
     resolved_at, last_seen_at, occurrences, detail";
-const ALERT_KINDS: &[Kind] = &[
+pub(super) const ALERT_KINDS: &[Kind] = &[
     Kind::I64,
     Kind::Text,
     Kind::Text,
@@ -217,20 +217,25 @@ const ALERT_KINDS: &[Kind] = &[
 ];
 
 fn alert(r: &Row) -> Result<Alert, SqlError> {
-    let kind = r.text(2)?;
+    alert_at(r, 0)
+}
+
+/// The alert whose [`ALERT_COLUMNS`] start at column `base` of `r`.
+pub(super) fn alert_at(r: &Row, base: usize) -> Result<Alert, SqlError> {
+    let kind = r.text(base + 2)?;
     Ok(Alert {
-        id: r.i64(0)?,
-        store_id: r.text(1)?,
+        id: r.i64(base)?,
+        store_id: r.text(base + 1)?,
         kind: AlertKind::from_name(&kind)
             .ok_or_else(|| SqlError::Corrupt(format!("alert kind {kind:?}")))?,
-        subject: r.text(3)?,
-        status: AlertStatus::parse(&r.text(4)?)?,
-        opened_at: r.i64(5)?,
-        acknowledged_at: r.opt_i64(6)?,
-        resolved_at: r.opt_i64(7)?,
-        last_seen_at: r.i64(8)?,
-        occurrences: r.i64(9)?,
-        detail: r.json(10)?,
+        subject: r.text(base + 3)?,
+        status: AlertStatus::parse(&r.text(base + 4)?)?,
+        opened_at: r.i64(base + 5)?,
+        acknowledged_at: r.opt_i64(base + 6)?,
+        resolved_at: r.opt_i64(base + 7)?,
+        last_seen_at: r.i64(base + 8)?,
+        occurrences: r.i64(base + 9)?,
+        detail: r.json(base + 10)?,
     })
 }
 

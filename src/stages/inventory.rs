@@ -29,6 +29,13 @@
 //! `LowStock { trigger: Crossing }` and disarms it; it re-arms once its stock is above the
 //! threshold again. Independently, a partition-wide watchdog timer lists every low SKU
 //! every `watchdog_interval_secs`.
+//!
+//! A low spell that was reported (by a crossing or the watchdog) ends with one
+//! `StockRecovered` as soon as the SKU is above its threshold again (a restock, an
+//! adjustment, a release, a lower threshold; or, at the next watchdog round, a lower
+//! default threshold). Both go to `inventory.threshold_reached`, in the order this stage
+//! decided them, so that whoever follows a SKU's low spells (the alerts sink) reads them
+//! in one order on every read, and every rebuild agrees with the first.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +43,8 @@ use crate::config::InventorySettings;
 use crate::events::{
     CancellationAccepted, Envelope, Event, LowStock, LowStockTrigger, OrderLine, OrderScreened,
     PaymentAuthorized, PaymentFailed, ScreeningDecision, Shortage, StockAdjusted,
-    StockLevelChanged, StockRejected, StockReleased, StockReserved, StockRestocked, ThresholdSet,
+    StockLevelChanged, StockRecovered, StockRejected, StockReleased, StockReserved, StockRestocked,
+    ThresholdSet,
 };
 use crate::stages::{Ctx, Input, Stage, StageError, StageName, Store, Timer};
 use crate::topics;
@@ -88,6 +96,25 @@ pub struct StockLevel {
     /// false from that alert until the stock is above the threshold again, so one low
     /// spell alerts once however many sales follow.
     pub armed: bool,
+    /// Whether a `LowStock` reported this low spell and no `StockRecovered` has ended it.
+    /// A level written before this field existed reads as reported: at worst one
+    /// `StockRecovered` too many, which ends nothing.
+    #[serde(default = "reported_by_default")]
+    pub reported_low: bool,
+}
+
+fn reported_by_default() -> bool {
+    true
+}
+
+/// What a new level means for the SKU's low spell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spell {
+    Unchanged,
+    /// A decrease made an armed SKU low: a crossing alert.
+    Crossed,
+    /// A reported low spell is over: the SKU is above its threshold.
+    Recovered,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,6 +238,7 @@ impl InventoryStage {
                     available: 0,
                     threshold: None,
                     armed: false,
+                    reported_low: false,
                 };
                 level.armed = level.available > self.threshold(&level);
                 level
@@ -218,23 +246,81 @@ impl InventoryStage {
         }
     }
 
-    /// Sets a level's available units and returns whether this is a crossing alert.
+    /// Sets a level's available units and returns what that does to its low spell.
     ///
     /// Only a decrease can cross. `before > threshold` counts as armed too, so that a SKU
     /// whose threshold came from a default that has since been lowered still alerts.
-    fn set_available(&self, level: &mut StockLevel, available: i32) -> bool {
+    fn set_available(&self, level: &mut StockLevel, available: i32) -> Spell {
         let threshold = self.threshold(level);
         let before = level.available;
         level.available = available;
         if available > threshold {
             level.armed = true;
-            return false;
+            if level.reported_low {
+                level.reported_low = false;
+                return Spell::Recovered;
+            }
+            return Spell::Unchanged;
         }
-        let crossed = available < before && (level.armed || before > threshold);
-        if crossed {
+        if available < before && (level.armed || before > threshold) {
             level.armed = false;
+            level.reported_low = true;
+            return Spell::Crossed;
         }
-        crossed
+        Spell::Unchanged
+    }
+
+    /// Emits the output that `spell` calls for, if any.
+    fn spell_event(
+        &self,
+        ctx: &mut Ctx<'_, InventoryState>,
+        store_id: &str,
+        sku: &str,
+        level: &StockLevel,
+        spell: Spell,
+    ) {
+        if let Some(event) = self.spell_output(ctx, store_id, sku, level, spell) {
+            ctx.emit(event);
+        }
+    }
+
+    fn spell_output(
+        &self,
+        ctx: &mut Ctx<'_, InventoryState>,
+        store_id: &str,
+        sku: &str,
+        level: &StockLevel,
+        spell: Spell,
+    ) -> Option<Event> {
+        match spell {
+            Spell::Unchanged => None,
+            Spell::Crossed => Some(
+                self.low_stock(ctx, store_id, sku, level, LowStockTrigger::Crossing)
+                    .into(),
+            ),
+            Spell::Recovered => {
+                let envelope = self.sku_envelope(ctx, store_id);
+                Some(
+                    StockRecovered {
+                        envelope,
+                        sku: sku.to_owned(),
+                        available: level.available,
+                        threshold: self.threshold(level),
+                    }
+                    .into(),
+                )
+            }
+        }
+    }
+
+    /// The envelope of an event about a SKU rather than an order: it must not land in the
+    /// timeline of the order whose input happened to cause it. Correlation and causation
+    /// still lead back to the input for tracing.
+    fn sku_envelope(&self, ctx: &mut Ctx<'_, InventoryState>, store_id: &str) -> Envelope {
+        let mut envelope = ctx.next_envelope();
+        envelope.order_id = None;
+        envelope.store_id = store_id.to_owned();
+        envelope
     }
 
     fn low_stock(
@@ -245,12 +331,7 @@ impl InventoryStage {
         level: &StockLevel,
         trigger: LowStockTrigger,
     ) -> LowStock {
-        let mut envelope = ctx.next_envelope();
-        // An alert concerns a SKU, not the order whose reservation happened to cross it:
-        // it must not land in that order's timeline. Correlation and causation still lead
-        // back to the input for tracing.
-        envelope.order_id = None;
-        envelope.store_id = store_id.to_owned();
+        let envelope = self.sku_envelope(ctx, store_id);
         LowStock {
             envelope,
             sku: sku.to_owned(),
@@ -340,10 +421,8 @@ impl InventoryStage {
         for (stock_key, sku, mut level, requested) in plan {
             // `requested <= available` was checked above: no underflow, never negative.
             let available = level.available - requested;
-            if self.set_available(&mut level, available) {
-                let alert = self.low_stock(ctx, store, &sku, &level, LowStockTrigger::Crossing);
-                ctx.emit(alert);
-            }
+            let spell = self.set_available(&mut level, available);
+            self.spell_event(ctx, store, &sku, &level, spell);
             ctx.state.insert(stock_key, InventoryState::Stock(level));
         }
         ctx.state.insert(
@@ -381,8 +460,7 @@ impl InventoryStage {
                     i32::MAX
                 ))
             })?;
-        self.set_available(&mut level, available);
-        ctx.state.insert(key, InventoryState::Stock(level));
+        let spell = self.set_available(&mut level, available);
         let envelope = ctx.next_envelope();
         ctx.emit(StockLevelChanged {
             envelope,
@@ -391,6 +469,8 @@ impl InventoryStage {
             delta: restocked.quantity,
             reason: RESTOCK.to_owned(),
         });
+        self.spell_event(ctx, store, sku, &level, spell);
+        ctx.state.insert(key, InventoryState::Stock(level));
         Ok(())
     }
 
@@ -420,7 +500,7 @@ impl InventoryStage {
                 )));
             }
         };
-        let crossed = self.set_available(&mut level, available);
+        let spell = self.set_available(&mut level, available);
         let envelope = ctx.next_envelope();
         ctx.emit(StockLevelChanged {
             envelope,
@@ -429,17 +509,15 @@ impl InventoryStage {
             delta: adjusted.delta,
             reason: adjusted.reason.clone(),
         });
-        if crossed {
-            let alert = self.low_stock(ctx, store, sku, &level, LowStockTrigger::Crossing);
-            ctx.emit(alert);
-        }
+        self.spell_event(ctx, store, sku, &level, spell);
         ctx.state.insert(key, InventoryState::Stock(level));
         Ok(())
     }
 
     /// Records a SKU's threshold. No alert: the watchdog reports a SKU that the new
     /// threshold makes low, and the SKU's next decrease alerts unless this low spell has
-    /// alerted already.
+    /// alerted already. A threshold that puts a reported SKU above it ends the spell
+    /// (`StockRecovered`).
     fn set_threshold(
         &self,
         ctx: &mut Ctx<'_, InventoryState>,
@@ -458,7 +536,8 @@ impl InventoryStage {
         level.threshold = Some(set.threshold);
         // Re-arms when the stock is above the new threshold; cannot cross (no decrease).
         let available = level.available;
-        self.set_available(&mut level, available);
+        let spell = self.set_available(&mut level, available);
+        self.spell_event(ctx, store, sku, &level, spell);
         ctx.state.insert(key, InventoryState::Stock(level));
         Ok(())
     }
@@ -545,19 +624,20 @@ impl InventoryStage {
         reason: &str,
         outcome: OrderOutcome,
     ) -> Result<(), StageError> {
-        // Every new level is computed before anything is written.
-        let mut plan: Vec<(String, StockLevel)> = Vec::new();
+        // Every new level is computed before anything is written. A SKU on several lines
+        // recovers at most once: the step that takes it above its threshold says so.
+        let mut plan: Vec<(String, &str, StockLevel, Spell)> = Vec::new();
         for line in &items {
             let key = stock_key(store, &line.sku);
-            let at = match plan.iter().position(|(k, _)| *k == key) {
+            let at = match plan.iter().position(|(k, _, _, _)| *k == key) {
                 Some(at) => at,
                 None => {
                     let level = self.stock(ctx.state, &key);
-                    plan.push((key, level));
+                    plan.push((key, &line.sku, level, Spell::Unchanged));
                     plan.len() - 1
                 }
             };
-            let level = &mut plan[at].1;
+            let (_, _, level, spell) = &mut plan[at];
             let available = level.available.checked_add(line.quantity).ok_or_else(|| {
                 StageError::Invalid(format!(
                     "releasing order {order_id} of store {store}: sku {} would exceed {} units",
@@ -565,17 +645,20 @@ impl InventoryStage {
                     i32::MAX
                 ))
             })?;
-            self.set_available(level, available);
-        }
-        for (key, level) in plan {
-            ctx.state.insert(key, InventoryState::Stock(level));
+            if self.set_available(level, available) == Spell::Recovered {
+                *spell = Spell::Recovered;
+            }
         }
         let envelope = ctx.next_envelope();
         ctx.emit(StockReleased {
             envelope,
-            items,
+            items: items.clone(),
             reason: reason.to_owned(),
         });
+        for (key, sku, level, spell) in plan {
+            self.spell_event(ctx, store, sku, &level, spell);
+            ctx.state.insert(key, InventoryState::Stock(level));
+        }
         self.close(ctx, store, order_id, outcome, Vec::new());
         Ok(())
     }
@@ -631,27 +714,47 @@ impl InventoryStage {
             ctx.state.remove(WATCHDOG_KEY);
             return;
         };
-        let mut low: Vec<(String, String, StockLevel)> = ctx
+        // Every low SKU, and every reported one that is not low any more (its default
+        // threshold went down: no input told this stage).
+        let mut swept: Vec<(String, String, String, StockLevel)> = ctx
             .state
             .scan("stock/")
             .into_iter()
             .filter_map(|(key, value)| match value {
-                InventoryState::Stock(level) if level.available <= self.threshold(&level) => {
+                InventoryState::Stock(level)
+                    if level.available <= self.threshold(&level) || level.reported_low =>
+                {
                     let (store, sku) = parse_stock_key(&key)?;
-                    Some((store, sku, level))
+                    Some((key, store, sku, level))
                 }
                 _ => None,
             })
             .collect();
         // Output IDs follow the emission order, which must not follow the hash map's.
-        low.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        for (store, sku, level) in low {
+        swept.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
+        for (key, store, sku, mut level) in swept {
+            if level.available > self.threshold(&level) {
+                let available = level.available;
+                let spell = self.set_available(&mut level, available);
+                if let Some(mut event) = self.spell_output(ctx, &store, &sku, &level, spell) {
+                    let envelope = event.envelope_mut();
+                    envelope.correlation_id = timer.firing_id();
+                    envelope.causation_id = None;
+                    ctx.emit(event);
+                }
+                ctx.state.insert(key, InventoryState::Stock(level));
+                continue;
+            }
             let mut alert = self.low_stock(ctx, &store, &sku, &level, LowStockTrigger::Watchdog);
             // The timer's cause is whichever input first scheduled the watchdog: the
             // alert belongs to no flow but this firing.
             alert.envelope.correlation_id = timer.firing_id();
             alert.envelope.causation_id = None;
             ctx.emit(alert);
+            if !level.reported_low {
+                level.reported_low = true;
+                ctx.state.insert(key, InventoryState::Stock(level));
+            }
         }
         // Keep the cadence, but skip rounds missed while no worker ran the partition
         // instead of firing them back to back.
@@ -984,6 +1087,10 @@ mod tests {
                     l.envelope.store_id, l.sku, l.available, l.threshold
                 )
             }
+            Event::StockRecovered(r) => format!(
+                "recovered {}/{} {}>{}",
+                r.envelope.store_id, r.sku, r.available, r.threshold
+            ),
             other => format!("{other:?}"),
         }
     }
@@ -1531,7 +1638,8 @@ mod tests {
             Some(StockLevel {
                 available: 0,
                 threshold: Some(3),
-                armed: false
+                armed: false,
+                reported_low: false,
             })
         );
         h.process(&restock("s-1", "a", 5))?;
@@ -1541,7 +1649,8 @@ mod tests {
             Some(StockLevel {
                 available: 5,
                 threshold: Some(4),
-                armed: true
+                armed: true,
+                reported_low: false,
             })
         );
         // Another store's SKU of the same name is another SKU.
@@ -1582,7 +1691,12 @@ mod tests {
             (adjust("s-1", "a", -1), &["level a 1 -1 count"], 1, false),
             (restock("s-1", "a", 1), &["level a 2 +1 restock"], 2, false),
             (adjust("s-1", "a", -1), &["level a 1 -1 count"], 1, false),
-            (restock("s-1", "a", 3), &["level a 4 +3 restock"], 4, true),
+            (
+                restock("s-1", "a", 3),
+                &["level a 4 +3 restock", "recovered s-1/a 4>3"],
+                4,
+                true,
+            ),
             (
                 adjust("s-1", "a", -1),
                 &["level a 3 -1 count", "low s-1/a 3<=3 crossing"],
@@ -1667,8 +1781,12 @@ mod tests {
             briefs(&h.process(&approved("s-1", "o-2", &[("a", 1)]))?),
             ["reserved a:1"]
         );
-        // Lowered below the stock: armed again, the next crossing alerts.
-        assert_eq!(h.process(&threshold("s-1", "a", 2))?, []);
+        // Lowered below the stock: the reported spell is over, and armed again, the next
+        // crossing alerts.
+        assert_eq!(
+            briefs(&h.process(&threshold("s-1", "a", 2))?),
+            ["recovered s-1/a 3>2"]
+        );
         assert_eq!(h.stock("s-1", "a").map(|l| l.armed), Some(true));
         assert_eq!(
             briefs(&h.process(&adjust("s-1", "a", -1))?),
@@ -1817,6 +1935,86 @@ mod tests {
         assert_eq!(
             h.timer("watchdog/s%2F1").map(|t| t.due_at),
             Some(NOW + WATCHDOG_MS)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_reported_low_spell_ends_with_one_recovery_on_the_same_topic() -> TestResult {
+        let mut h = harness(settings());
+        // An increase to a low level reports nothing, so there is nothing to end.
+        h.process(&threshold("s-1", "a", 5))?;
+        assert_eq!(
+            briefs(&h.process(&restock("s-1", "a", 3))?),
+            ["level a 3 +3 restock"]
+        );
+        // Reported by the watchdog; a restock that leaves it low ends nothing, the one
+        // that lifts it above the threshold ends the spell, once.
+        assert_eq!(
+            briefs(&h.advance_to(NOW + WATCHDOG_MS)?),
+            ["low s-1/a 3<=5 watchdog"]
+        );
+        assert_eq!(
+            briefs(&h.process(&restock("s-1", "a", 2))?),
+            ["level a 5 +2 restock"]
+        );
+        let out = h.process(&restock("s-1", "a", 1))?;
+        assert_eq!(
+            briefs(&out),
+            ["level a 6 +1 restock", "recovered s-1/a 6>5"]
+        );
+        let Event::StockRecovered(r) = &out[1] else {
+            return Err("not a recovery".into());
+        };
+        assert_eq!(
+            (r.envelope.order_id.as_deref(), r.envelope.store_id.as_str()),
+            (None, "s-1")
+        );
+        assert_eq!(
+            topics::topic_of(out[1].event_type()),
+            topics::INVENTORY_THRESHOLD_REACHED
+        );
+        assert_eq!(
+            briefs(&h.process(&restock("s-1", "a", 1))?),
+            ["level a 7 +1 restock"]
+        );
+        // A crossing reports; the failed payment's release ends the spell after the release.
+        assert_eq!(
+            briefs(&h.process(&approved("s-1", "o-1", &[("a", 1), ("a", 1)]))?),
+            ["reserved a:1,a:1", "low s-1/a 5<=5 crossing"]
+        );
+        assert_eq!(
+            briefs(&h.process(&failed("s-1", "o-1"))?),
+            ["released a:1,a:1 payment_failed", "recovered s-1/a 7>5"]
+        );
+        // An adjustment down and up again.
+        assert_eq!(
+            briefs(&h.process(&adjust("s-1", "a", -3))?),
+            ["level a 4 -3 count", "low s-1/a 4<=5 crossing"]
+        );
+        assert_eq!(
+            briefs(&h.process(&adjust("s-1", "a", 2))?),
+            ["level a 6 +2 count", "recovered s-1/a 6>5"]
+        );
+        // A SKU on the default threshold, reported low, recovers at the watchdog's next
+        // round once the default is lowered (no input says so).
+        h.process(&restock("s-1", "b", 1))?;
+        h.stage = InventoryStage::new(InventorySettings {
+            default_low_stock_threshold: 2,
+            ..settings()
+        });
+        assert_eq!(
+            briefs(&h.advance_to(NOW + 2 * WATCHDOG_MS)?),
+            ["low s-1/b 1<=2 watchdog"]
+        );
+        h.stage = InventoryStage::new(settings());
+        let out = h.advance_to(NOW + 3 * WATCHDOG_MS)?;
+        assert_eq!(briefs(&out), ["recovered s-1/b 1>0"]);
+        let firing = format!("timer/watchdog/s-1/{}", NOW + 3 * WATCHDOG_MS);
+        assert_eq!(out[0].envelope().correlation_id, firing);
+        assert_eq!(
+            briefs(&h.advance_to(NOW + 4 * WATCHDOG_MS)?),
+            Vec::<String>::new()
         );
         Ok(())
     }
@@ -2246,16 +2444,18 @@ mod tests {
                     available: 3,
                     threshold: None,
                     armed: true,
+                    reported_low: false,
                 }),
-                r#"{"stock":{"available":3,"armed":true}}"#,
+                r#"{"stock":{"available":3,"armed":true,"reported_low":false}}"#,
             ),
             (
                 InventoryState::Stock(StockLevel {
                     available: 0,
                     threshold: Some(2),
                     armed: false,
+                    reported_low: true,
                 }),
-                r#"{"stock":{"available":0,"threshold":2,"armed":false}}"#,
+                r#"{"stock":{"available":0,"threshold":2,"armed":false,"reported_low":true}}"#,
             ),
             (
                 reserved(&[("a", 2)]),
@@ -2281,6 +2481,17 @@ mod tests {
             assert_eq!(serde_json::to_string(&state)?, json);
             assert_eq!(serde_json::from_str::<InventoryState>(json)?, state);
         }
+        // A level written before low spells were tracked reads as reported, so that its
+        // spell, if any, still ends with a `StockRecovered`.
+        assert_eq!(
+            serde_json::from_str::<InventoryState>(r#"{"stock":{"available":0,"armed":false}}"#)?,
+            InventoryState::Stock(StockLevel {
+                available: 0,
+                threshold: None,
+                armed: false,
+                reported_low: true,
+            })
+        );
         Ok(())
     }
 
@@ -2363,6 +2574,8 @@ mod tests {
         known: bool,
         /// A crossing alert was seen since the SKU was last above its threshold.
         alerted: bool,
+        /// A `LowStock` (crossing or watchdog) was seen and no `StockRecovered` since.
+        reported: bool,
     }
 
     impl Ledger {
@@ -2592,12 +2805,41 @@ mod tests {
                     }
                 };
 
-                // Outputs: exactly the expected ones, plus crossing alerts checked below.
+                // Outputs: exactly the expected ones, plus crossing alerts and recoveries
+                // checked below.
                 let (crossings, others): (Vec<&Event>, Vec<&Event>) = out.iter().partition(|e| {
                     matches!(e, Event::LowStock(l) if l.trigger == LowStockTrigger::Crossing)
                 });
+                let (recoveries, others): (Vec<&Event>, Vec<&Event>) =
+                    others.into_iter().partition(|e| matches!(e, Event::StockRecovered(_)));
                 let others: Vec<String> = others.into_iter().map(brief).collect();
                 prop_assert_eq!(&others, &expected, "after {:?}", op);
+
+                // Recoveries: exactly the reported SKUs now above their threshold, once, with
+                // their level; a SKU reported by this step's watchdog round is reported now.
+                let mut recovered: BTreeSet<SkuId> = BTreeSet::new();
+                for e in recoveries {
+                    let Event::StockRecovered(r) = e else { return Err(fail("not StockRecovered")) };
+                    let id = sku_id(&r.envelope.store_id, &r.sku);
+                    let l = &ledger[&id];
+                    prop_assert!(l.reported, "{:?} recovered without a report", id);
+                    prop_assert!(l.available() > l.threshold(), "{:?} recovered while low", id);
+                    prop_assert_eq!(i64::from(r.available), l.available());
+                    prop_assert_eq!(i64::from(r.threshold), l.threshold());
+                    prop_assert!(recovered.insert(id), "two recoveries in one step");
+                }
+                for (id, l) in ledger.iter_mut() {
+                    if l.reported && l.available() > l.threshold() {
+                        prop_assert!(recovered.contains(id), "{:?} recovered without StockRecovered", id);
+                        l.reported = false;
+                    }
+                }
+                for e in &out {
+                    if let Event::LowStock(low) = e {
+                        let id = sku_id(&low.envelope.store_id, &low.sku);
+                        ledger.get_mut(&id).ok_or_else(|| fail("sku"))?.reported = true;
+                    }
+                }
 
                 // Crossing alerts: only on a decrease to or below the threshold, at most once
                 // per low spell, and on every decrease from above the threshold.

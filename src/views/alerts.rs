@@ -3,11 +3,12 @@
 //!
 //! The rules, one sentence each:
 //!
-//! - **low_stock** (subject: SKU): a `LowStock` opens it; it resolves when a later stock
-//!   report (`StockLevelChanged`, `ThresholdSet`) shows the SKU's level above its
-//!   threshold. Opening publishes one `ReplenishmentRequested` when the store replenishes
-//!   automatically (`[alerts]` settings); another `LowStock` while it is active publishes
-//!   nothing.
+//! - **low_stock** (subject: SKU): a `LowStock` opens it; the SKU's `StockRecovered`
+//!   resolves it. Both come from the inventory stage on one topic, in the order it decided
+//!   them, so every reader (another deployment, a rebuild) finds the same episodes; stock
+//!   levels from other topics only fill the stock table. Opening publishes one
+//!   `ReplenishmentRequested` when the store replenishes automatically (`[alerts]`
+//!   settings); another `LowStock` while it is active publishes nothing.
 //! - **payment_exhausted** (subject: `gateway_unavailable`): a `PaymentFailed` because
 //!   every attempt found the gateway unavailable opens it; an operator resolves it.
 //! - **gateway_outage** (subject: `payment_gateway`): it opens when a store's
@@ -66,6 +67,13 @@ pub fn ops(event: &Event, settings: &AlertSettings) -> Vec<RowOp> {
                 replenish,
             }]
         }
+        Event::StockRecovered(r) => vec![RowOp::StockRecovered {
+            store_id,
+            sku: r.sku.clone(),
+            available: r.available,
+            threshold: r.threshold,
+            at,
+        }],
         Event::StockLevelChanged(level) => vec![RowOp::ObserveStock {
             store_id,
             sku: level.sku.clone(),
@@ -197,6 +205,29 @@ mod tests {
                 sku: "sku-1".into(),
                 available: Some(12),
                 threshold: None,
+                at: T0,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_recovery_resolves_the_skus_low_stock_alert() {
+        let mut envelope = env("e-rec", T0);
+        envelope.order_id = None;
+        let event: Event = crate::events::StockRecovered {
+            envelope,
+            sku: "sku-1".into(),
+            available: 9,
+            threshold: 3,
+        }
+        .into();
+        assert_eq!(
+            ops(&event, &AlertSettings::default()),
+            vec![RowOp::StockRecovered {
+                store_id: STORE.into(),
+                sku: "sku-1".into(),
+                available: 9,
+                threshold: 3,
                 at: T0,
             }]
         );

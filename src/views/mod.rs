@@ -465,9 +465,9 @@ pub enum RowOp {
     },
 
     // --- alerts ---
-    /// A stock level (and/or threshold) reported at `at`. Older reports than the stored
-    /// one are ignored. When the known level is then above the known threshold, the SKU's
-    /// active low-stock alert is resolved.
+    /// A stock level (and/or threshold) reported at `at`, for the stock table: older
+    /// reports than the stored one are ignored. Alerts are not its business: the SKU's
+    /// low spell is decided by the inventory stage, in `LowStock` and `StockRecovered`.
     ObserveStock {
         store_id: String,
         sku: String,
@@ -476,9 +476,8 @@ pub enum RowOp {
         at: i64,
     },
     /// A `LowStock` report: records the level and threshold like [`RowOp::ObserveStock`]
-    /// and, unless a newer stock report has superseded it, opens the SKU's low-stock alert
-    /// or counts one more occurrence of the active one. `replenish` is published only
-    /// when the alert opens.
+    /// and opens the SKU's low-stock alert or counts one more occurrence of the active one.
+    /// `replenish` is published only when the alert opens.
     LowStock {
         store_id: String,
         sku: String,
@@ -487,6 +486,17 @@ pub enum RowOp {
         at: i64,
         detail: serde_json::Value,
         replenish: Option<Box<Event>>,
+    },
+    /// A `StockRecovered` report: records the level and threshold like
+    /// [`RowOp::ObserveStock`] and resolves the SKU's active low-stock alert. The report
+    /// follows the spell's `LowStock` reports on their topic, so the order read decides,
+    /// not the times carried.
+    StockRecovered {
+        store_id: String,
+        sku: String,
+        available: i32,
+        threshold: i32,
+        at: i64,
     },
     /// Opens an alert, or counts one more occurrence of the active one of the same
     /// (store, kind, subject).

@@ -21,7 +21,8 @@ pub fn producer_of(t: EventType) -> &'static str {
         OrderCreated | OrderCancelled => "producer",
         OrderScreened => "fraud",
         StockRestocked | StockAdjusted | ThresholdSet => "operator",
-        StockReserved | StockRejected | StockReleased | StockLevelChanged | LowStock => "inventory",
+        StockReserved | StockRejected | StockReleased | StockLevelChanged | LowStock
+        | StockRecovered => "inventory",
         PaymentAuthorized | PaymentRetrying | PaymentFailed | PaymentRefunded => "payment",
         Picking | Packed | ReadyToShip | CancellationAccepted | CancellationRefused => {
             "fulfillment"

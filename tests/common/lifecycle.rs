@@ -238,6 +238,16 @@ pub fn low_stock(id: &str, store: &str, available: i32, threshold: i32, at: i64)
     .into()
 }
 
+pub fn recovered(id: &str, store: &str, available: i32, threshold: i32, at: i64) -> Event {
+    StockRecovered {
+        envelope: env(id, store, None, at),
+        sku: "sku-1".into(),
+        available,
+        threshold,
+    }
+    .into()
+}
+
 pub fn level(id: &str, store: &str, available: i32, at: i64) -> Event {
     StockLevelChanged {
         envelope: env(id, store, None, at),

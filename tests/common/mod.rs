@@ -1293,3 +1293,50 @@ pub fn wait_for_group_members(env: &TestEnv, stage: &str, members: usize, deadli
         },
     );
 }
+
+/// The partition of `key` among `partitions` under the Java client's partitioner
+/// (`murmur2_random` in librdkafka), which the tests' producers and the workers use.
+pub fn partition_of(key: &str, partitions: i32) -> i32 {
+    let data = key.as_bytes();
+    let m: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(m);
+        k ^= k >> 24;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() == 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(m);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    ((h & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+/// `per` store names (`store-N`) on each of `partitions` partitions, in order of N.
+pub fn stores_on_every_partition(per: usize, partitions: i32) -> Vec<String> {
+    let mut on: Vec<Vec<String>> = vec![Vec::new(); partitions as usize];
+    let mut n = 0;
+    while on.iter().any(|s| s.len() < per) {
+        let name = format!("store-{n}");
+        let p = partition_of(&name, partitions) as usize;
+        if on[p].len() < per {
+            on[p].push(name);
+        }
+        n += 1;
+    }
+    on.into_iter().flatten().collect()
+}
