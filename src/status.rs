@@ -9,12 +9,19 @@
 //! | `PaymentRetrying`                       | `reserved` (still)       |
 //! | `PaymentAuthorized`                     | `paid`                   |
 //! | `PaymentFailed`, `StockReleased`        | `cancelled`              |
+//! | `CancellationAccepted` (customer cancellation), `PaymentRefunded` with reason `cancelled` | `cancelled` |
 //! | `Picking`, `Packed`, `ReadyToShip`      | `fulfilling`             |
 //! | `Shipped`, `InTransit`, `OutForDelivery`| `shipped`                |
 //! | `DeliveryFailed`                        | `shipped` (until the refund) |
 //! | `Delivered`                             | `delivered`              |
 //! | `PaymentRefunded`                       | `refunded`               |
+//! | `OrderCancelled` (a request), `CancellationRefused` | unchanged (timeline only) |
 //! | anything else (`CarrierScan`, `DeliveryAnomaly`, stock commands and levels, `LowStock`, `ReplenishmentRequested`) | unchanged |
+//!
+//! A customer cancellation is decided by fulfillment alone: `CancellationAccepted` ends
+//! the order as `cancelled` from any status before `ReadyToShip`; its refund (when the
+//! order was paid) keeps it `cancelled` rather than `refunded`, whichever a read model
+//! sees first.
 //!
 //! [`next`] is forgiving, because read models see an order's events from several topics
 //! that are not ordered relative to each other: a status never moves backwards (a late
@@ -72,7 +79,8 @@ pub enum OrderStatus {
     Shipped,
     Delivered,
     Rejected(RejectionReason),
-    /// The payment failed; the reserved stock is released.
+    /// The payment failed, or the customer cancelled before the order was ready to
+    /// ship; stock and charge are given back.
     Cancelled,
     /// The delivery failed; the payment is refunded.
     Refunded,
@@ -184,8 +192,14 @@ pub fn implied(event: &Event) -> Option<OrderStatus> {
         | Event::OutForDelivery(_)
         | Event::DeliveryFailed(_) => S::Shipped,
         Event::Delivered(_) => S::Delivered,
+        // A cancelled order's refund is part of its cancellation.
+        Event::PaymentRefunded(r) if r.reason == CANCELLED_REFUND_REASON => S::Cancelled,
         Event::PaymentRefunded(_) => S::Refunded,
-        Event::CarrierScan(_)
+        Event::CancellationAccepted(_) => S::Cancelled,
+        // A request decides nothing by itself; a refusal leaves the order where it is.
+        Event::OrderCancelled(_)
+        | Event::CancellationRefused(_)
+        | Event::CarrierScan(_)
         | Event::DeliveryAnomaly(_)
         | Event::StockRestocked(_)
         | Event::StockAdjusted(_)
@@ -196,6 +210,9 @@ pub fn implied(event: &Event) -> Option<OrderStatus> {
         | Event::ReplenishmentRequested(_) => return None,
     })
 }
+
+/// `PaymentRefunded.reason` of the refund of a customer cancellation.
+pub const CANCELLED_REFUND_REASON: &str = "cancelled";
 
 /// The status after `event`, given the status before it.
 pub fn next(current: Option<OrderStatus>, event: &Event) -> Option<OrderStatus> {
@@ -245,6 +262,9 @@ enum Fact {
     Delivered,
     DeliveryFailed,
     Refunded,
+    CancelRequested,
+    CancelAccepted,
+    CancelRefused,
 }
 
 impl Fact {
@@ -270,6 +290,9 @@ impl Fact {
             Event::Delivered(_) => Fact::Delivered,
             Event::DeliveryFailed(_) => Fact::DeliveryFailed,
             Event::PaymentRefunded(_) => Fact::Refunded,
+            Event::OrderCancelled(_) => Fact::CancelRequested,
+            Event::CancellationAccepted(_) => Fact::CancelAccepted,
+            Event::CancellationRefused(_) => Fact::CancelRefused,
             // Inputs and side reports, not steps of the saga.
             Event::CarrierScan(_)
             | Event::DeliveryAnomaly(_)
@@ -296,10 +319,12 @@ impl Fact {
             Retrying => (&[Reserved], &[Authorized, PaymentFailed], true),
             Authorized => (&[Reserved], &[PaymentFailed], false),
             PaymentFailed => (&[Reserved], &[Authorized], false),
-            Released => (&[PaymentFailed], &[], false),
-            Picking => (&[Authorized], &[], false),
-            Packed => (&[Picking], &[], false),
-            Ready => (&[Packed], &[], false),
+            // Released after a failed payment or a cancellation (see `requires_any`).
+            Released => (&[Reserved], &[], false),
+            // Fulfillment never starts or goes on once it accepted a cancellation.
+            Picking => (&[Authorized], &[CancelAccepted], false),
+            Packed => (&[Picking], &[CancelAccepted], false),
+            Ready => (&[Packed], &[CancelAccepted], false),
             Shipped => (&[Ready], &[], false),
             // A parcel passes several hubs, but never after it is out for delivery.
             InTransit => (
@@ -310,7 +335,22 @@ impl Fact {
             OutForDelivery => (&[Shipped], &[Delivered, DeliveryFailed], false),
             Delivered => (&[Shipped], &[DeliveryFailed], false),
             DeliveryFailed => (&[Shipped], &[Delivered], false),
-            Refunded => (&[DeliveryFailed], &[], false),
+            // After a failed delivery or a cancellation (see `requires_any`).
+            Refunded => (&[Authorized], &[], false),
+            // A request may arrive at any time, even before the order, and again.
+            CancelRequested => (&[], &[], true),
+            CancelAccepted => (&[CancelRequested], &[Ready, CancelRefused], false),
+            CancelRefused => (&[CancelRequested, Ready], &[CancelAccepted], false),
+        }
+    }
+
+    /// Steps of which at least one must have happened before (on top of [`rule`]'s).
+    fn requires_any(self) -> &'static [Fact] {
+        use Fact::*;
+        match self {
+            Released => &[PaymentFailed, CancelAccepted],
+            Refunded => &[DeliveryFailed, CancelAccepted],
+            _ => &[],
         }
     }
 }
@@ -326,11 +366,14 @@ impl Fact {
 ///   double effect and an error.
 /// - Each step requires its predecessors (the order created first; stock reserved only
 ///   after an approved screening; `PaymentAuthorized` only after `StockReserved`;
-///   `StockReleased` only after `PaymentFailed`; `Picking` only after
-///   `PaymentAuthorized`; `Shipped` only after `ReadyToShip`; `Delivered` only after
-///   `Shipped`; `PaymentRefunded` only after `DeliveryFailed`, …) and excludes its
+///   `StockReleased` only after `PaymentFailed` or `CancellationAccepted`; `Picking`
+///   only after `PaymentAuthorized`; `Shipped` only after `ReadyToShip`; `Delivered`
+///   only after `Shipped`; `PaymentRefunded` only after `DeliveryFailed` or
+///   `CancellationAccepted`; `CancellationAccepted` / `CancellationRefused` only after
+///   `OrderCancelled`, the refusal only after `ReadyToShip`, …) and excludes its
 ///   alternatives (not both approved and rejected, reserved and out of stock, authorized
-///   and failed, delivered and failed).
+///   and failed, delivered and failed, a cancellation accepted and refused, and no
+///   fulfillment step after an accepted cancellation).
 ///
 /// The error names the offending event by position, type and ID.
 pub fn check_history(events: &[Event]) -> Result<OrderStatus, String> {
@@ -365,6 +408,10 @@ pub fn check_history(events: &[Event]) -> Result<OrderStatus, String> {
         if let Some(missing) = requires.iter().find(|f| !seen.contains(f)) {
             return Err(format!("{} requires a prior {missing:?}", what()));
         }
+        let any = fact.requires_any();
+        if !any.is_empty() && !any.iter().any(|f| seen.contains(f)) {
+            return Err(format!("{} requires a prior one of {any:?}", what()));
+        }
         if let Some(conflict) = excludes.iter().find(|f| seen.contains(f)) {
             return Err(format!("{} cannot follow {conflict:?}", what()));
         }
@@ -381,19 +428,24 @@ pub fn check_history(events: &[Event]) -> Result<OrderStatus, String> {
 }
 
 /// Like [`check_history`], and also that the order is over with every compensation done:
-/// a terminal status, with the stock of a cancelled order released. An end-to-end test
-/// asserts this of every order once the pipeline is idle.
+/// a terminal status; a cancelled order's stock released if it was ever reserved, and its
+/// charge refunded if it was ever authorized. An end-to-end test asserts this of every
+/// order once the pipeline is idle.
 pub fn check_complete(events: &[Event]) -> Result<OrderStatus, String> {
     let status = check_history(events)?;
     if !status.is_terminal() {
         return Err(format!("the order is still {status}, not finished"));
     }
-    if status == OrderStatus::Cancelled
-        && !events
-            .iter()
-            .any(|e| e.event_type() == EventType::StockReleased)
-    {
-        return Err("the order is cancelled but its stock was never released".to_owned());
+    let has = |t: EventType| events.iter().any(|e| e.event_type() == t);
+    if status == OrderStatus::Cancelled {
+        // A failed payment always follows a reservation; a cancellation may come first.
+        let reserved = has(EventType::StockReserved) || has(EventType::PaymentFailed);
+        if reserved && !has(EventType::StockReleased) {
+            return Err("the order is cancelled but its stock was never released".to_owned());
+        }
+        if has(EventType::PaymentAuthorized) && !has(EventType::PaymentRefunded) {
+            return Err("the order is cancelled but its charge was never refunded".to_owned());
+        }
     }
     Ok(status)
 }
@@ -561,6 +613,21 @@ mod tests {
             EventType::Picking => Picking { envelope: e }.into(),
             EventType::Packed => Packed { envelope: e }.into(),
             EventType::ReadyToShip => ReadyToShip { envelope: e }.into(),
+            EventType::OrderCancelled => OrderCancelled {
+                envelope: e,
+                reason: Some("changed my mind".into()),
+            }
+            .into(),
+            EventType::CancellationAccepted => CancellationAccepted {
+                envelope: e,
+                reason: Some("changed my mind".into()),
+            }
+            .into(),
+            EventType::CancellationRefused => CancellationRefused {
+                envelope: e,
+                reason: "already ready_to_ship".into(),
+            }
+            .into(),
             EventType::CarrierScan => CarrierScan {
                 envelope: e,
                 carrier: "DHL".into(),
@@ -645,14 +712,16 @@ mod tests {
                 E::StockReserved | E::PaymentRetrying => Some(S::Reserved),
                 E::StockRejected => Some(OUT_OF_STOCK),
                 E::PaymentAuthorized => Some(S::Paid),
-                E::PaymentFailed | E::StockReleased => Some(S::Cancelled),
+                E::PaymentFailed | E::StockReleased | E::CancellationAccepted => Some(S::Cancelled),
                 E::Picking | E::Packed | E::ReadyToShip => Some(S::Fulfilling),
                 E::Shipped | E::InTransit | E::OutForDelivery | E::DeliveryFailed => {
                     Some(S::Shipped)
                 }
                 E::Delivered => Some(S::Delivered),
                 E::PaymentRefunded => Some(S::Refunded),
-                E::CarrierScan
+                E::OrderCancelled
+                | E::CancellationRefused
+                | E::CarrierScan
                 | E::DeliveryAnomaly
                 | E::StockRestocked
                 | E::StockAdjusted
@@ -917,6 +986,268 @@ mod tests {
     }
 
     /// Illegal histories, each with the fragment its error must contain.
+    fn cancelled_failure() -> Event {
+        let mut e = sample(E::PaymentFailed);
+        if let Event::PaymentFailed(f) = &mut e {
+            f.reason = PaymentFailureReason::Cancelled;
+        }
+        e
+    }
+
+    fn cancelled_refund() -> Event {
+        let mut e = sample(E::PaymentRefunded);
+        if let Event::PaymentRefunded(r) = &mut e {
+            r.reason = CANCELLED_REFUND_REASON.into();
+        }
+        e
+    }
+
+    /// A customer cancellation in every position an order can be in, with the events the
+    /// pipeline then produces: before `ReadyToShip` the order ends `cancelled` with its
+    /// stock and charge given back (a legal, complete saga); from `ReadyToShip` on the
+    /// refusal leaves the status where it was.
+    #[test]
+    fn a_customer_cancellation_in_every_position() -> Result<(), String> {
+        let request = || sample(E::OrderCancelled);
+        let accepted = || sample(E::CancellationAccepted);
+        let refused = || sample(E::CancellationRefused);
+        let released = || sample(E::StockReleased);
+        // (position, the order's events so far, what the cancellation adds, final status)
+        let cases: Vec<(&str, &[EventType], Vec<Event>, S)> = vec![
+            (
+                "before anything",
+                &[],
+                vec![request(), accepted()],
+                S::Cancelled,
+            ),
+            (
+                "created",
+                &[E::OrderCreated],
+                vec![request(), accepted()],
+                S::Cancelled,
+            ),
+            (
+                "screened",
+                &[E::OrderCreated, E::OrderScreened],
+                vec![request(), accepted()],
+                S::Cancelled,
+            ),
+            (
+                "reserved",
+                &[E::OrderCreated, E::OrderScreened, E::StockReserved],
+                vec![request(), accepted(), released(), cancelled_failure()],
+                S::Cancelled,
+            ),
+            (
+                "payment retrying",
+                &[
+                    E::OrderCreated,
+                    E::OrderScreened,
+                    E::StockReserved,
+                    E::PaymentRetrying,
+                ],
+                vec![request(), accepted(), released(), cancelled_failure()],
+                S::Cancelled,
+            ),
+            (
+                "paid",
+                &[
+                    E::OrderCreated,
+                    E::OrderScreened,
+                    E::StockReserved,
+                    E::PaymentAuthorized,
+                ],
+                vec![request(), accepted(), released(), cancelled_refund()],
+                S::Cancelled,
+            ),
+            (
+                "picking",
+                &[
+                    E::OrderCreated,
+                    E::OrderScreened,
+                    E::StockReserved,
+                    E::PaymentAuthorized,
+                    E::Picking,
+                ],
+                vec![request(), accepted(), cancelled_refund(), released()],
+                S::Cancelled,
+            ),
+            (
+                "packed",
+                &[
+                    E::OrderCreated,
+                    E::OrderScreened,
+                    E::StockReserved,
+                    E::PaymentAuthorized,
+                    E::Picking,
+                    E::Packed,
+                ],
+                vec![request(), accepted(), released(), cancelled_refund()],
+                S::Cancelled,
+            ),
+            (
+                "ready to ship",
+                &HAPPY[..7],
+                vec![request(), refused()],
+                S::Fulfilling,
+            ),
+            (
+                "shipped",
+                &HAPPY[..8],
+                vec![request(), refused()],
+                S::Shipped,
+            ),
+            ("delivered", HAPPY, vec![request(), refused()], S::Delivered),
+        ];
+        for (position, before, cancellation, status) in cases {
+            let mut events = history(before);
+            events.extend(cancellation);
+            assert_eq!(of(&events), Some(status), "{position}: fold");
+            assert_eq!(check_history(&events), Ok(status), "{position}: history");
+            if status.is_terminal() {
+                assert_eq!(check_complete(&events), Ok(status), "{position}: complete");
+            }
+            // The read side folds events in whatever order its topics deliver them;
+            // reversed, the status comes out the same for a cancelled order.
+            if status == S::Cancelled {
+                let reversed: Vec<Event> = events.iter().rev().cloned().collect();
+                assert_eq!(of(&reversed), Some(S::Cancelled), "{position}: reversed");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn cancellation_events_and_the_cancellation_refund_imply_their_status() {
+        assert_eq!(implied(&sample(E::OrderCancelled)), None);
+        assert_eq!(implied(&sample(E::CancellationRefused)), None);
+        assert_eq!(
+            implied(&sample(E::CancellationAccepted)),
+            Some(S::Cancelled)
+        );
+        assert_eq!(implied(&cancelled_refund()), Some(S::Cancelled));
+        assert_eq!(implied(&sample(E::PaymentRefunded)), Some(S::Refunded));
+        assert_eq!(implied(&cancelled_failure()), Some(S::Cancelled));
+        // A request never moves an order, a refusal never either.
+        for current in [S::Reserved, S::Fulfilling, S::Shipped, S::Delivered] {
+            assert_eq!(
+                next(Some(current), &sample(E::OrderCancelled)),
+                Some(current)
+            );
+            assert_eq!(
+                next(Some(current), &sample(E::CancellationRefused)),
+                Some(current)
+            );
+        }
+        // An acceptance ends a live order; it cannot reopen a finished one.
+        assert_eq!(
+            next(Some(S::Fulfilling), &sample(E::CancellationAccepted)),
+            Some(S::Cancelled)
+        );
+        assert_eq!(
+            next(Some(S::Delivered), &sample(E::CancellationAccepted)),
+            Some(S::Delivered)
+        );
+    }
+
+    #[test]
+    fn check_history_rejects_illegal_cancellations() {
+        let with = |types: &[EventType], extra: Vec<Event>| -> Vec<Event> {
+            let mut v = history(types);
+            v.extend(extra);
+            v
+        };
+        let to_paid = &HAPPY[..4];
+        let cases: Vec<(&str, Vec<Event>, &str)> = vec![
+            (
+                "accepted without a request",
+                with(to_paid, vec![sample(E::CancellationAccepted)]),
+                "requires a prior CancelRequested",
+            ),
+            (
+                "refused before ready to ship",
+                with(
+                    to_paid,
+                    vec![sample(E::OrderCancelled), sample(E::CancellationRefused)],
+                ),
+                "requires a prior Ready",
+            ),
+            (
+                "accepted after ready to ship",
+                with(
+                    &HAPPY[..7],
+                    vec![sample(E::OrderCancelled), sample(E::CancellationAccepted)],
+                ),
+                "cannot follow Ready",
+            ),
+            (
+                "picked after the acceptance",
+                with(
+                    to_paid,
+                    vec![
+                        sample(E::OrderCancelled),
+                        sample(E::CancellationAccepted),
+                        sample(E::Picking),
+                    ],
+                ),
+                "cannot follow CancelAccepted",
+            ),
+            (
+                "released without failure or cancellation",
+                with(&HAPPY[..3], vec![sample(E::StockReleased)]),
+                "requires a prior one of [PaymentFailed, CancelAccepted]",
+            ),
+            (
+                "released twice",
+                with(
+                    &HAPPY[..3],
+                    vec![
+                        sample(E::OrderCancelled),
+                        sample(E::CancellationAccepted),
+                        sample(E::StockReleased),
+                        again(E::StockReleased, 2),
+                    ],
+                ),
+                "double effect",
+            ),
+            (
+                "refunded without a charge",
+                with(
+                    &HAPPY[..3],
+                    vec![
+                        sample(E::OrderCancelled),
+                        sample(E::CancellationAccepted),
+                        cancelled_refund(),
+                    ],
+                ),
+                "requires a prior Authorized",
+            ),
+        ];
+        for (case, events, message) in cases {
+            let err = check_history(&events).expect_err(case);
+            assert!(err.contains(message), "{case}: {err}");
+        }
+    }
+
+    #[test]
+    fn check_complete_requires_a_cancelled_orders_stock_and_charge_back() {
+        let paid_then_cancelled = {
+            let mut v = history(&HAPPY[..4]);
+            v.extend([sample(E::OrderCancelled), sample(E::CancellationAccepted)]);
+            v
+        };
+        let mut released = paid_then_cancelled.clone();
+        released.push(sample(E::StockReleased));
+        let err = check_complete(&released).expect_err("charge kept");
+        assert!(err.contains("never refunded"), "{err}");
+        let mut refunded = paid_then_cancelled.clone();
+        refunded.push(cancelled_refund());
+        let err = check_complete(&refunded).expect_err("stock kept");
+        assert!(err.contains("never released"), "{err}");
+        refunded.push(sample(E::StockReleased));
+        assert_eq!(check_complete(&refunded), Ok(S::Cancelled));
+    }
+
     #[test]
     fn check_history_rejects_illegal_sagas() {
         let prefix = |types: &[EventType], extra: Vec<Event>| -> Vec<Event> {
@@ -1004,7 +1335,7 @@ mod tests {
             (
                 "released without a failed payment",
                 prefix(TO_RESERVED, vec![sample(E::StockReleased)]),
-                "prior PaymentFailed",
+                "prior one of [PaymentFailed, CancelAccepted]",
             ),
             (
                 "authorized and failed",
@@ -1096,7 +1427,7 @@ mod tests {
             (
                 "refunded without a failed delivery",
                 prefix(TO_SHIPPED, vec![sample(E::PaymentRefunded)]),
-                "prior DeliveryFailed",
+                "prior one of [DeliveryFailed, CancelAccepted]",
             ),
             (
                 "refunded after delivery",
@@ -1104,7 +1435,7 @@ mod tests {
                     TO_SHIPPED,
                     vec![sample(E::Delivered), sample(E::PaymentRefunded)],
                 ),
-                "prior DeliveryFailed",
+                "prior one of [DeliveryFailed, CancelAccepted]",
             ),
             (
                 "refunded twice",

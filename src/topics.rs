@@ -8,6 +8,8 @@ use crate::events::EventType;
 
 pub const ORDER_CREATED: &str = "order.created";
 pub const ORDER_SCREENED: &str = "order.screened";
+/// Customer cancellation requests (`OrderCancelled`), from producers and the HTTP API.
+pub const ORDER_CANCELLED: &str = "order.cancelled";
 pub const INVENTORY_COMMANDS: &str = "inventory.commands";
 pub const INVENTORY_UPDATED: &str = "inventory.updated";
 pub const INVENTORY_THRESHOLD_REACHED: &str = "inventory.threshold_reached";
@@ -22,6 +24,7 @@ pub const DLQ: &str = "orderflow.dlq";
 pub const PIPELINE: &[&str] = &[
     ORDER_CREATED,
     ORDER_SCREENED,
+    ORDER_CANCELLED,
     INVENTORY_COMMANDS,
     INVENTORY_UPDATED,
     INVENTORY_THRESHOLD_REACHED,
@@ -84,6 +87,7 @@ pub fn default_event_type(base: &str) -> Option<EventType> {
     match base {
         ORDER_CREATED => Some(EventType::OrderCreated),
         ORDER_SCREENED => Some(EventType::OrderScreened),
+        ORDER_CANCELLED => Some(EventType::OrderCancelled),
         CARRIER_UPDATES => Some(EventType::CarrierScan),
         INVENTORY_THRESHOLD_REACHED => Some(EventType::LowStock),
         _ => None,
@@ -100,7 +104,10 @@ pub fn topic_of(t: EventType) -> &'static str {
         StockReserved | StockRejected | StockReleased | StockLevelChanged => INVENTORY_UPDATED,
         LowStock | StockRecovered => INVENTORY_THRESHOLD_REACHED,
         PaymentAuthorized | PaymentRetrying | PaymentFailed | PaymentRefunded => PAYMENT_PROCESSED,
-        Picking | Packed | ReadyToShip => FULFILLMENT_UPDATED,
+        OrderCancelled => ORDER_CANCELLED,
+        Picking | Packed | ReadyToShip | CancellationAccepted | CancellationRefused => {
+            FULFILLMENT_UPDATED
+        }
         CarrierScan => CARRIER_UPDATES,
         Shipped | InTransit | OutForDelivery | Delivered | DeliveryFailed | DeliveryAnomaly => {
             DELIVERY_UPDATED

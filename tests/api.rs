@@ -1353,10 +1353,10 @@ fn the_binary_serves_its_openapi_document_and_health() {
                     );
                 }
             }
-            // ...and exactly those: the table behind both has 21 operations, and what
+            // ...and exactly those: the table behind both has 22 operations, and what
             // is not documented is not served.
             assert_eq!(operations, api::ROUTES.len());
-            assert_eq!(operations, 21);
+            assert_eq!(operations, 22);
             assert_error(
                 &c.get("/orders/o/nothing", Some("s")).await,
                 404,

@@ -735,6 +735,10 @@ fn chaos(guarantee: Guarantee) {
                     match f.reason {
                         PaymentFailureReason::GatewayUnavailable => exhausted += 1,
                         PaymentFailureReason::Declined => declined += 1,
+                        // Nothing in this run cancels an order.
+                        PaymentFailureReason::Cancelled => {
+                            panic!("order {key:?} failed as cancelled: {f:?}")
+                        }
                     }
                     // 6. Every failed payment released exactly what was reserved.
                     let releases: Vec<&Vec<OrderLine>> = events

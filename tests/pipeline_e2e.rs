@@ -482,6 +482,10 @@ fn run(name: &str, kill: bool) {
                     match f.reason {
                         PaymentFailureReason::GatewayUnavailable => exhausted += 1,
                         PaymentFailureReason::Declined => declined += 1,
+                        // Nothing in this run cancels an order.
+                        PaymentFailureReason::Cancelled => {
+                            panic!("[{name}] order {key:?} failed as cancelled: {f:?}")
+                        }
                     }
                     assert!(
                         events

@@ -286,6 +286,7 @@ fn a_load_run_holds_the_target_rate_and_keys_by_store() {
         },
         rate: RATE,
         stock: true,
+        cancel_rate: 0.1,
     };
     let report = block_on(run_load(
         &env.settings,
@@ -327,6 +328,44 @@ fn a_load_run_holds_the_target_rate_and_keys_by_store() {
         ids.insert(o.envelope.order_id.clone().unwrap_or_default());
     }
     assert_eq!(ids.len(), ORDERS as usize, "order IDs are distinct");
+    // About a tenth of the orders are cancelled, each once, keyed like its order.
+    assert!(
+        (10..=60).contains(&report.cancellations),
+        "{} cancellations of {ORDERS} orders at 0.1",
+        report.cancellations
+    );
+    let cancels = read_all(
+        &env.settings.brokers,
+        &env.topic(topics::ORDER_CANCELLED),
+        report.cancellations as usize,
+        deadline(30),
+    );
+    assert_eq!(cancels.len() as u64, report.cancellations);
+    let hints = DecodeHints {
+        topic_default: topics::default_event_type(topics::ORDER_CANCELLED),
+        ..DecodeHints::default()
+    };
+    let mut cancelled = std::collections::BTreeSet::new();
+    for r in &cancels {
+        let Ok(Event::OrderCancelled(c)) =
+            codec.decode(r.value.as_deref().unwrap_or_default(), hints)
+        else {
+            panic!("not an OrderCancelled");
+        };
+        assert_eq!(r.key_str().as_deref(), Some(c.envelope.store_id.as_str()));
+        assert_eq!(
+            partition_of_store.get(&c.envelope.store_id),
+            Some(&r.partition)
+        );
+        let order_id = c.envelope.order_id.clone().unwrap_or_default();
+        assert!(ids.contains(&order_id), "{order_id}");
+        cancelled.insert(order_id);
+    }
+    assert_eq!(
+        cancelled.len(),
+        cancels.len(),
+        "one request per cancelled order"
+    );
     // The records' create times span the schedule: (N - 1) / rate.
     let ts: Vec<i64> = orders.iter().filter_map(|r| r.timestamp).collect();
     let span = ts.iter().max().unwrap() - ts.iter().min().unwrap();

@@ -1,6 +1,6 @@
 //! Orders: placing one (`POST /orders`, the producer contract), reading one with its
-//! timeline, listing a store's orders, streaming an order's new events (SSE), and a
-//! manual retry.
+//! timeline, listing a store's orders, streaming an order's new events (SSE), a manual
+//! retry, and a customer's cancellation.
 //!
 //! Invariant: an order is read, streamed or retried only through `(X-Store-ID, order
 //! ID)`; another store's order is indistinguishable from a missing one.
@@ -27,6 +27,16 @@
 //! never reserve twice) and its payment key at the gateway is spent; an order past its
 //! stock decision is retried by the payment stage on its own. Retrying those would need
 //! an attempt number in the stages' per-order records and in the gateway key.
+//!
+//! # Cancellation
+//!
+//! `POST /orders/{id}/cancel` publishes the order's `OrderCancelled` (its event ID derived
+//! from store and order, so repeated requests are one event to the pipeline) unless the
+//! read side already shows the order past the point of no return — `ReadyToShip` in its
+//! timeline, or shipped, delivered, rejected, cancelled or refunded — which is a 409
+//! naming why. The read side may lag: the API's check is a courtesy, and fulfillment,
+//! which alone emits `ReadyToShip`, decides; a request that raced past the check is
+//! answered in the timeline by `CancellationRefused`.
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
@@ -34,14 +44,17 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     ApiError, ApiState, QueryParam, RouteSpec, Store, fingerprint, idempotency_key, json_object,
-    order_path, remember_idempotent, replay_idempotent,
+    order_path, remember_idempotent, replay_idempotent, typed_body,
 };
 use crate::events::codec::DecodeHints;
-use crate::events::{Event, EventType, RETRY_CAUSATION_PREFIX, order_created_id, retry_number};
+use crate::events::{
+    Envelope, Event, EventType, OrderCancelled, RETRY_CAUSATION_PREFIX, order_cancelled_id,
+    order_created_id, retry_number,
+};
 use crate::sql::api::IdempotencyRecord;
 use crate::sql::read::TimelineEntry;
 
@@ -137,6 +150,40 @@ pub const EVENTS: RouteSpec = RouteSpec {
             Some("text/event-stream"),
         ),
         (404, "No such order in this store", Some("Error")),
+    ],
+};
+
+pub const CANCEL: RouteSpec = RouteSpec {
+    method: "post",
+    path: "/orders/{id}/cancel",
+    summary: "Ask to cancel an order before it is ready to ship (body {} or {\"reason\": \"...\"}); fulfillment decides, the timeline shows the answer",
+    scoped: true,
+    idempotent: true,
+    query: &[],
+    request: Some("CancelRequest"),
+    responses: &[
+        (
+            202,
+            "Requested: OrderCancelled published to order.cancelled",
+            Some("CancellationRequested"),
+        ),
+        (400, "Malformed header or body", Some("Error")),
+        (404, "No such order in this store", Some("Error")),
+        (
+            409,
+            "Too late (ready to ship or beyond) or the order is over; the message says why",
+            Some("Error"),
+        ),
+        (
+            422,
+            "A bad reason, or the Idempotency-Key was used for another request",
+            Some("Error"),
+        ),
+        (
+            503,
+            "The broker or the database is unavailable",
+            Some("Error"),
+        ),
     ],
 };
 
@@ -502,6 +549,119 @@ pub async fn events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The longest cancellation reason accepted, in characters.
+pub const MAX_CANCEL_REASON: usize = 500;
+
+/// The body of `POST /orders/{id}/cancel`; empty is `{}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// The answer to a cancellation request.
+#[derive(Debug, Serialize)]
+pub struct CancellationRequested {
+    pub order_id: String,
+    pub event_id: String,
+    pub status: &'static str,
+    pub tracking_url: String,
+}
+
+/// `POST /orders/{id}/cancel` (see the module documentation).
+pub async fn cancel(
+    State(state): State<ApiState>,
+    store: Store,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRequest::default()
+    } else {
+        typed_body(&body)?
+    };
+    let reason = match request.reason {
+        Some(r) if r.chars().count() > MAX_CANCEL_REASON => {
+            return Err(ApiError::invalid_field(
+                Some("reason".into()),
+                format!("reason must be at most {MAX_CANCEL_REASON} characters"),
+            ));
+        }
+        Some(r) if r.trim().is_empty() => None,
+        r => r,
+    };
+    let route = format!("POST {}/cancel", order_path(&id));
+    let print = fingerprint(&route, &serde_json::json!({ "reason": reason }));
+    if let Some(r) = replay_idempotent(&state, &store, key.as_deref(), &print).await? {
+        return Ok(answer(r));
+    }
+    let order = state
+        .db()
+        .order(&store.0, &id)
+        .await?
+        .ok_or_else(|| order_not_found(&id))?;
+    let too_late = |why: &str| ApiError::conflict("not_cancellable", why.to_owned());
+    let seen = |t: EventType| order.timeline.iter().any(|e| e.event_type == t.name());
+    let status = order.order.status.map(|s| s.as_str()).unwrap_or("unknown");
+    match status {
+        "shipped" => return Err(too_late("the order has already shipped")),
+        "delivered" => return Err(too_late("the order has already been delivered")),
+        "cancelled" => return Err(too_late("the order is already cancelled")),
+        "rejected" => {
+            return Err(too_late(
+                "the order was rejected; there is nothing to cancel",
+            ));
+        }
+        "refunded" => return Err(too_late("the order was already refunded")),
+        _ if seen(EventType::ReadyToShip) || seen(EventType::CancellationRefused) => {
+            return Err(too_late(
+                "the order is already ready to ship (as good as shipped) and can no longer be cancelled",
+            ));
+        }
+        _ => {}
+    }
+    // The order's own flow, so the request traces with it.
+    let correlation_id = order
+        .timeline
+        .iter()
+        .find_map(|e| e.payload.get("correlation_id")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| id.clone());
+    let event = Event::OrderCancelled(OrderCancelled {
+        envelope: Envelope {
+            event_id: order_cancelled_id(&store.0, &id).to_string(),
+            order_id: Some(id.clone()),
+            store_id: store.0.clone(),
+            correlation_id,
+            causation_id: None,
+            occurred_at: crate::sql::now_ms(),
+            schema_version: 1,
+        },
+        reason,
+    });
+    // A request already in the timeline is not published again: the pipeline would drop
+    // it by its ID anyway, and its content (the reason) must stay the first one's.
+    if !seen(EventType::OrderCancelled) {
+        state.publish(&event).await?;
+    }
+    let requested = CancellationRequested {
+        order_id: id.clone(),
+        event_id: event.envelope().event_id.clone(),
+        status: "cancellation_requested",
+        tracking_url: order_path(&id),
+    };
+    let record = IdempotencyRecord {
+        fingerprint: print,
+        status: StatusCode::ACCEPTED.as_u16(),
+        response: serde_json::to_value(&requested).expect("serializes"),
+    };
+    Ok(answer(
+        remember_idempotent(&state, &store, key.as_deref(), record).await?,
+    ))
 }
 
 /// The answer to a retry.

@@ -399,6 +399,7 @@ async fn traffic(
             plan,
             rate,
             stock: false,
+            cancel_rate: 0.0,
         };
         published += simulator::run_load(settings, &config, false, stop)
             .await?

@@ -60,6 +60,10 @@ pub struct LoadArgs {
     /// Share of shipped orders the carrier fails to deliver (decided per order by the seed).
     #[arg(long, default_value_t = 0.05)]
     pub delivery_failure_rate: f64,
+    /// Share of orders, in 0..=1, whose customer asks to cancel them (decided per order
+    /// by the seed), up to 200 orders after placing them.
+    #[arg(long, default_value_t = 0.0)]
+    pub cancel_rate: f64,
     /// Pause between two scans of one order, in milliseconds.
     #[arg(long, default_value_t = 30)]
     pub scan_interval_ms: u64,
@@ -102,6 +106,7 @@ impl LoadArgs {
                 plan,
                 rate: self.rate,
                 stock: !self.no_stock,
+                cancel_rate: self.cancel_rate,
             },
             carrier: (!self.no_carrier).then(|| CarrierConfig {
                 group_id: None,
@@ -152,6 +157,11 @@ mod tests {
             .simulation(&settings);
         assert!(c.carrier.is_some());
         assert_eq!(c.load.plan.run_id, "x");
+        assert_eq!(c.load.cancel_rate, 0.0);
+        let c = Cmd::parse_from(["load", "--cancel-rate", "0.1"])
+            .load
+            .simulation(&settings);
+        assert_eq!(c.load.cancel_rate, 0.1);
         assert!(c.load.plan.fraud_burst > settings.fraud.velocity_max_orders);
         let c = Cmd::parse_from(["load", "--carrier", "--no-carrier"])
             .load

@@ -61,6 +61,7 @@ impl Catalogue {
             plan: self.plan(&Settings::default(), DEFAULT_RUN_ID),
             rate: 0.0,
             stock: true,
+            cancel_rate: 0.0,
         }
         .validate()
     }

@@ -300,8 +300,14 @@ fn fill_envelope_defaults(
 /// Canonical IDs that do not depend on how a producer encoded the record: an order's
 /// `OrderCreated` is identified by store and order ID, and a manual retry of it (see
 /// [`retry_number`](super::retry_number)) by store, order ID and the retry's number — never
-/// by an ID the producer chose.
+/// by an ID the producer chose. So is an order's `OrderCancelled`: one request per order,
+/// however many times and by whom it is sent.
 fn normalize(event: &mut Event) {
+    if let Event::OrderCancelled(c) = event
+        && let Some(order_id) = &c.envelope.order_id
+    {
+        c.envelope.event_id = super::order_cancelled_id(&c.envelope.store_id, order_id).to_string();
+    }
     if let Event::OrderCreated(o) = event
         && let Some(order_id) = &o.envelope.order_id
     {

@@ -98,6 +98,16 @@ pub fn order_retry_id(store_id: &str, order_id: &str, n: u32) -> Uuid {
     )
 }
 
+/// The event ID of an order's customer cancellation: one per order, derived from store
+/// and order ID, so a request repeated (by the API or a producer) is the same event and
+/// every stage deduplicates it.
+pub fn order_cancelled_id(store_id: &str, order_id: &str) -> Uuid {
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("order.cancelled/{store_id}/{order_id}").as_bytes(),
+    )
+}
+
 /// Timestamps are Avro `timestamp-millis`; JSON producers may send RFC 3339 strings.
 pub mod timestamp {
     use serde::{Deserializer, Serializer, de};
@@ -166,6 +176,9 @@ pub enum LowStockTrigger {
 pub enum PaymentFailureReason {
     Declined,
     GatewayUnavailable,
+    /// The customer cancelled the order before it was charged (or while a charge's fate
+    /// was unknown, which was then voided).
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +267,27 @@ event_struct!(PaymentRefunded {
 event_struct!(Picking {});
 event_struct!(Packed {});
 event_struct!(ReadyToShip {});
+event_struct!(
+    /// A customer's request to cancel an order, on `order.cancelled`. One per order: its
+    /// ID is [`order_cancelled_id`], so a repeated request deduplicates.
+    OrderCancelled {
+        #[serde(default)]
+        reason: Option<String>
+    }
+);
+event_struct!(
+    /// Fulfillment stopped the order before `ReadyToShip`: the order is cancelled, and
+    /// inventory and payment give back its stock and charge.
+    CancellationAccepted {
+        #[serde(default)]
+        reason: Option<String>
+    }
+);
+event_struct!(
+    /// A cancellation that came too late (the order is ready to ship or beyond); it
+    /// changes nothing.
+    CancellationRefused { reason: String }
+);
 event_struct!(CarrierScan { carrier: String, tracking_number: String, scan: ScanKind, #[serde(default)] location: Option<String>, #[serde(default)] detail: Option<String>, #[serde(with = "timestamp")] scanned_at: i64 });
 event_struct!(Shipped {
     carrier: String,
@@ -376,6 +410,9 @@ events! {
     Picking => "picking.avsc",
     Packed => "packed.avsc",
     ReadyToShip => "ready_to_ship.avsc",
+    OrderCancelled => "order_cancelled.avsc",
+    CancellationAccepted => "cancellation_accepted.avsc",
+    CancellationRefused => "cancellation_refused.avsc",
     CarrierScan => "carrier_scan.avsc",
     Shipped => "shipped.avsc",
     InTransit => "in_transit.avsc",

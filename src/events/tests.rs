@@ -64,6 +64,9 @@ macro_rules! with_inner {
             Event::Picking($e) => $body,
             Event::Packed($e) => $body,
             Event::ReadyToShip($e) => $body,
+            Event::OrderCancelled($e) => $body,
+            Event::CancellationAccepted($e) => $body,
+            Event::CancellationRefused($e) => $body,
             Event::CarrierScan($e) => $body,
             Event::Shipped($e) => $body,
             Event::InTransit($e) => $body,
@@ -332,7 +335,43 @@ fn normalized(event: &Event) -> Event {
             .expect("generated orders have an order_id");
         o.envelope.event_id = order_created_id(&o.envelope.store_id, order_id).to_string();
     }
+    if let Event::OrderCancelled(c) = &mut expected
+        && let Some(order_id) = c.envelope.order_id.as_deref()
+    {
+        c.envelope.event_id = order_cancelled_id(&c.envelope.store_id, order_id).to_string();
+    }
     expected
+}
+
+#[test]
+fn an_order_cancelled_is_identified_by_store_and_order() -> TestResult {
+    let codec = Codec::new();
+    let hints = DecodeHints {
+        topic_default: topics::default_event_type(topics::ORDER_CANCELLED),
+        ..DecodeHints::default()
+    };
+    let mut ids = BTreeSet::new();
+    for (event_id, reason) in [
+        ("", "once"),
+        (
+            r#""event_id": "00000000-0000-0000-0000-000000000001","#,
+            "twice",
+        ),
+    ] {
+        let json =
+            format!(r#"{{{event_id} "order_id": "o-1", "store_id": "s-1", "reason": "{reason}"}}"#);
+        let Event::OrderCancelled(c) = codec.decode(json.as_bytes(), hints)? else {
+            return Err("not an OrderCancelled".into());
+        };
+        assert_eq!(c.reason.as_deref(), Some(reason));
+        assert_eq!(c.envelope.correlation_id, "o-1");
+        ids.insert(c.envelope.event_id);
+    }
+    assert_eq!(
+        ids.into_iter().collect::<Vec<_>>(),
+        [order_cancelled_id("s-1", "o-1").to_string()]
+    );
+    Ok(())
 }
 
 fn check_round_trip(codec: &Codec, t: EventType, value: &Value) -> Result<(), TestCaseError> {
@@ -400,7 +439,7 @@ fn check_round_trip(codec: &Codec, t: EventType, value: &Value) -> Result<(), Te
 
 #[test]
 fn every_schema_parses_and_its_record_is_named_after_its_event_type() -> TestResult {
-    assert_eq!(EventType::ALL.len(), 26);
+    assert_eq!(EventType::ALL.len(), 29);
     let codec = Codec::new();
     for &t in EventType::ALL {
         let schema = Schema::parse_str(t.schema_source())?;

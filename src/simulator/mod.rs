@@ -4,7 +4,9 @@
 //! (`StockRestocked`, and `ThresholdSet`), then orders to `order.created` per the producer
 //! contract, paced at a target rate. Stores and SKUs are Zipf-popular, the hottest SKUs
 //! are stocked thinly so they run out, a few fraudulent customers place bursts beyond the
-//! velocity limit and a few orders exceed the amount limit. Meanwhile a carrier
+//! velocity limit and a few orders exceed the amount limit; a configurable share of
+//! orders is cancelled by its customer (`OrderCancelled` to `order.cancelled`, a seeded
+//! number of orders after the order, so requests meet orders at every step). Meanwhile a carrier
 //! ([`carrier::play_carrier`]) scans every order that becomes ready to ship, and a watch
 //! ([`outcomes::OutcomeWatch`]) reads how the run's orders end.
 //!
@@ -65,6 +67,35 @@ pub struct LoadConfig {
     pub rate: f64,
     /// Publish the stock commands before the orders.
     pub stock: bool,
+    /// Share of orders, in 0..=1, whose customer asks to cancel them (decided per order
+    /// by the seed).
+    pub cancel_rate: f64,
+}
+
+/// How many orders after its order a cancellation is published, at most: at 100 orders/s
+/// up to about two seconds, so requests meet orders from before screening to shipped.
+const MAX_CANCEL_DELAY_ORDERS: u64 = 200;
+
+/// Whether the customer of `order_id` cancels it, and how many orders later (by the seed).
+fn cancellation_of(seed: u64, rate: f64, order_id: &str) -> Option<u64> {
+    let draw = generate::seeded_hash(seed, &format!("cancel/{order_id}"));
+    ((draw as f64 / u64::MAX as f64) < rate).then(|| {
+        generate::seeded_hash(seed, &format!("cancel-delay/{order_id}"))
+            % (MAX_CANCEL_DELAY_ORDERS + 1)
+    })
+}
+
+/// A customer's `OrderCancelled` as JSON per the producer contract (its event ID is
+/// derived from store and order by every reader).
+fn cancellation_json(store_id: &str, order_id: &str, now_ms: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "event_type": "OrderCancelled",
+        "order_id": order_id,
+        "store_id": store_id,
+        "occurred_at": now_ms,
+        "reason": "changed my mind",
+    }))
+    .expect("JSON")
 }
 
 impl Default for LoadConfig {
@@ -73,6 +104,7 @@ impl Default for LoadConfig {
             plan: PlanConfig::default(),
             rate: 100.0,
             stock: true,
+            cancel_rate: 0.0,
         }
     }
 }
@@ -102,6 +134,9 @@ impl LoadConfig {
         if !(p.skew >= 0.0 && p.skew.is_finite()) {
             return bad("--skew must be a non-negative number");
         }
+        if !(0.0..=1.0).contains(&self.cancel_rate) {
+            return bad("--cancel-rate must be between 0 and 1");
+        }
         Ok(())
     }
 
@@ -119,6 +154,8 @@ pub struct LoadReport {
     /// Fraudulent and huge orders among `orders`.
     pub fraud_orders: u64,
     pub huge_orders: u64,
+    /// Cancellation requests published (see [`LoadConfig::cancel_rate`]).
+    pub cancellations: u64,
     /// From the first order handed to the client to the last one acknowledged.
     pub elapsed: Duration,
     /// Publishing the stock commands (acknowledged) took this long.
@@ -179,6 +216,9 @@ pub async fn run_load(
         "orders   [{bar:40}] {pos}/{len} {per_sec} {elapsed}/{eta} left",
     );
     let topic = t.name(topics::ORDER_CREATED);
+    let cancel_topic = t.name(topics::ORDER_CANCELLED);
+    // Cancellations waiting for their turn: (due after order seq, store, order).
+    let mut cancels: std::collections::VecDeque<(u64, String, String)> = Default::default();
     let mut pacer = Pacer::for_rate(config.rate);
     let before = publisher.acked();
     let started = Instant::now();
@@ -200,15 +240,47 @@ pub async fn run_load(
             OrderKind::FraudBurst => report.fraud_orders += 1,
             OrderKind::Huge => report.huge_orders += 1,
         }
+        if let Some(delay) = cancellation_of(config.plan.seed, config.cancel_rate, &o.order_id) {
+            let due = o.seq + delay;
+            let at = cancels.partition_point(|(d, _, _)| *d <= due);
+            cancels.insert(at, (due, o.store_id.clone(), o.order_id.clone()));
+        }
+        while cancels.front().is_some_and(|(due, _, _)| *due <= o.seq) {
+            let (_, store_id, order_id) = cancels.pop_front().expect("a front");
+            publisher
+                .send(
+                    &cancel_topic,
+                    &store_id,
+                    &cancellation_json(&store_id, &order_id, now),
+                    &[],
+                )
+                .await?;
+            report.cancellations += 1;
+        }
         pb.inc(1);
         if o.seq % 256 == 255 {
             // Unpaced, nothing above need ever wait: let other tasks (the carrier) run.
             tokio::task::yield_now().await;
         }
     }
+    // The rest of the requests, unless stopped: their orders are all out.
+    if !report.interrupted {
+        let now = chrono::Utc::now().timestamp_millis();
+        for (_, store_id, order_id) in cancels {
+            publisher
+                .send(
+                    &cancel_topic,
+                    &store_id,
+                    &cancellation_json(&store_id, &order_id, now),
+                    &[],
+                )
+                .await?;
+            report.cancellations += 1;
+        }
+    }
     publisher.flush().await?;
     report.elapsed = started.elapsed();
-    report.orders = publisher.acked() - before;
+    report.orders = publisher.acked() - before - report.cancellations;
     pb.finish();
     Ok(report)
 }
@@ -341,10 +413,11 @@ impl std::fmt::Display for Summary {
         let l = &self.load;
         writeln!(
             f,
-            "published {} orders ({} in fraud bursts, {} huge) in {:.1}s: {:.1} orders/s{}",
+            "published {} orders ({} in fraud bursts, {} huge) and {} cancellation requests in {:.1}s: {:.1} orders/s{}",
             l.orders,
             l.fraud_orders,
             l.huge_orders,
+            l.cancellations,
             l.elapsed.as_secs_f64(),
             l.achieved_rate(),
             if l.interrupted { " (interrupted)" } else { "" }
@@ -379,5 +452,69 @@ impl std::fmt::Display for Summary {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancellations_follow_the_rate_and_the_seed() {
+        let ids: Vec<String> = (0..10_000).map(|i| format!("o-r-{i:05}")).collect();
+        let drawn = |seed: u64, rate: f64| -> Vec<Option<u64>> {
+            ids.iter()
+                .map(|id| cancellation_of(seed, rate, id))
+                .collect()
+        };
+        assert!(drawn(7, 0.0).iter().all(Option::is_none));
+        let all = drawn(7, 1.0);
+        assert!(
+            all.iter()
+                .all(|d| d.is_some_and(|d| d <= MAX_CANCEL_DELAY_ORDERS))
+        );
+        let tenth = drawn(7, 0.1);
+        let n = tenth.iter().filter(|d| d.is_some()).count();
+        assert!((800..=1_200).contains(&n), "{n} of 10,000 at 0.1");
+        // The same seed draws the same orders and delays; a rate only adds orders.
+        assert_eq!(tenth, drawn(7, 0.1));
+        assert_ne!(tenth, drawn(8, 0.1));
+        let fifth = drawn(7, 0.2);
+        assert!(tenth.iter().zip(&fifth).all(|(a, b)| a.is_none() || a == b));
+    }
+
+    #[test]
+    fn a_cancel_rate_outside_zero_to_one_is_refused() {
+        for rate in [-0.1, 1.5, f64::NAN] {
+            let config = LoadConfig {
+                cancel_rate: rate,
+                ..LoadConfig::default()
+            };
+            assert!(
+                matches!(config.validate(), Err(SimError::Config(m)) if m.contains("--cancel-rate")),
+                "{rate}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cancellation_is_a_producer_contract_order_cancelled() {
+        let codec = crate::events::codec::Codec::new();
+        let hints = crate::events::codec::DecodeHints {
+            topic_default: topics::default_event_type(topics::ORDER_CANCELLED),
+            ..Default::default()
+        };
+        let event = codec
+            .decode(&cancellation_json("store-001", "o-1", 5), hints)
+            .expect("decodes");
+        let crate::events::Event::OrderCancelled(c) = event else {
+            panic!("not an OrderCancelled: {event:?}");
+        };
+        assert_eq!(
+            c.envelope.event_id,
+            crate::events::order_cancelled_id("store-001", "o-1").to_string()
+        );
+        assert_eq!(c.envelope.occurred_at, 5);
+        assert_eq!(c.reason.as_deref(), Some("changed my mind"));
     }
 }

@@ -26,6 +26,8 @@ const LIFECYCLE: &[&str] = &[
     topics::ORDER_SCREENED,
     topics::INVENTORY_UPDATED,
     topics::PAYMENT_PROCESSED,
+    // A customer's cancellation accepted before the order was reserved ends it here.
+    topics::FULFILLMENT_UPDATED,
     topics::DELIVERY_UPDATED,
 ];
 

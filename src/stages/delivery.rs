@@ -37,6 +37,10 @@
 //! (a scan for an unknown order), each buffered scan is reported as an anomaly and the
 //! record dropped: nothing is lost silently, and state stays bounded.
 //!
+//! Customer cancellation needs no change here: fulfillment decides it, and accepts it
+//! only before `ReadyToShip`, so a cancelled order never reaches this stage; its answers
+//! (`CancellationAccepted`, `CancellationRefused`) on `fulfillment.updated` are ignored.
+//!
 //! Invariant: every record either is waiting for `ReadyToShip` with a retirement timer,
 //! is active, or is terminal with a retirement timer; a terminal record lives
 //! [`RETAIN_MS`] (the runtime's default dedup window), so a duplicate within that time is
@@ -532,8 +536,16 @@ impl Stage for DeliveryStage {
     ) -> Result<(), StageError> {
         match (input.topic, input.event) {
             (topics::FULFILLMENT_UPDATED, Event::ReadyToShip(ready)) => self.ready(ctx, ready),
-            // Progress inside the warehouse: nothing for delivery to track yet.
-            (topics::FULFILLMENT_UPDATED, Event::Picking(_) | Event::Packed(_)) => Ok(()),
+            // Progress inside the warehouse: nothing for delivery to track yet. A
+            // cancellation's answer needs nothing either: an accepted one comes before
+            // `ReadyToShip`, which then never comes, and a refused one changes nothing.
+            (
+                topics::FULFILLMENT_UPDATED,
+                Event::Picking(_)
+                | Event::Packed(_)
+                | Event::CancellationAccepted(_)
+                | Event::CancellationRefused(_),
+            ) => Ok(()),
             (topics::CARRIER_UPDATES, Event::CarrierScan(scan)) => self.scan(ctx, scan),
             (topic, other) => Err(StageError::Unexpected {
                 event_type: other.event_type().to_string(),
@@ -1025,13 +1037,23 @@ mod tests {
     }
 
     #[test]
-    fn picking_and_packed_are_ignored() -> TestResult {
+    fn picking_packed_and_cancellation_answers_are_ignored() -> TestResult {
         let env = envelope("x", "o-1", "corr-order");
         for event in [
             Event::Picking(Picking {
                 envelope: env.clone(),
             }),
-            Event::Packed(Packed { envelope: env }),
+            Event::Packed(Packed {
+                envelope: env.clone(),
+            }),
+            Event::CancellationAccepted(crate::events::CancellationAccepted {
+                envelope: env.clone(),
+                reason: None,
+            }),
+            Event::CancellationRefused(crate::events::CancellationRefused {
+                envelope: env,
+                reason: "too late".into(),
+            }),
         ] {
             let mut h = harness();
             assert_eq!(h.process_on(topics::FULFILLMENT_UPDATED, &event)?, vec![]);

@@ -2,6 +2,10 @@
 //! rejected with one machine-readable reason per failed rule (amount limit, blocked
 //! customer, blocked email, per-customer order velocity).
 //!
+//! Customer cancellation does not concern screening: a cancelled order is still screened
+//! (its velocity counts — the customer did place it), and inventory, which remembers the
+//! cancellation, does not reserve it.
+//!
 //! Invariant: a decision depends only on the order, the settings and the velocity window of
 //! the order's (store, customer). The window is keyed by order ID and measured in event
 //! time (`placed_at`), never wall-clock time, so a redelivered or replayed order is counted

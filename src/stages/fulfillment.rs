@@ -1,8 +1,16 @@
-//! Fulfillment: every authorized order is picked, packed and made ready to ship, once.
+//! Fulfillment: every authorized order is picked, packed and made ready to ship, once —
+//! and the one place that decides whether a customer's cancellation comes in time.
 //!
 //! `PaymentAuthorized` emits `Picking` at once and starts the order's progress; a timer
 //! (`pick_ms`) then emits `Packed`, and another (`pack_ms`) `ReadyToShip`. Other payment
 //! events are not this stage's business and are ignored.
+//!
+//! `ReadyToShip` is the point of no return, and this stage emits it, so this stage alone
+//! decides a cancellation (`OrderCancelled` on `order.cancelled`): before `ReadyToShip`
+//! it stops the order and emits `CancellationAccepted`, which inventory and payment
+//! compensate; from `ReadyToShip` on it emits `CancellationRefused` and changes nothing.
+//! Deciding in one place is what keeps payment from refunding an order delivery already
+//! shipped.
 //!
 //! | phase in state   | on                          | emits         | then                  |
 //! |------------------|-----------------------------|---------------|-----------------------|
@@ -10,6 +18,12 @@
 //! | `picking`        | pack timer                  | `Packed`      | `packed`, ready timer |
 //! | `packed`         | ready timer                 | `ReadyToShip` | `ready_to_ship`, retire timer |
 //! | `ready_to_ship`  | retire timer                | —             | record removed        |
+//! | (no record), `picking`, `packed` | `OrderCancelled` | `CancellationAccepted` | `cancelled`, step timers cancelled, retire timer |
+//! | `cancelled`      | `OrderCancelled` again      | —             | unchanged             |
+//! | `cancelled`      | `PaymentAuthorized`         | —             | unchanged (never picked) |
+//! | `cancelled`      | retire timer                | —             | record removed        |
+//! | `ready_to_ship`  | `OrderCancelled` (first)    | `CancellationRefused` | refusal recorded |
+//! | `ready_to_ship`  | `OrderCancelled` again      | —             | unchanged             |
 //! | any              | `PaymentAuthorized` again   | —             | unchanged             |
 //! | any              | a timer of another phase    | —             | unchanged             |
 //!
@@ -17,21 +31,31 @@
 //! keyed by (store, order), not by the triggering event, so a redelivered or replayed
 //! `PaymentAuthorized` — even one with another event ID, as a retried payment could
 //! produce — finds it and changes nothing. The record is retired [`RETAIN_MS`] after
-//! `ReadyToShip`, the same as the runtime's default dedup window. Timer-caused outputs
+//! `ReadyToShip` or a cancellation: as long as payment keeps an authorized order, so a
+//! cancellation arriving late can never find the record gone and be accepted for an
+//! order already shipped. Timer-caused outputs
 //! inherit the envelope of the order's `PaymentAuthorized` (the timers' cause) and derive
 //! their IDs from the firing, so a replayed firing emits the same IDs.
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::FulfillmentSettings;
-use crate::events::{Event, Packed, PaymentAuthorized, Picking, ReadyToShip};
+use crate::events::{
+    CancellationAccepted, CancellationRefused, Event, OrderCancelled, Packed, PaymentAuthorized,
+    Picking, ReadyToShip,
+};
 use crate::stages::{Ctx, Input, Stage, StageError, StageName, Timer};
 use crate::topics;
 
-/// How long a finished order's record is kept after `ReadyToShip`, so that a
-/// `PaymentAuthorized` published again within that time (under a new event ID, which the
-/// runtime's dedup window cannot recognize) is still recognized: 7 days.
-pub const RETAIN_MS: i64 = 7 * 24 * 3_600_000;
+/// How long a finished order's record is kept after `ReadyToShip` (or a cancelled one
+/// after its cancellation), so that a `PaymentAuthorized` published again within that
+/// time (under a new event ID, which the runtime's dedup window cannot recognize) is
+/// still recognized, and a late `OrderCancelled` is refused rather than accepted: 30
+/// days, the time payment keeps an authorized order it could still refund.
+pub const RETAIN_MS: i64 = 30 * 24 * 3_600_000;
+
+/// `CancellationRefused.reason`: the order reached the point of no return.
+pub const TOO_LATE: &str = "already ready_to_ship: the order can no longer be cancelled";
 
 /// The value of one key of the fulfillment stage's state.
 ///
@@ -50,6 +74,10 @@ pub struct Progress {
     pub phase: Phase,
     /// Wall-clock ms at which the order entered `phase`; for operators reading state.
     pub since: i64,
+    /// Whether a cancellation was refused already, so a repeated request is answered
+    /// once. Absent from the changelog while false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancellation_refused: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +86,8 @@ pub enum Phase {
     Picking,
     Packed,
     ReadyToShip,
+    /// Stopped by a customer's cancellation before `ReadyToShip`; never picked again.
+    Cancelled,
 }
 
 /// The step a timer performs. Each step has its own timer ID, so two steps that happen
@@ -83,13 +113,13 @@ impl Step {
         }
     }
 
-    /// The phase the order must be in for this step to apply; a timer finding anything
-    /// else is stale and does nothing.
-    fn applies_in(self) -> Phase {
+    /// Whether this step applies to an order in `phase`; a timer finding anything else
+    /// is stale and does nothing.
+    fn applies_in(self, phase: Phase) -> bool {
         match self {
-            Step::Pack => Phase::Picking,
-            Step::Ready => Phase::Packed,
-            Step::Retire => Phase::ReadyToShip,
+            Step::Pack => phase == Phase::Picking,
+            Step::Ready => phase == Phase::Packed,
+            Step::Retire => matches!(phase, Phase::ReadyToShip | Phase::Cancelled),
         }
     }
 }
@@ -162,6 +192,7 @@ impl FulfillmentStage {
             FulfillmentState::Order(Progress {
                 phase: Phase::Picking,
                 since: now,
+                cancellation_refused: false,
             }),
         );
         let picking = Picking {
@@ -176,6 +207,63 @@ impl FulfillmentStage {
             key,
             now.saturating_add(self.pick_ms),
         );
+        Ok(())
+    }
+
+    /// A customer's cancellation: accepted before `ReadyToShip`, refused from then on;
+    /// each answered once per record.
+    fn cancel(
+        &self,
+        ctx: &mut Ctx<'_, FulfillmentState>,
+        request: &OrderCancelled,
+    ) -> Result<(), StageError> {
+        let env = &request.envelope;
+        let order_id = env.order_id.as_deref().ok_or_else(|| {
+            StageError::Invalid(format!("OrderCancelled {} has no order_id", env.event_id))
+        })?;
+        let store_id = env.store_id.as_str();
+        let key = order_key(store_id, order_id);
+        let now = ctx.now();
+        let progress = ctx
+            .state
+            .get(&key)
+            .map(|FulfillmentState::Order(p)| p.clone());
+        match progress.as_ref().map(|p| p.phase) {
+            None | Some(Phase::Picking) | Some(Phase::Packed) => {
+                ctx.cancel(&timer_id(Step::Pack, store_id, order_id));
+                ctx.cancel(&timer_id(Step::Ready, store_id, order_id));
+                ctx.state.insert(
+                    key.clone(),
+                    FulfillmentState::Order(Progress {
+                        phase: Phase::Cancelled,
+                        since: now,
+                        cancellation_refused: false,
+                    }),
+                );
+                let accepted = CancellationAccepted {
+                    envelope: ctx.next_envelope(),
+                    reason: request.reason.clone(),
+                };
+                ctx.emit(accepted);
+                let due = now.saturating_add(RETAIN_MS);
+                schedule(ctx, Step::Retire, store_id, order_id, key, due);
+            }
+            Some(Phase::ReadyToShip) => {
+                let mut progress = progress.expect("a phase comes from a record");
+                if progress.cancellation_refused {
+                    return Ok(());
+                }
+                progress.cancellation_refused = true;
+                ctx.state.insert(key, FulfillmentState::Order(progress));
+                let refused = CancellationRefused {
+                    envelope: ctx.next_envelope(),
+                    reason: TOO_LATE.to_owned(),
+                };
+                ctx.emit(refused);
+            }
+            // Cancelled already: the same answer was given once.
+            Some(Phase::Cancelled) => {}
+        }
         Ok(())
     }
 }
@@ -201,7 +289,7 @@ impl Stage for FulfillmentStage {
     }
 
     fn inputs(&self) -> &'static [&'static str] {
-        &[topics::PAYMENT_PROCESSED]
+        &[topics::PAYMENT_PROCESSED, topics::ORDER_CANCELLED]
     }
 
     fn process(
@@ -212,6 +300,9 @@ impl Stage for FulfillmentStage {
         match input.event {
             Event::PaymentAuthorized(auth) if input.topic == topics::PAYMENT_PROCESSED => {
                 self.start(ctx, auth)
+            }
+            Event::OrderCancelled(request) if input.topic == topics::ORDER_CANCELLED => {
+                self.cancel(ctx, request)
             }
             // Retries, failures and refunds: the order either is not paid yet or is
             // compensated by other stages; fulfillment has nothing to do.
@@ -240,7 +331,7 @@ impl Stage for FulfillmentStage {
             // The record was retired; nothing left to do.
             return Ok(());
         };
-        if progress.phase != step.applies_in() {
+        if !step.applies_in(progress.phase) {
             return Ok(());
         }
         // The next step is due relative to when this one was due, not to when it fired:
@@ -289,7 +380,11 @@ impl Stage for FulfillmentStage {
 fn set_phase(ctx: &mut Ctx<'_, FulfillmentState>, key: &str, phase: Phase, now: i64) {
     ctx.state.insert(
         key.to_owned(),
-        FulfillmentState::Order(Progress { phase, since: now }),
+        FulfillmentState::Order(Progress {
+            phase,
+            since: now,
+            cancellation_refused: false,
+        }),
     );
 }
 
@@ -368,7 +463,221 @@ mod tests {
     fn stage_identity() {
         let stage = FulfillmentStage::new(settings());
         assert_eq!(stage.name(), "fulfillment");
-        assert_eq!(stage.inputs(), &[topics::PAYMENT_PROCESSED]);
+        assert_eq!(
+            stage.inputs(),
+            &[topics::PAYMENT_PROCESSED, topics::ORDER_CANCELLED]
+        );
+    }
+
+    fn cancelled(event_id: &str, store: &str, order: &str) -> Event {
+        Event::OrderCancelled(OrderCancelled {
+            envelope: envelope(event_id, store, order),
+            reason: Some("changed my mind".into()),
+        })
+    }
+
+    /// Where an order can be when its cancellation arrives.
+    #[derive(Debug, Clone, Copy)]
+    enum Position {
+        NoRecord,
+        Picking,
+        Packed,
+        ReadyToShip,
+        AlreadyRefused,
+        AlreadyCancelled,
+    }
+
+    /// Brings a fresh driver's order s-1/o-1 to `position`.
+    fn reach(h: &mut Harness, position: Position) -> TestResult {
+        let auth = authorized("pa-1", "s-1", "o-1");
+        match position {
+            Position::NoRecord => {}
+            Position::Picking => {
+                h.process(&auth)?;
+            }
+            Position::Packed => {
+                h.process(&auth)?;
+                h.advance_until_idle(T0 + PICK)?;
+            }
+            Position::ReadyToShip | Position::AlreadyRefused => {
+                h.process(&auth)?;
+                h.advance_until_idle(T0 + PICK + PACK)?;
+                if let Position::AlreadyRefused = position {
+                    h.process(&cancelled("oc-0", "s-1", "o-1"))?;
+                }
+            }
+            Position::AlreadyCancelled => {
+                h.process(&auth)?;
+                h.process(&cancelled("oc-0", "s-1", "o-1"))?;
+            }
+        }
+        h.commit();
+        Ok(())
+    }
+
+    /// A cancellation in every position an order can be in: what it emits, the phase
+    /// after, the timers left — and that nothing more happens afterwards (an accepted
+    /// order is never packed nor made ready, even when its old timers' times come).
+    #[test]
+    fn a_cancellation_in_every_position() -> TestResult {
+        use EventType as E;
+        let retire = timer_id(Step::Retire, "s-1", "o-1");
+        let at = T0 + PICK + PACK;
+        // (position, outputs, phase after, timers after (id, due))
+        type Row = (Position, Vec<E>, Phase, Vec<(String, i64)>);
+        let rows: Vec<Row> = vec![
+            (
+                Position::NoRecord,
+                vec![E::CancellationAccepted],
+                Phase::Cancelled,
+                vec![(retire.clone(), at + RETAIN_MS)],
+            ),
+            (
+                Position::Picking,
+                vec![E::CancellationAccepted],
+                Phase::Cancelled,
+                vec![(retire.clone(), at + RETAIN_MS)],
+            ),
+            (
+                Position::Packed,
+                vec![E::CancellationAccepted],
+                Phase::Cancelled,
+                vec![(retire.clone(), at + RETAIN_MS)],
+            ),
+            (
+                Position::ReadyToShip,
+                vec![E::CancellationRefused],
+                Phase::ReadyToShip,
+                vec![(retire.clone(), at + RETAIN_MS)],
+            ),
+            // Answered once: a repeated request (another event ID) changes nothing.
+            (
+                Position::AlreadyRefused,
+                vec![],
+                Phase::ReadyToShip,
+                vec![(retire.clone(), at + RETAIN_MS)],
+            ),
+            (
+                Position::AlreadyCancelled,
+                vec![],
+                Phase::Cancelled,
+                vec![(retire.clone(), T0 + RETAIN_MS)],
+            ),
+        ];
+        for (position, outputs, phase, timers) in rows {
+            let mut h = harness();
+            reach(&mut h, position)?;
+            // Every request arrives at the same instant, after the order would be ready.
+            h.now = at;
+            if let Position::Picking | Position::Packed | Position::AlreadyCancelled = position {
+                // Keep the order where it is: the request arrives before its next step.
+                h.now = match position {
+                    Position::Picking | Position::AlreadyCancelled => T0 + PICK - 1,
+                    _ => T0 + PICK + PACK - 1,
+                };
+            }
+            let now = h.now;
+            let out = h.process(&cancelled("oc-1", "s-1", "o-1"))?;
+            assert_eq!(types(&out), outputs, "{position:?}: outputs");
+            assert_eq!(h.phase("s-1", "o-1"), Some(phase), "{position:?}: phase");
+            let timers: Vec<(String, i64)> = timers
+                .into_iter()
+                .map(|(id, due)| {
+                    // An acceptance retires `RETAIN_MS` after it happened.
+                    let due = if outputs == [E::CancellationAccepted] {
+                        now + RETAIN_MS
+                    } else {
+                        due
+                    };
+                    (id, due)
+                })
+                .collect();
+            let got: Vec<(String, i64)> = h
+                .timer_ids()
+                .into_iter()
+                .map(|id| {
+                    let due = h.timers.get(&id).map(|t| t.due_at).unwrap_or_default();
+                    (id, due)
+                })
+                .collect();
+            assert_eq!(got, timers, "{position:?}: timers");
+            if let [answer] = out.as_slice() {
+                let env = answer.envelope();
+                assert_eq!(
+                    env.event_id,
+                    derive_id("oc-1", "fulfillment", 0).to_string()
+                );
+                assert_eq!(env.causation_id.as_deref(), Some("oc-1"));
+                assert_eq!(env.order_id.as_deref(), Some("o-1"));
+                assert_eq!(env.store_id, "s-1");
+                match answer {
+                    Event::CancellationAccepted(a) => {
+                        assert_eq!(a.reason.as_deref(), Some("changed my mind"))
+                    }
+                    Event::CancellationRefused(r) => assert_eq!(r.reason, TOO_LATE),
+                    other => return Err(format!("{other:?}").into()),
+                }
+            }
+            // Nothing further happens until the record retires, and then it goes.
+            let later = h.advance_until_idle(now + RETAIN_MS - 1)?;
+            assert_eq!(types(&later), vec![], "{position:?}: later outputs");
+            h.advance_until_idle(now + 2 * RETAIN_MS)?;
+            assert!(h.state.is_empty(), "{position:?}: retired");
+            assert!(h.timers.is_empty(), "{position:?}: timers left");
+        }
+        Ok(())
+    }
+
+    /// Both arrival orders of the request and the order's authorization: the order is
+    /// cancelled either way, and never picked once cancelled.
+    #[test]
+    fn a_request_before_the_authorization_means_the_order_is_never_picked() -> TestResult {
+        let mut h = harness();
+        let out = h.process(&cancelled("oc-1", "s-1", "o-1"))?;
+        assert_eq!(types(&out), [EventType::CancellationAccepted]);
+        h.commit();
+        let out = h.process(&authorized("pa-1", "s-1", "o-1"))?;
+        assert_eq!(out, vec![]);
+        assert!(!h.state.has_changes() && !h.timers.has_changes());
+        assert_eq!(h.advance_until_idle(T0 + PICK + PACK)?, vec![]);
+        assert_eq!(h.phase("s-1", "o-1"), Some(Phase::Cancelled));
+
+        // The other order: authorized first, then the request.
+        let mut h = harness();
+        let mut out = h.process(&authorized("pa-1", "s-1", "o-1"))?;
+        out.extend(h.process(&cancelled("oc-1", "s-1", "o-1"))?);
+        out.extend(h.advance_until_idle(T0 + PICK + PACK)?);
+        assert_eq!(
+            types(&out),
+            [EventType::Picking, EventType::CancellationAccepted]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_cancellation_only_concerns_its_own_order() -> TestResult {
+        let mut h = harness();
+        h.process(&authorized("pa-1", "s-1", "o-1"))?;
+        h.process(&authorized("pa-2", "s-2", "o-1"))?;
+        h.process(&cancelled("oc-1", "s-2", "o-1"))?;
+        let out = h.advance_until_idle(T0 + PICK + PACK)?;
+        assert_eq!(types(&out), [EventType::Packed, EventType::ReadyToShip]);
+        assert_eq!(out[0].envelope().store_id, "s-1");
+        assert_eq!(h.phase("s-2", "o-1"), Some(Phase::Cancelled));
+        Ok(())
+    }
+
+    #[test]
+    fn a_cancellation_without_an_order_id_is_invalid_and_leaves_no_trace() {
+        let mut h = harness();
+        let mut request = cancelled("oc-1", "s-1", "o-1");
+        request.envelope_mut().order_id = None;
+        assert!(matches!(
+            h.process(&request),
+            Err(StageError::Invalid(ref m)) if m.contains("oc-1")
+        ));
+        assert!(h.state.is_empty() && !h.state.has_changes());
+        assert!(h.timers.is_empty());
     }
 
     /// Every transition of the table in the module docs, in order, with the state,
@@ -791,10 +1100,22 @@ mod tests {
         let state = FulfillmentState::Order(Progress {
             phase: Phase::ReadyToShip,
             since: 5,
+            cancellation_refused: false,
         });
         let json = serde_json::to_string(&state)?;
         assert_eq!(json, r#"{"order":{"phase":"ready_to_ship","since":5}}"#);
         assert_eq!(serde_json::from_str::<FulfillmentState>(&json)?, state);
+        let refused = FulfillmentState::Order(Progress {
+            phase: Phase::ReadyToShip,
+            since: 5,
+            cancellation_refused: true,
+        });
+        let json = serde_json::to_string(&refused)?;
+        assert_eq!(
+            json,
+            r#"{"order":{"phase":"ready_to_ship","since":5,"cancellation_refused":true}}"#
+        );
+        assert_eq!(serde_json::from_str::<FulfillmentState>(&json)?, refused);
 
         let mut h = harness();
         h.process(&authorized("pa-1", "s-1", "o-1"))?;

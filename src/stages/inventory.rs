@@ -1,6 +1,14 @@
 //! Inventory: reserves stock for approved orders (all lines or none), applies stock
 //! commands (restock, adjust, set threshold), releases a reservation when its payment
-//! fails, and raises low-stock alerts on a crossing and from a periodic watchdog.
+//! fails or its order is cancelled, and raises low-stock alerts on a crossing and from a
+//! periodic watchdog.
+//!
+//! A customer cancellation reaches this stage as fulfillment's `CancellationAccepted`
+//! (fulfillment alone decides, before `ReadyToShip`): stock held for the order — reserved,
+//! or sold to it but not shipped — goes back once (`StockReleased`, reason
+//! [`CANCELLED`]); an order not reserved yet is remembered as cancelled, so its screening,
+//! arriving later, reserves nothing (and emits nothing: the order's status is already
+//! `cancelled`, from the acceptance).
 //!
 //! Invariants, per (store, SKU):
 //!
@@ -12,7 +20,8 @@
 //! - an order is reserved at most once and released at most once: its record under
 //!   [`order_key`] goes `Reserved` → `Closed` (or straight to `Closed` when out of stock),
 //!   and a closed order ignores every later screening or payment outcome, even replayed
-//!   ones with new event IDs. Closed records are retired [`SETTLED_RETENTION_MS`] after
+//!   ones with new event IDs; a `Sold` one is released once more only by a cancellation,
+//!   which closes it as `Cancelled`. Closed records are retired [`SETTLED_RETENTION_MS`] after
 //!   closing, which bounds the state; a reservation is kept until its payment settles.
 //!
 //! Low-stock alerts: threshold `t` (per SKU, else `default_low_stock_threshold`) means a
@@ -32,9 +41,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::InventorySettings;
 use crate::events::{
-    Envelope, Event, LowStock, LowStockTrigger, OrderLine, OrderScreened, PaymentAuthorized,
-    PaymentFailed, ScreeningDecision, Shortage, StockAdjusted, StockLevelChanged, StockRecovered,
-    StockRejected, StockReleased, StockReserved, StockRestocked, ThresholdSet,
+    CancellationAccepted, Envelope, Event, LowStock, LowStockTrigger, OrderLine, OrderScreened,
+    PaymentAuthorized, PaymentFailed, ScreeningDecision, Shortage, StockAdjusted,
+    StockLevelChanged, StockRecovered, StockRejected, StockReleased, StockReserved, StockRestocked,
+    ThresholdSet,
 };
 use crate::stages::{Ctx, Input, Stage, StageError, StageName, Store, Timer};
 use crate::topics;
@@ -43,6 +53,8 @@ use crate::topics;
 pub const OUT_OF_STOCK: &str = "out_of_stock";
 /// `StockReleased.reason` when the order's payment failed.
 pub const PAYMENT_FAILED: &str = "payment_failed";
+/// `StockReleased.reason` when the customer cancelled the order.
+pub const CANCELLED: &str = "cancelled";
 /// `StockLevelChanged.reason` of a restock (an adjustment carries its own reason).
 pub const RESTOCK: &str = "restock";
 /// How long a closed order is remembered: long enough that a replayed screening or
@@ -117,6 +129,10 @@ pub struct ClosedOrder {
     pub outcome: OrderOutcome,
     /// When the retirement timer deletes this record (ms since the epoch).
     pub retire_at: i64,
+    /// The lines of a `Sold` order, which a cancellation before shipping gives back;
+    /// empty (and absent from the changelog) for every other outcome.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<OrderLine>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +144,9 @@ pub enum OrderOutcome {
     Sold,
     /// Payment failed: the reserved units went back to stock.
     Released,
+    /// The customer cancelled: whatever the order held went back to stock (or it was
+    /// cancelled before it was reserved, and will not be).
+    Cancelled,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -329,11 +348,16 @@ impl InventoryStage {
         store_id: &str,
         order_id: &str,
         outcome: OrderOutcome,
+        items: Vec<OrderLine>,
     ) {
         let retire_at = ctx.now().saturating_add(SETTLED_RETENTION_MS);
         ctx.state.insert(
             order_key(store_id, order_id),
-            InventoryState::Closed(ClosedOrder { outcome, retire_at }),
+            InventoryState::Closed(ClosedOrder {
+                outcome,
+                retire_at,
+                items,
+            }),
         );
         ctx.schedule(
             retire_timer_id(store_id, order_id),
@@ -382,7 +406,7 @@ impl InventoryStage {
                 short,
                 reason: OUT_OF_STOCK.to_owned(),
             });
-            self.close(ctx, store, order_id, OrderOutcome::OutOfStock);
+            self.close(ctx, store, order_id, OrderOutcome::OutOfStock, Vec::new());
             return Ok(());
         }
 
@@ -533,6 +557,73 @@ impl InventoryStage {
             return Ok(());
         };
         let items = reservation.items.clone();
+        self.give_back(
+            ctx,
+            store,
+            order_id,
+            items,
+            PAYMENT_FAILED,
+            OrderOutcome::Released,
+        )
+    }
+
+    /// A customer cancellation that fulfillment accepted (so nothing has shipped): what
+    /// the order holds, reserved or sold, goes back once; an order not reserved yet is
+    /// closed so that it never will be.
+    fn cancel(
+        &self,
+        ctx: &mut Ctx<'_, InventoryState>,
+        accepted: &CancellationAccepted,
+    ) -> Result<(), StageError> {
+        let store = accepted.envelope.store_id.as_str();
+        let order_id = required_order_id(&accepted.envelope, "CancellationAccepted")?;
+        let items = match ctx.state.get(&order_key(store, order_id)) {
+            Some(InventoryState::Reserved(r)) => r.items.clone(),
+            Some(InventoryState::Closed(ClosedOrder {
+                outcome: OrderOutcome::Sold,
+                items,
+                ..
+            })) if !items.is_empty() => items.clone(),
+            // Sold before sold records kept their lines: what to give back is unknown.
+            Some(InventoryState::Closed(ClosedOrder {
+                outcome: OrderOutcome::Sold,
+                ..
+            })) => {
+                tracing::warn!(
+                    store_id = store,
+                    order_id,
+                    "a cancelled order's sold record has no lines; its stock is not given back"
+                );
+                self.close(ctx, store, order_id, OrderOutcome::Cancelled, Vec::new());
+                return Ok(());
+            }
+            // Released, rejected or cancelled already: nothing is held, and nothing will be.
+            Some(_) => return Ok(()),
+            None => {
+                self.close(ctx, store, order_id, OrderOutcome::Cancelled, Vec::new());
+                return Ok(());
+            }
+        };
+        self.give_back(
+            ctx,
+            store,
+            order_id,
+            items,
+            CANCELLED,
+            OrderOutcome::Cancelled,
+        )
+    }
+
+    /// Puts an order's lines back on the shelf, reports it, and closes the order.
+    fn give_back(
+        &self,
+        ctx: &mut Ctx<'_, InventoryState>,
+        store: &str,
+        order_id: &str,
+        items: Vec<OrderLine>,
+        reason: &str,
+        outcome: OrderOutcome,
+    ) -> Result<(), StageError> {
         // Every new level is computed before anything is written. A SKU on several lines
         // recovers at most once: the step that takes it above its threshold says so.
         let mut plan: Vec<(String, &str, StockLevel, Spell)> = Vec::new();
@@ -562,13 +653,13 @@ impl InventoryStage {
         ctx.emit(StockReleased {
             envelope,
             items: items.clone(),
-            reason: PAYMENT_FAILED.to_owned(),
+            reason: reason.to_owned(),
         });
         for (key, sku, level, spell) in plan {
             self.spell_event(ctx, store, sku, &level, spell);
             ctx.state.insert(key, InventoryState::Stock(level));
         }
-        self.close(ctx, store, order_id, OrderOutcome::Released);
+        self.close(ctx, store, order_id, outcome, Vec::new());
         Ok(())
     }
 
@@ -580,8 +671,10 @@ impl InventoryStage {
     ) -> Result<(), StageError> {
         let store = authorized.envelope.store_id.as_str();
         let order_id = required_order_id(&authorized.envelope, "PaymentAuthorized")?;
-        if let Some(InventoryState::Reserved(_)) = ctx.state.get(&order_key(store, order_id)) {
-            self.close(ctx, store, order_id, OrderOutcome::Sold);
+        if let Some(InventoryState::Reserved(r)) = ctx.state.get(&order_key(store, order_id)) {
+            // The lines are kept: a cancellation before shipping gives them back.
+            let items = r.items.clone();
+            self.close(ctx, store, order_id, OrderOutcome::Sold, items);
         }
         Ok(())
     }
@@ -744,6 +837,7 @@ impl Stage for InventoryStage {
             topics::ORDER_SCREENED,
             topics::INVENTORY_COMMANDS,
             topics::PAYMENT_PROCESSED,
+            topics::FULFILLMENT_UPDATED,
         ]
     }
 
@@ -764,6 +858,15 @@ impl Stage for InventoryStage {
             // A retry holds the reservation; a refund follows an authorization, whose
             // units left the shelf (returned goods come back by command).
             (topics::PAYMENT_PROCESSED, Event::PaymentRetrying(_) | Event::PaymentRefunded(_)) => {}
+            (topics::FULFILLMENT_UPDATED, Event::CancellationAccepted(c)) => self.cancel(ctx, c)?,
+            // Fulfillment's progress, and a refused cancellation, hold nothing for stock.
+            (
+                topics::FULFILLMENT_UPDATED,
+                Event::Picking(_)
+                | Event::Packed(_)
+                | Event::ReadyToShip(_)
+                | Event::CancellationRefused(_),
+            ) => {}
             _ => {
                 return Err(StageError::Unexpected {
                     event_type: input.event.event_type().to_string(),
@@ -943,6 +1046,13 @@ mod tests {
         })
     }
 
+    fn accepted(store: &str, order: &str) -> Event {
+        Event::CancellationAccepted(CancellationAccepted {
+            envelope: envelope(store, Some(order)),
+            reason: Some("changed my mind".into()),
+        })
+    }
+
     fn lines_brief(items: &[OrderLine]) -> String {
         let parts: Vec<String> = items
             .iter()
@@ -1039,6 +1149,16 @@ mod tests {
         InventoryState::Closed(ClosedOrder {
             outcome,
             retire_at: closed_at + SETTLED_RETENTION_MS,
+            items: Vec::new(),
+        })
+    }
+
+    /// A sold order's record, which keeps its lines for a cancellation.
+    fn sold(items: &[(&str, i32)], closed_at: i64) -> InventoryState {
+        InventoryState::Closed(ClosedOrder {
+            outcome: OrderOutcome::Sold,
+            retire_at: closed_at + SETTLED_RETENTION_MS,
+            items: lines(items),
         })
     }
 
@@ -1054,7 +1174,12 @@ mod tests {
         assert_eq!(stage.name(), "inventory");
         assert_eq!(
             stage.inputs(),
-            &["order.screened", "inventory.commands", "payment.processed"]
+            &[
+                "order.screened",
+                "inventory.commands",
+                "payment.processed",
+                "fulfillment.updated"
+            ]
         );
     }
 
@@ -1220,7 +1345,7 @@ mod tests {
                     approved("s-1", "o-1", &[("a", 2)]),
                     authorized("s-1", "o-1"),
                 ],
-                closed(OrderOutcome::Sold, NOW),
+                sold(&[("a", 2)], NOW),
             ),
             (
                 "released",
@@ -1741,10 +1866,7 @@ mod tests {
         h.process(&restock("s-1", "a", 5))?;
         h.process(&approved("s-1", "o-1", &[("a", 2)]))?;
         assert_eq!(h.process(&authorized("s-1", "o-1"))?, []);
-        assert_eq!(
-            h.order("s-1", "o-1"),
-            Some(&closed(OrderOutcome::Sold, NOW))
-        );
+        assert_eq!(h.order("s-1", "o-1"), Some(&sold(&[("a", 2)], NOW)));
         assert_eq!(
             h.timer("retire/s-1/o-1").map(|t| t.due_at),
             Some(NOW + SETTLED_RETENTION_MS)
@@ -2022,6 +2144,184 @@ mod tests {
         Ok(())
     }
 
+    /// A cancellation accepted by fulfillment, in every position the order can be in
+    /// here: what it emits, the order's record after, the stock after — and that a second
+    /// acceptance (a replay under a new event ID) and every later event of the order
+    /// change nothing.
+    #[test]
+    fn a_cancellation_in_every_position() -> TestResult {
+        let order = || approved("s-1", "o-1", &[("a", 2), ("b", 1), ("a", 1)]);
+        let released = "released a:2,b:1,a:1 cancelled";
+        // (position, history, outputs of the acceptance, record after, a and b after)
+        type Case = (
+            &'static str,
+            Vec<Event>,
+            Vec<&'static str>,
+            InventoryState,
+            (i32, i32),
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "no record",
+                vec![],
+                vec![],
+                closed(OrderOutcome::Cancelled, NOW),
+                (5, 5),
+            ),
+            (
+                "reserved",
+                vec![order()],
+                vec![released],
+                closed(OrderOutcome::Cancelled, NOW),
+                (5, 5),
+            ),
+            (
+                "payment retrying",
+                vec![order(), retrying("s-1", "o-1")],
+                vec![released],
+                closed(OrderOutcome::Cancelled, NOW),
+                (5, 5),
+            ),
+            (
+                "sold (authorized, not shipped)",
+                vec![order(), authorized("s-1", "o-1")],
+                vec![released],
+                closed(OrderOutcome::Cancelled, NOW),
+                (5, 5),
+            ),
+            (
+                "released after a failed payment",
+                vec![order(), failed("s-1", "o-1")],
+                vec![],
+                closed(OrderOutcome::Released, NOW),
+                (5, 5),
+            ),
+            (
+                "out of stock",
+                vec![approved("s-1", "o-1", &[("a", 99)])],
+                vec![],
+                closed(OrderOutcome::OutOfStock, NOW),
+                (5, 5),
+            ),
+            (
+                "cancelled already",
+                vec![order(), accepted("s-1", "o-1")],
+                vec![],
+                closed(OrderOutcome::Cancelled, NOW),
+                (5, 5),
+            ),
+        ];
+        for (case, history, outputs, record, (a, b)) in cases {
+            let mut h = harness(settings());
+            h.run(&[restock("s-1", "a", 5), restock("s-1", "b", 5)])?;
+            h.run(&history)?;
+            h.commit();
+            let out = h.process(&accepted("s-1", "o-1"))?;
+            assert_eq!(briefs(&out), outputs, "{case}: outputs");
+            assert_eq!(h.order("s-1", "o-1"), Some(&record), "{case}: record");
+            assert_eq!(h.available("s-1", "a"), Some(a), "{case}: a");
+            assert_eq!(h.available("s-1", "b"), Some(b), "{case}: b");
+            if let [release] = out.as_slice() {
+                assert_eq!(release.envelope().order_id.as_deref(), Some("o-1"));
+            }
+            // Nothing the order can still meet changes anything any more.
+            h.commit();
+            for later in [
+                accepted("s-1", "o-1"),
+                order(),
+                authorized("s-1", "o-1"),
+                failed("s-1", "o-1"),
+                refunded("s-1", "o-1"),
+            ] {
+                let what = later.event_type();
+                assert_eq!(h.process(&later)?, [], "{case}: {what}");
+                assert!(!h.state.has_changes(), "{case}: {what} wrote state");
+            }
+            assert_eq!(h.available("s-1", "a"), Some(a), "{case}: a at the end");
+            assert_eq!(h.available("s-1", "b"), Some(b), "{case}: b at the end");
+        }
+        Ok(())
+    }
+
+    /// Every arrival order of the acceptance against the order's own events here: stock
+    /// is given back exactly once and comes out whole.
+    #[test]
+    fn every_arrival_order_of_a_cancellation_releases_once() -> TestResult {
+        let saga_variants: Vec<(&str, Vec<Event>)> = vec![
+            ("authorized", vec![authorized("s-1", "o-1")]),
+            ("failed", vec![failed("s-1", "o-1")]),
+            (
+                "retrying then failed",
+                vec![retrying("s-1", "o-1"), failed("s-1", "o-1")],
+            ),
+        ];
+        for (variant, payment) in saga_variants {
+            let mut events = vec![approved("s-1", "o-1", &[("a", 2)])];
+            events.extend(payment);
+            // The acceptance at each position of the order's events.
+            for at in 0..=events.len() {
+                let mut seq = events.clone();
+                seq.insert(at, accepted("s-1", "o-1"));
+                let mut h = harness(settings());
+                h.process(&restock("s-1", "a", 5))?;
+                let out = h.run(&seq)?;
+                let releases = out
+                    .iter()
+                    .filter(|e| e.event_type() == crate::events::EventType::StockReleased)
+                    .count();
+                let reserved = out
+                    .iter()
+                    .any(|e| e.event_type() == crate::events::EventType::StockReserved);
+                // Released once if it was ever reserved, never otherwise.
+                assert_eq!(releases, usize::from(reserved), "{variant} at {at}");
+                assert_eq!(h.available("s-1", "a"), Some(5), "{variant} at {at}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A sold record written before sold records kept their lines: nothing is known to
+    /// give back, so nothing is released (rather than an empty release), and the order
+    /// is closed as cancelled all the same.
+    #[test]
+    fn a_sold_record_without_lines_is_cancelled_without_a_release() -> TestResult {
+        let mut h = harness(settings());
+        h.process(&restock("s-1", "a", 5))?;
+        h.state
+            .insert(order_key("s-1", "o-1"), closed(OrderOutcome::Sold, NOW));
+        h.commit();
+        assert_eq!(h.process(&accepted("s-1", "o-1"))?, []);
+        assert_eq!(
+            h.order("s-1", "o-1"),
+            Some(&closed(OrderOutcome::Cancelled, NOW))
+        );
+        assert_eq!(h.available("s-1", "a"), Some(5));
+        Ok(())
+    }
+
+    #[test]
+    fn fulfillment_progress_and_a_refusal_change_nothing() -> TestResult {
+        let env = || envelope("s-1", Some("o-1"));
+        for event in [
+            Event::Picking(crate::events::Picking { envelope: env() }),
+            Event::Packed(crate::events::Packed { envelope: env() }),
+            Event::ReadyToShip(crate::events::ReadyToShip { envelope: env() }),
+            Event::CancellationRefused(crate::events::CancellationRefused {
+                envelope: env(),
+                reason: "too late".into(),
+            }),
+        ] {
+            let mut h = harness(settings());
+            h.process(&restock("s-1", "a", 5))?;
+            h.process(&approved("s-1", "o-1", &[("a", 2)]))?;
+            h.process(&authorized("s-1", "o-1"))?;
+            h.commit();
+            assert_eq!(h.process(&event)?, [], "{}", event.event_type());
+            assert!(!h.state.has_changes(), "{}", event.event_type());
+        }
+        Ok(())
+    }
+
     #[test]
     fn closed_orders_are_retired_by_their_timer() -> TestResult {
         let cases: Vec<(&str, Vec<Event>, OrderOutcome)> = vec![
@@ -2043,6 +2343,16 @@ mod tests {
                 vec![approved("s-1", "o-1", &[("a", 2)]), failed("s-1", "o-1")],
                 OrderOutcome::Released,
             ),
+            (
+                "cancelled",
+                vec![approved("s-1", "o-1", &[("a", 2)]), accepted("s-1", "o-1")],
+                OrderOutcome::Cancelled,
+            ),
+            (
+                "cancelled before reserved",
+                vec![accepted("s-1", "o-1")],
+                OrderOutcome::Cancelled,
+            ),
         ];
         for (case, history, outcome) in cases {
             let mut h = harness(InventorySettings {
@@ -2051,7 +2361,14 @@ mod tests {
             });
             h.process(&restock("s-1", "a", 5))?;
             h.run(&history)?;
-            assert_eq!(h.order("s-1", "o-1"), Some(&closed(outcome, NOW)), "{case}");
+            assert!(
+                matches!(
+                    h.order("s-1", "o-1"),
+                    Some(InventoryState::Closed(c))
+                        if c.outcome == outcome && c.retire_at == NOW + SETTLED_RETENTION_MS
+                ),
+                "{case}"
+            );
             h.commit();
             assert_eq!(h.advance_to(NOW + SETTLED_RETENTION_MS - 1)?, [], "{case}");
             assert!(h.order("s-1", "o-1").is_some(), "{case}");
@@ -2148,6 +2465,7 @@ mod tests {
                 InventoryState::Closed(ClosedOrder {
                     outcome: OrderOutcome::OutOfStock,
                     retire_at: 7,
+                    items: Vec::new(),
                 }),
                 r#"{"closed":{"outcome":"out_of_stock","retire_at":7}}"#,
             ),

@@ -3,6 +3,19 @@
 //! orders (which drives the release of their stock), and refunds orders whose delivery
 //! failed.
 //!
+//! Customer cancellation arrives as fulfillment's `CancellationAccepted` (fulfillment
+//! alone decides, before `ReadyToShip`, so nothing accepted here has shipped):
+//!
+//! | payment status       | on `CancellationAccepted`                                   |
+//! |----------------------|-------------------------------------------------------------|
+//! | (no record)          | remembered (`cancelled`): a later `StockReserved` emits `PaymentFailed(cancelled)` without charging |
+//! | `authorizing` (attempt in flight or retry due) | retry timer stopped, the key voided, then `PaymentFailed(cancelled)` |
+//! | `authorized`         | refunded (`PaymentRefunded`, reason `cancelled`)            |
+//! | anything else        | nothing: failed, voiding after exhaustion, refunding or refunded already |
+//!
+//! Voiding the authorization key covers an attempt whose answer is still on its way: a
+//! void cancels what the key charged and refuses it from then on.
+//!
 //! Invariants: an order is authorized at most once — every attempt carries the same
 //! idempotency key, so the gateway answers a repeated or replayed call instead of
 //! charging again — and an authorized order is refunded at most once. While an order
@@ -13,9 +26,10 @@ use serde::{Deserialize, Serialize};
 use super::{Ctx, Effect, EffectOutcome, Input, Stage, StageError, Timer};
 use crate::config::PaymentSettings;
 use crate::events::{
-    Event, PaymentAuthorized, PaymentFailed, PaymentFailureReason, PaymentRefunded,
-    PaymentRetrying, derive_id,
+    CancellationAccepted, Event, PaymentAuthorized, PaymentFailed, PaymentFailureReason,
+    PaymentRefunded, PaymentRetrying, derive_id,
 };
+use crate::status::CANCELLED_REFUND_REASON;
 use crate::topics;
 
 /// How long a settled order's record is kept: long enough to refund a delivery that fails
@@ -59,16 +73,26 @@ pub enum Status {
     Refunding {
         authorization_id: String,
         attempt: u32,
+        /// The refund compensates a customer cancellation (else a failed delivery).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cancelled: bool,
     },
     Refunded {
         refund_id: String,
     },
-    /// Attempts exhausted: any charge one of them may have made is being voided before
-    /// the order is failed (void attempt `attempt`; `error` is the last attempt's).
+    /// Attempts exhausted, or the order cancelled while authorizing: any charge an
+    /// attempt may have made is being voided before the order is failed (void attempt
+    /// `attempt`; `error` is the last attempt's, or the cancellation's).
     Voiding {
         attempt: u32,
         error: String,
+        /// The void compensates a customer cancellation: the failure says so.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cancelled: bool,
     },
+    /// Cancelled before the reservation reached payment: the order is never charged,
+    /// and its `StockReserved`, when it comes, fails it at once.
+    Cancelled,
     /// Declined, or attempts exhausted and voided: the order is cancelled.
     Failed,
     /// The gateway refused the refund for good; an operator must look at it.
@@ -248,6 +272,7 @@ impl PaymentStage {
                 p.status = Status::Voiding {
                     attempt: 1,
                     error: error.clone(),
+                    cancelled: false,
                 };
                 self.void(ctx, &store, &order, 1);
             }
@@ -264,6 +289,13 @@ impl PaymentStage {
         error: String,
         outcome: &EffectOutcome,
     ) {
+        let cancelled = matches!(
+            p.status,
+            Status::Voiding {
+                cancelled: true,
+                ..
+            }
+        );
         let attempts = p.attempt;
         let void = match outcome {
             EffectOutcome::Succeeded { reference } => Some(format!("void: {reference}")),
@@ -274,6 +306,10 @@ impl PaymentStage {
             EffectOutcome::Transient { .. } => None,
         };
         match void {
+            Some(void) if cancelled => {
+                let message = format!("{error} ({void})");
+                self.fail(ctx, key, &mut p, PaymentFailureReason::Cancelled, message);
+            }
             Some(void) => {
                 let message =
                     format!("gateway unavailable after {attempts} attempts: {error} ({void})");
@@ -292,6 +328,7 @@ impl PaymentStage {
                 p.status = Status::Voiding {
                     attempt: next,
                     error,
+                    cancelled,
                 };
                 Self::schedule(ctx, key, next_at, &Due::Void { attempt: next });
             }
@@ -330,6 +367,13 @@ impl PaymentStage {
         attempt: u32,
         outcome: &EffectOutcome,
     ) {
+        let cancelled = matches!(
+            p.status,
+            Status::Refunding {
+                cancelled: true,
+                ..
+            }
+        );
         let now = ctx.now();
         match outcome {
             EffectOutcome::Succeeded { reference } => {
@@ -339,7 +383,11 @@ impl PaymentStage {
                     amount_cents: p.amount_cents,
                     currency: p.currency.clone(),
                     refund_id: reference.clone(),
-                    reason: "delivery_failed".into(),
+                    reason: if cancelled {
+                        CANCELLED_REFUND_REASON.into()
+                    } else {
+                        "delivery_failed".into()
+                    },
                 });
                 p.status = Status::Refunded {
                     refund_id: reference.clone(),
@@ -360,11 +408,71 @@ impl PaymentStage {
                 p.status = Status::Refunding {
                     authorization_id,
                     attempt: next,
+                    cancelled,
                 };
                 Self::schedule(ctx, key, next_at, &Due::Refund { attempt: next });
             }
         }
         ctx.state.insert(key, PaymentState::Order(p));
+    }
+}
+
+impl PaymentStage {
+    /// A customer cancellation fulfillment accepted; see the module documentation.
+    fn cancel(
+        &self,
+        ctx: &mut Ctx<'_, PaymentState>,
+        accepted: &CancellationAccepted,
+    ) -> Result<(), StageError> {
+        let order = accepted.envelope.order_id.as_deref().ok_or_else(|| {
+            StageError::Invalid(format!(
+                "CancellationAccepted {} has no order_id",
+                accepted.envelope.event_id
+            ))
+        })?;
+        let store = accepted.envelope.store_id.as_str();
+        let key = order_key(store, order);
+        let now = ctx.now();
+        let Some(PaymentState::Order(p)) = ctx.state.get(&key).cloned() else {
+            let p = OrderPayment {
+                amount_cents: 0,
+                currency: String::new(),
+                attempt: 0,
+                status: Status::Cancelled,
+            };
+            ctx.state.insert(key.clone(), PaymentState::Order(p));
+            Self::schedule(ctx, &key, now + RETAIN_CLOSED_MS, &Due::Retire);
+            return Ok(());
+        };
+        let status = match &p.status {
+            Status::Authorizing => {
+                // Whether an attempt is in flight or its retry is due, the void settles
+                // it: the key charges nothing once voided, and this replaces the retry.
+                ctx.cancel(&format!("{key}/next"));
+                self.void(ctx, store, order, 1);
+                Status::Voiding {
+                    attempt: 1,
+                    error: "cancelled by the customer".into(),
+                    cancelled: true,
+                }
+            }
+            Status::Authorized { authorization_id } => {
+                let authorization_id = authorization_id.clone();
+                self.refund(ctx, &p, store, order, &authorization_id, 1);
+                Status::Refunding {
+                    authorization_id,
+                    attempt: 1,
+                    cancelled: true,
+                }
+            }
+            // Failed, voiding after exhaustion (it fails anyway), refunding, refunded,
+            // refused, or cancelled already: nothing is or will be charged by this order
+            // that another path does not give back.
+            _ => return Ok(()),
+        };
+        ctx.state
+            .insert(key, PaymentState::Order(OrderPayment { status, ..p }));
+        Ok(())
     }
 }
 
@@ -376,7 +484,11 @@ impl Stage for PaymentStage {
     }
 
     fn inputs(&self) -> &'static [&'static str] {
-        &[topics::INVENTORY_UPDATED, topics::DELIVERY_UPDATED]
+        &[
+            topics::INVENTORY_UPDATED,
+            topics::DELIVERY_UPDATED,
+            topics::FULFILLMENT_UPDATED,
+        ]
     }
 
     fn process(
@@ -397,6 +509,24 @@ impl Stage for PaymentStage {
                 }
                 let store = r.envelope.store_id.as_str();
                 let key = order_key(store, order);
+                if let Some(PaymentState::Order(OrderPayment {
+                    status: Status::Cancelled,
+                    ..
+                })) = ctx.state.get(&key)
+                {
+                    // Cancelled before it reached payment: fail it without charging;
+                    // inventory, which released or never reserved its stock, ignores it.
+                    let mut p = OrderPayment {
+                        amount_cents: r.total_cents,
+                        currency: r.currency.clone(),
+                        attempt: 0,
+                        status: Status::Cancelled,
+                    };
+                    let message = "cancelled by the customer before payment".to_owned();
+                    self.fail(ctx, &key, &mut p, PaymentFailureReason::Cancelled, message);
+                    ctx.state.insert(key, PaymentState::Order(p));
+                    return Ok(());
+                }
                 if ctx.state.contains(&key) {
                     // The same reservation again (a replay with other event IDs): the
                     // order is already being paid for.
@@ -433,15 +563,20 @@ impl Stage for PaymentStage {
                     status: Status::Refunding {
                         authorization_id,
                         attempt: 1,
+                        cancelled: false,
                     },
                     ..p
                 };
                 ctx.state.insert(key, PaymentState::Order(p));
                 Ok(())
             }
+            Event::CancellationAccepted(c) if input.topic == topics::FULFILLMENT_UPDATED => {
+                self.cancel(ctx, c)
+            }
             // Every other event on these topics is someone else's business.
             _ if input.topic == topics::INVENTORY_UPDATED
-                || input.topic == topics::DELIVERY_UPDATED =>
+                || input.topic == topics::DELIVERY_UPDATED
+                || input.topic == topics::FULFILLMENT_UPDATED =>
             {
                 Ok(())
             }
@@ -476,6 +611,7 @@ impl Stage for PaymentStage {
                 Status::Refunding {
                     authorization_id,
                     attempt: current,
+                    ..
                 },
             ) if attempt == *current => {
                 let authorization_id = authorization_id.clone();
@@ -526,7 +662,7 @@ impl Stage for PaymentStage {
             } => {
                 let key = order_key(store_id, order_id);
                 if let Some(PaymentState::Order(p)) = ctx.state.get(&key).cloned()
-                    && let Status::Voiding { attempt, error } = p.status.clone()
+                    && let Status::Voiding { attempt, error, .. } = p.status.clone()
                     && attempt == *requested
                 {
                     self.on_void(ctx, &key, p, attempt, error, outcome);
@@ -543,6 +679,7 @@ impl Stage for PaymentStage {
                     && let Status::Refunding {
                         authorization_id,
                         attempt,
+                        ..
                     } = p.status.clone()
                     && attempt == *requested
                 {
@@ -877,6 +1014,253 @@ mod tests {
         h.outcome("o-1", &effect, ok("auth-1"));
         let again = h.reserve("o-1")?;
         assert!(again.effects.is_empty() && again.out.is_empty());
+        Ok(())
+    }
+
+    fn accepted(order: &str, cause: &str) -> Event {
+        Event::CancellationAccepted(CancellationAccepted {
+            envelope: envelope(order, cause),
+            reason: Some("changed my mind".into()),
+        })
+    }
+
+    /// Where an order's payment can be when its cancellation is accepted.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Position {
+        NoRecord,
+        AttemptInFlight,
+        Retrying,
+        Authorized,
+        VoidingAfterExhaustion,
+        Declined,
+        CancelledAlready,
+        RefundedAfterDeliveryFailed,
+    }
+
+    /// Brings order o-1 of a fresh driver to `position`; returns the authorization
+    /// request still in flight there, if any.
+    fn reach(h: &mut Harness, position: Position) -> Result<Option<Effect>, StageError> {
+        use Position as P;
+        if position == P::NoRecord {
+            return Ok(None);
+        }
+        if position == P::CancelledAlready {
+            h.input(topics::FULFILLMENT_UPDATED, &accepted("o-1", "accepted-0"))?;
+            return Ok(None);
+        }
+        let mut effect = h.reserve("o-1")?.effects.remove(0);
+        match position {
+            P::AttemptInFlight => return Ok(Some(effect)),
+            P::Retrying => {
+                h.outcome("o-1", &effect, transient());
+            }
+            P::Authorized => {
+                h.outcome("o-1", &effect, ok("auth-1"));
+            }
+            P::VoidingAfterExhaustion => {
+                for _ in 1..settings().max_attempts {
+                    h.outcome("o-1", &effect, transient());
+                    effect = h.fire_next().expect("a retry").1.effects.remove(0);
+                }
+                h.outcome("o-1", &effect, transient());
+            }
+            P::Declined => {
+                h.outcome(
+                    "o-1",
+                    &effect,
+                    EffectOutcome::Rejected {
+                        reason: "insufficient funds".into(),
+                    },
+                );
+            }
+            P::RefundedAfterDeliveryFailed => {
+                h.outcome("o-1", &effect, ok("auth-1"));
+                let refund = h
+                    .input(topics::DELIVERY_UPDATED, &delivery_failed("o-1"))?
+                    .effects
+                    .remove(0);
+                h.outcome("o-1", &refund, ok("refund-1"));
+            }
+            P::NoRecord | P::CancelledAlready => unreachable!(),
+        }
+        Ok(None)
+    }
+
+    /// A cancellation in every position the order's payment can be in: the call it makes
+    /// (if any), and what the order ends as once that call succeeds — never charged, or
+    /// refunded once.
+    #[test]
+    fn a_cancellation_in_every_position() -> TestResult {
+        use Position as P;
+        let void = Effect::Void {
+            idempotency_key: authorization_key("s-1", "o-1"),
+            store_id: "s-1".into(),
+            order_id: "o-1".into(),
+            attempt: 1,
+        };
+        let refund = Effect::Refund {
+            idempotency_key: refund_key("s-1", "o-1"),
+            store_id: "s-1".into(),
+            order_id: "o-1".into(),
+            authorization_id: "auth-1".into(),
+            amount_cents: 4_998,
+            currency: "USD".into(),
+            attempt: 1,
+        };
+        // (position, requested on the acceptance, its outcome's output, status at the end)
+        let cases: Vec<(P, Option<&Effect>, &str, Status)> = vec![
+            (P::NoRecord, None, "", Status::Cancelled),
+            (
+                P::AttemptInFlight,
+                Some(&void),
+                "failed cancelled",
+                Status::Failed,
+            ),
+            (P::Retrying, Some(&void), "failed cancelled", Status::Failed),
+            (
+                P::Authorized,
+                Some(&refund),
+                "refunded cancelled",
+                Status::Refunded {
+                    refund_id: "r-9".into(),
+                },
+            ),
+            (
+                P::VoidingAfterExhaustion,
+                None,
+                "",
+                Status::Voiding {
+                    attempt: 1,
+                    error: "503 Service Unavailable".into(),
+                    cancelled: false,
+                },
+            ),
+            (P::Declined, None, "", Status::Failed),
+            (P::CancelledAlready, None, "", Status::Cancelled),
+            (
+                P::RefundedAfterDeliveryFailed,
+                None,
+                "",
+                Status::Refunded {
+                    refund_id: "refund-1".into(),
+                },
+            ),
+        ];
+        let brief = |out: &[Event]| -> String {
+            match out {
+                [] => String::new(),
+                [Event::PaymentFailed(f)] => format!("failed {:?}", f.reason).to_lowercase(),
+                [Event::PaymentRefunded(r)] => format!("refunded {}", r.reason),
+                other => format!("{other:?}"),
+            }
+        };
+        for (position, call, reaction, end) in cases {
+            let mut h = harness();
+            let in_flight = reach(&mut h, position)?;
+            h.commit();
+            let step = h.input(topics::FULFILLMENT_UPDATED, &accepted("o-1", "accepted-1"))?;
+            assert!(step.out.is_empty(), "{position:?}: {:?}", step.out);
+            assert_eq!(step.effects.first(), call, "{position:?}: call");
+            assert!(step.effects.len() <= 1, "{position:?}: {:?}", step.effects);
+            // A retry timer no longer authorizes: the only timer left is a retirement.
+            if call == Some(&void) {
+                assert!(
+                    h.timers.iter().next().is_none(),
+                    "{position:?}: the retry timer is stopped"
+                );
+            }
+            // An attempt that was in flight answers now: too late, it changes nothing
+            // (the void cancels whatever it charged).
+            if let Some(attempt) = in_flight {
+                let late = h.outcome("o-1", &attempt, ok("auth-late"));
+                assert!(
+                    late.out.is_empty() && late.effects.is_empty(),
+                    "{position:?}"
+                );
+            }
+            if let Some(call) = call {
+                let reference = if call == &refund { "r-9" } else { "v-9" };
+                let reacted = h.outcome("o-1", call, ok(reference));
+                assert_eq!(brief(&reacted.out), reaction, "{position:?}: reaction");
+                assert!(reacted.effects.is_empty(), "{position:?}");
+            }
+            // A repeated acceptance, and a replayed reservation, change nothing more.
+            h.commit();
+            let again = h.input(topics::FULFILLMENT_UPDATED, &accepted("o-1", "accepted-2"))?;
+            assert!(
+                again.out.is_empty() && again.effects.is_empty(),
+                "{position:?}"
+            );
+            // (Where the order was never reserved, the reservation is not a replay: see
+            // `a_cancellation_before_the_reservation_never_charges`.)
+            if !matches!(position, P::NoRecord | P::CancelledAlready) {
+                let replay = h.reserve("o-1")?;
+                assert!(
+                    replay.out.is_empty() && replay.effects.is_empty(),
+                    "{position:?}"
+                );
+            }
+            assert_eq!(h.status("o-1"), Some(end), "{position:?}: status");
+        }
+        Ok(())
+    }
+
+    /// The acceptance before the reservation: the reservation, when it comes, fails the
+    /// order as cancelled without asking the gateway anything, once.
+    #[test]
+    fn a_cancellation_before_the_reservation_never_charges() -> TestResult {
+        let mut h = harness();
+        let step = h.input(topics::FULFILLMENT_UPDATED, &accepted("o-1", "accepted-1"))?;
+        assert!(step.out.is_empty() && step.effects.is_empty());
+        let step = h.reserve("o-1")?;
+        assert!(step.effects.is_empty(), "{:?}", step.effects);
+        let [Event::PaymentFailed(f)] = step.out.as_slice() else {
+            panic!("expected PaymentFailed, got {:?}", step.out);
+        };
+        assert_eq!(f.reason, PaymentFailureReason::Cancelled);
+        assert_eq!(
+            (f.amount_cents, f.currency.as_str(), f.attempts),
+            (4_998, "USD", 0)
+        );
+        assert_eq!(f.envelope.order_id.as_deref(), Some("o-1"));
+        assert_eq!(h.status("o-1"), Some(Status::Failed));
+        // Replayed reservation: nothing more.
+        let replay = h.reserve("o-1")?;
+        assert!(replay.out.is_empty() && replay.effects.is_empty());
+        // The record retires like any closed order.
+        while h.fire_next().is_some() {}
+        assert_eq!(h.status("o-1"), None);
+        Ok(())
+    }
+
+    /// A void that the gateway cannot answer yet is retried; the order fails as
+    /// cancelled only once it answers.
+    #[test]
+    fn a_cancellation_void_is_retried_until_the_gateway_answers() -> TestResult {
+        let mut h = harness();
+        h.reserve("o-1")?;
+        let void = h
+            .input(topics::FULFILLMENT_UPDATED, &accepted("o-1", "accepted-1"))?
+            .effects
+            .remove(0);
+        let step = h.outcome("o-1", &void, transient());
+        assert!(step.out.is_empty() && step.effects.is_empty());
+        assert!(matches!(
+            h.status("o-1"),
+            Some(Status::Voiding {
+                attempt: 2,
+                cancelled: true,
+                ..
+            })
+        ));
+        let (_, mut fired) = h.fire_next().expect("a void retry");
+        let again = fired.effects.remove(0);
+        assert!(matches!(again, Effect::Void { attempt: 2, .. }));
+        let step = h.outcome("o-1", &again, ok("v-1"));
+        let [Event::PaymentFailed(f)] = step.out.as_slice() else {
+            panic!("expected PaymentFailed, got {:?}", step.out);
+        };
+        assert_eq!(f.reason, PaymentFailureReason::Cancelled);
         Ok(())
     }
 

@@ -236,7 +236,7 @@ impl Counter {
     /// The counter an event type adds one to, if any: the one mapping that the stats view
     /// and its recomputation in tests share.
     pub fn of(event: &Event) -> Option<Counter> {
-        use crate::events::ScreeningDecision;
+        use crate::events::{PaymentFailureReason, ScreeningDecision};
         Some(match event {
             // A manual retry re-publishes an order already counted.
             Event::OrderCreated(o) if !o.is_retry() => Counter::OrdersCreated,
@@ -245,7 +245,10 @@ impl Counter {
             }
             Event::StockRejected(_) => Counter::StockRejections,
             Event::PaymentAuthorized(_) => Counter::PaymentsAuthorized,
-            Event::PaymentFailed(_) => Counter::PaymentsFailed,
+            // A payment failed because its order was cancelled is no payment failure.
+            Event::PaymentFailed(f) if f.reason != PaymentFailureReason::Cancelled => {
+                Counter::PaymentsFailed
+            }
             Event::PaymentRetrying(_) => Counter::PaymentsRetried,
             Event::PaymentRefunded(_) => Counter::Refunds,
             Event::Shipped(_) => Counter::Shipped,

@@ -18,13 +18,15 @@ use super::{OrderMilestone, RowOp};
 pub fn producer_of(t: EventType) -> &'static str {
     use EventType::*;
     match t {
-        OrderCreated => "producer",
+        OrderCreated | OrderCancelled => "producer",
         OrderScreened => "fraud",
         StockRestocked | StockAdjusted | ThresholdSet => "operator",
         StockReserved | StockRejected | StockReleased | StockLevelChanged | LowStock
         | StockRecovered => "inventory",
         PaymentAuthorized | PaymentRetrying | PaymentFailed | PaymentRefunded => "payment",
-        Picking | Packed | ReadyToShip => "fulfillment",
+        Picking | Packed | ReadyToShip | CancellationAccepted | CancellationRefused => {
+            "fulfillment"
+        }
         CarrierScan => "carrier",
         Shipped | InTransit | OutForDelivery | Delivered | DeliveryFailed | DeliveryAnomaly => {
             "delivery"
@@ -46,7 +48,9 @@ fn milestone(event: &Event) -> Option<OrderMilestone> {
         Event::StockReserved(_) => M::Reserved,
         Event::StockRejected(_) => M::Rejected,
         Event::PaymentAuthorized(_) => M::Paid,
-        Event::PaymentFailed(_) | Event::StockReleased(_) => M::Cancelled,
+        Event::PaymentFailed(_) | Event::StockReleased(_) | Event::CancellationAccepted(_) => {
+            M::Cancelled
+        }
         Event::Shipped(_) => M::Shipped,
         Event::Delivered(_) => M::Delivered,
         Event::DeliveryFailed(_) => M::DeliveryFailed,
@@ -234,7 +238,7 @@ mod tests {
             let topic = topics::topic_of(t);
             let p = producer_of(t);
             let expected: &[&str] = match topic {
-                topics::ORDER_CREATED => &["producer"],
+                topics::ORDER_CREATED | topics::ORDER_CANCELLED => &["producer"],
                 topics::ORDER_SCREENED => &["fraud"],
                 topics::INVENTORY_COMMANDS => &["operator"],
                 topics::INVENTORY_UPDATED | topics::INVENTORY_THRESHOLD_REACHED => &["inventory"],

@@ -198,6 +198,8 @@ mod tests {
                 by: 1,
             }]
         );
+        // A customer's cancellation is not a payment failure.
+        assert_eq!(ops(&failed(PaymentFailureReason::Cancelled, T0)), vec![]);
         assert_eq!(ops(&low_stock("e-low", 0, 1, T0)), vec![]);
     }
 

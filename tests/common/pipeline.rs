@@ -163,7 +163,11 @@ pub fn rank(t: EventType) -> u8 {
         OutForDelivery => 11,
         Delivered | DeliveryFailed => 12,
         PaymentRefunded => 13,
-        _ => 14,
+        // A cancellation's request and answer may come at any step; after the order's
+        // own steps, in causal order.
+        OrderCancelled => 14,
+        CancellationAccepted | CancellationRefused => 15,
+        _ => 16,
     }
 }
 
@@ -176,13 +180,21 @@ pub const STAGE_INPUTS: &[(&str, &[&str])] = &[
             topics::ORDER_SCREENED,
             topics::INVENTORY_COMMANDS,
             topics::PAYMENT_PROCESSED,
+            topics::FULFILLMENT_UPDATED,
         ],
     ),
     (
         "payment",
-        &[topics::INVENTORY_UPDATED, topics::DELIVERY_UPDATED],
+        &[
+            topics::INVENTORY_UPDATED,
+            topics::DELIVERY_UPDATED,
+            topics::FULFILLMENT_UPDATED,
+        ],
     ),
-    ("fulfillment", &[topics::PAYMENT_PROCESSED]),
+    (
+        "fulfillment",
+        &[topics::PAYMENT_PROCESSED, topics::ORDER_CANCELLED],
+    ),
     (
         "delivery",
         &[topics::FULFILLMENT_UPDATED, topics::CARRIER_UPDATES],
