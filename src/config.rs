@@ -85,6 +85,10 @@ pub struct Settings {
     pub kafka: BTreeMap<String, String>,
     /// Where the SQL sinks write: `postgres://…` in production, `sqlite://…` embedded.
     pub database_url: String,
+    /// Base URL of a Confluent-compatible schema registry (`http://host:8081`): a
+    /// Confluent-framed record is read with the writer schema its ID names there. Empty:
+    /// no registry; such a record is read with OrderFlow's own schema whatever its ID.
+    pub schema_registry_url: String,
     pub fraud: FraudSettings,
     pub inventory: InventorySettings,
     pub payment: PaymentSettings,
@@ -263,6 +267,7 @@ impl Default for Settings {
             api_addr: "127.0.0.1:8080".into(),
             kafka: BTreeMap::new(),
             database_url: DEFAULT_DATABASE_URL.into(),
+            schema_registry_url: String::new(),
             fraud: FraudSettings::default(),
             inventory: InventorySettings::default(),
             payment: PaymentSettings::default(),
@@ -298,7 +303,7 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     #[error("invalid value of {var}: {message}")]
-    Env { var: &'static str, message: String },
+    Env { var: String, message: String },
     #[error("inconsistent settings: {0}")]
     Inconsistent(String),
 }
@@ -351,112 +356,42 @@ impl Settings {
 
     /// Applies `ORDERFLOW_*` variables; `get` is injected so tests need not touch the
     /// process environment.
+    ///
+    /// Every key has a variable derived from its path (see [`env_keys`]): `ORDERFLOW_`
+    /// and the path's parts joined by `_`, upper-cased — `payment.retry_factor` is
+    /// `ORDERFLOW_PAYMENT_RETRY_FACTOR`. Nothing is listed by hand: the keys are walked
+    /// from the settings' own serialized form, so a new key has its variable at once.
+    /// A list takes comma-separated items (or a JSON array); a table (`kafka`,
+    /// `alerts.stores`) takes `key=value` pairs separated by commas, or a JSON object,
+    /// merged into what the file set.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        fn parse<T: std::str::FromStr>(var: &'static str, v: String) -> Result<T, ConfigError>
-        where
-            T::Err: std::fmt::Display,
-        {
-            v.parse().map_err(|e: T::Err| ConfigError::Env {
-                var,
+        let mut value = serde_json::to_value(&*self).expect("settings serialize to JSON");
+        let mut changed = false;
+        for key in env_keys() {
+            let found = get(&key.var).map(|v| (key.var.clone(), v)).or_else(|| {
+                let alias = key.alias?;
+                get(alias).map(|v| (alias.to_owned(), v))
+            });
+            let Some((var, v)) = found else { continue };
+            let env_err = |message: String| ConfigError::Env {
+                var: var.clone(),
+                message,
+            };
+            let slot = key
+                .path
+                .iter()
+                .try_fold(&mut value, |v, part| v.get_mut(part.as_str()))
+                .expect("every key is in the settings");
+            *slot = env_value(slot, &v).map_err(env_err)?;
+            // Checked one variable at a time, so that an error names the variable.
+            Settings::deserialize(&value).map_err(|e| env_err(e.to_string()))?;
+            changed = true;
+        }
+        if changed {
+            *self = Settings::deserialize(value).map_err(|e| ConfigError::Env {
+                var: "ORDERFLOW_*".into(),
                 message: e.to_string(),
-            })
-        }
-        if let Some(v) = get("ORDERFLOW_BROKERS") {
-            self.brokers = v;
-        }
-        if let Some(v) = get("ORDERFLOW_TOPIC_PREFIX") {
-            self.topic_prefix = v;
-        }
-        if let Some(v) = get("ORDERFLOW_GUARANTEE") {
-            self.guarantee = parse("ORDERFLOW_GUARANTEE", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_GROUP_PREFIX") {
-            self.group_prefix = v;
-        }
-        if let Some(v) = get("ORDERFLOW_INSTANCE_ID") {
-            self.instance_id = v;
-        }
-        if let Some(v) = get("ORDERFLOW_HTTP_ADDR") {
-            self.http_addr = v;
-        }
-        if let Some(v) = get("ORDERFLOW_API_ADDR") {
-            self.api_addr = v;
-        }
-        if let Some(v) = get("ORDERFLOW_PARTITIONS") {
-            self.partitions = parse("ORDERFLOW_PARTITIONS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_BATCH_MAX_RECORDS") {
-            self.batch_max_records = parse("ORDERFLOW_BATCH_MAX_RECORDS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_BATCH_INTERVAL_MS") {
-            self.batch_interval_ms = parse("ORDERFLOW_BATCH_INTERVAL_MS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_DEDUP_WINDOW_RECORDS") {
-            self.dedup_window_records = parse("ORDERFLOW_DEDUP_WINDOW_RECORDS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_MAX_RECORD_BYTES") {
-            self.max_record_bytes = parse("ORDERFLOW_MAX_RECORD_BYTES", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_STATE_DIR") {
-            self.state_dir = v;
-        }
-        if let Some(v) = get("ORDERFLOW_STATE_CACHE_ENTRIES") {
-            self.state_cache_entries = parse("ORDERFLOW_STATE_CACHE_ENTRIES", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS") {
-            self.fraud.velocity_max_orders = parse("ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS") {
-            self.fraud.velocity_window_secs = parse("ORDERFLOW_FRAUD_VELOCITY_WINDOW_SECS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_GATEWAY_URL") {
-            self.payment.gateway_url = v;
-        }
-        if let Some(v) = get("ORDERFLOW_PAYMENT_MAX_ATTEMPTS") {
-            self.payment.max_attempts = parse("ORDERFLOW_PAYMENT_MAX_ATTEMPTS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_PAYMENT_RETRY_BASE_MS") {
-            self.payment.retry_base_ms = parse("ORDERFLOW_PAYMENT_RETRY_BASE_MS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_PAYMENT_RETRY_CAP_MS") {
-            self.payment.retry_cap_ms = parse("ORDERFLOW_PAYMENT_RETRY_CAP_MS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_PAYMENT_TIMEOUT_MS") {
-            self.payment.timeout_ms = parse("ORDERFLOW_PAYMENT_TIMEOUT_MS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_FULFILLMENT_PICK_MS") {
-            self.fulfillment.pick_ms = parse("ORDERFLOW_FULFILLMENT_PICK_MS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_FULFILLMENT_PACK_MS") {
-            self.fulfillment.pack_ms = parse("ORDERFLOW_FULFILLMENT_PACK_MS", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_DATABASE_URL") {
-            self.database_url = v;
-        }
-        if let Some(v) = get("ORDERFLOW_ALERTS_REPLENISHMENT_ENABLED") {
-            self.alerts.replenishment_enabled = parse("ORDERFLOW_ALERTS_REPLENISHMENT_ENABLED", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_ALERTS_REPLENISHMENT_QUANTITY") {
-            self.alerts.replenishment_quantity =
-                parse("ORDERFLOW_ALERTS_REPLENISHMENT_QUANTITY", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_ALERTS_GATEWAY_OUTAGE_RETRIES_PER_MINUTE") {
-            self.alerts.gateway_outage_retries_per_minute =
-                parse("ORDERFLOW_ALERTS_GATEWAY_OUTAGE_RETRIES_PER_MINUTE", v)?;
-        }
-        if let Some(v) = get("ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS") {
-            self.inventory.watchdog_interval_secs =
-                parse("ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS", v)?;
-        }
-        // `key=value` pairs separated by commas, e.g. `socket.timeout.ms=5000,debug=broker`.
-        if let Some(v) = get("ORDERFLOW_KAFKA") {
-            for pair in v.split(',').filter(|p| !p.trim().is_empty()) {
-                let (k, val) = pair.split_once('=').ok_or_else(|| ConfigError::Env {
-                    var: "ORDERFLOW_KAFKA",
-                    message: format!("{pair:?} is not key=value"),
-                })?;
-                self.kafka.insert(k.trim().into(), val.trim().into());
-            }
+            })?;
         }
         Ok(())
     }
@@ -475,13 +410,135 @@ impl Settings {
 
     /// Base librdkafka configuration with the pass-through map applied last.
     pub fn client_config(&self) -> rdkafka::ClientConfig {
+        self.kafka_client::<&str, &str>([])
+    }
+
+    /// The configuration of every Kafka client OrderFlow builds: `bootstrap.servers`,
+    /// then the client's own `properties`, then the `kafka` pass-through map — last, so
+    /// that an operator's property always wins.
+    pub fn kafka_client<K: Into<String>, V: Into<String>>(
+        &self,
+        properties: impl IntoIterator<Item = (K, V)>,
+    ) -> rdkafka::ClientConfig {
         let mut c = rdkafka::ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in properties {
+            c.set(k, v);
+        }
         for (k, v) in &self.kafka {
             c.set(k, v);
         }
         c
     }
+
+    /// The schema registry of this process (shared by all its workers, so an ID is
+    /// looked up once), if `schema_registry_url` is set.
+    pub fn schema_registry(&self) -> Option<std::sync::Arc<crate::events::registry::SchemaRegistry>> {
+        let url = self.schema_registry_url.trim();
+        (!url.is_empty()).then(|| crate::events::registry::SchemaRegistry::shared(url))
+    }
+}
+
+/// A settings key and the environment variable that sets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvKey {
+    /// The key's path: `["payment", "retry_factor"]`.
+    pub path: Vec<String>,
+    /// `ORDERFLOW_PAYMENT_RETRY_FACTOR`.
+    pub var: String,
+    /// An older name still read when `var` is unset.
+    pub alias: Option<&'static str>,
+}
+
+impl EnvKey {
+    /// The dotted key, as in the settings file: `payment.retry_factor`.
+    pub fn key(&self) -> String {
+        self.path.join(".")
+    }
+}
+
+/// Names variables had before they were derived from the key's path; still read.
+const ENV_ALIASES: &[(&str, &str)] = &[("payment.gateway_url", "ORDERFLOW_GATEWAY_URL")];
+
+/// Every settings key, sorted by path, walked from the defaults' serialized form. A table is a key of its own (not walked into) when its default is
+/// empty: its keys are the operator's (`kafka`'s librdkafka properties, store IDs).
+pub fn env_keys() -> Vec<EnvKey> {
+    fn walk(v: &serde_json::Value, path: &mut Vec<String>, out: &mut Vec<EnvKey>) {
+        match v {
+            serde_json::Value::Object(fields) if !fields.is_empty() => {
+                for (name, field) in fields {
+                    path.push(name.clone());
+                    walk(field, path, out);
+                    path.pop();
+                }
+            }
+            _ => {
+                let key = path.join(".");
+                out.push(EnvKey {
+                    var: format!("ORDERFLOW_{}", path.join("_").to_uppercase()),
+                    alias: ENV_ALIASES
+                        .iter()
+                        .find(|(k, _)| *k == key)
+                        .map(|(_, alias)| *alias),
+                    path: path.clone(),
+                });
+            }
+        }
+    }
+    let defaults = serde_json::to_value(Settings::default()).expect("settings serialize to JSON");
+    let mut out = Vec::new();
+    walk(&defaults, &mut Vec::new(), &mut out);
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// The JSON value a variable sets a key to, shaped like the key's `current` value; the
+/// settings' own deserialization then checks it.
+fn env_value(current: &serde_json::Value, v: &str) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    let t = v.trim();
+    Ok(match current {
+        J::String(_) => J::String(v.to_owned()),
+        J::Bool(_) => J::Bool(match t {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => return Err(format!("{v:?} is not a boolean (true or false)")),
+        }),
+        J::Number(_) => J::Number(
+            serde_json::from_str(t).map_err(|_| format!("{v:?} is not a number"))?,
+        ),
+        J::Array(_) if t.starts_with('[') => {
+            serde_json::from_str(t).map_err(|e| format!("not a JSON array: {e}"))?
+        }
+        J::Array(_) => J::Array(
+            t.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| J::String(s.to_owned()))
+                .collect(),
+        ),
+        J::Object(existing) => {
+            let mut merged = existing.clone();
+            if t.starts_with('{') {
+                let J::Object(given) =
+                    serde_json::from_str(t).map_err(|e| format!("not a JSON object: {e}"))?
+                else {
+                    unreachable!("a JSON text starting with {{ is an object");
+                };
+                merged.extend(given);
+            } else {
+                // `key=value` pairs separated by commas, e.g. `socket.timeout.ms=5000,debug=broker`.
+                for pair in t.split(',').filter(|p| !p.trim().is_empty()) {
+                    let (k, val) = pair
+                        .split_once('=')
+                        .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+                    merged.insert(k.trim().into(), J::String(val.trim().into()));
+                }
+            }
+            J::Object(merged)
+        }
+        J::Null => serde_json::from_str(t).unwrap_or_else(|_| J::String(v.to_owned())),
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! of its cause and the emitting stage, so reprocessing an input reproduces the same IDs.
 
 pub mod codec;
+pub mod registry;
 #[cfg(test)]
 mod tests;
 
