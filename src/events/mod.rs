@@ -7,6 +7,8 @@
 pub mod codec;
 pub mod registry;
 #[cfg(test)]
+mod registry_tests;
+#[cfg(test)]
 mod tests;
 
 use serde::{Deserialize, Serialize};
