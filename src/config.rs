@@ -444,7 +444,9 @@ impl Settings {
 
     /// The schema registry of this process (shared by all its workers, so an ID is
     /// looked up once), if `schema_registry_url` is set.
-    pub fn schema_registry(&self) -> Option<std::sync::Arc<crate::events::registry::SchemaRegistry>> {
+    pub fn schema_registry(
+        &self,
+    ) -> Option<std::sync::Arc<crate::events::registry::SchemaRegistry>> {
         let url = self.schema_registry_url.trim();
         (!url.is_empty()).then(|| crate::events::registry::SchemaRegistry::shared(url))
     }
@@ -515,9 +517,9 @@ fn env_value(current: &serde_json::Value, v: &str) -> Result<serde_json::Value, 
             "false" | "0" | "no" | "off" => false,
             _ => return Err(format!("{v:?} is not a boolean (true or false)")),
         }),
-        J::Number(_) => J::Number(
-            serde_json::from_str(t).map_err(|_| format!("{v:?} is not a number"))?,
-        ),
+        J::Number(_) => {
+            J::Number(serde_json::from_str(t).map_err(|_| format!("{v:?} is not a number"))?)
+        }
         J::Array(_) if t.starts_with('[') => {
             serde_json::from_str(t).map_err(|e| format!("not a JSON array: {e}"))?
         }
@@ -561,9 +563,7 @@ const MACHINE_DEFAULTS: &[(&str, &str)] = &[("instance_id", "hostname-pid")];
 pub fn settings_table() -> String {
     let docs = field_docs();
     let defaults = serde_json::to_value(Settings::default()).expect("settings serialize to JSON");
-    let mut out = String::from(
-        "| key | environment | default | meaning |\n|---|---|---|---|\n",
-    );
+    let mut out = String::from("| key | environment | default | meaning |\n|---|---|---|---|\n");
     for key in env_keys() {
         let name = key.key();
         let default = match MACHINE_DEFAULTS.iter().find(|(k, _)| *k == name) {
@@ -606,7 +606,10 @@ fn field_docs() -> std::collections::HashMap<String, String> {
     let mut doc: Vec<&str> = Vec::new();
     for line in include_str!("config.rs").lines() {
         let t = line.trim();
-        if let Some(name) = t.strip_prefix("pub struct ").and_then(|r| r.strip_suffix(" {")) {
+        if let Some(name) = t
+            .strip_prefix("pub struct ")
+            .and_then(|r| r.strip_suffix(" {"))
+        {
             current = Some(name);
             doc.clear();
         } else if t == "}" {
@@ -616,11 +619,10 @@ fn field_docs() -> std::collections::HashMap<String, String> {
         } else if let (Some(s), Some(field)) = (current, t.strip_prefix("pub "))
             && let Some((name, ty)) = field.split_once(": ")
         {
-            structs.entry(s).or_default().push((
-                name,
-                ty.trim_end_matches(','),
-                doc.join(" "),
-            ));
+            structs
+                .entry(s)
+                .or_default()
+                .push((name, ty.trim_end_matches(','), doc.join(" ")));
             doc.clear();
         } else {
             doc.clear();
@@ -709,8 +711,14 @@ mod env_keys {
 
     #[test]
     fn variables_are_derived_from_the_key_path() {
-        assert_eq!(var("payment.retry_factor"), "ORDERFLOW_PAYMENT_RETRY_FACTOR");
-        assert_eq!(var("dedup_window_records"), "ORDERFLOW_DEDUP_WINDOW_RECORDS");
+        assert_eq!(
+            var("payment.retry_factor"),
+            "ORDERFLOW_PAYMENT_RETRY_FACTOR"
+        );
+        assert_eq!(
+            var("dedup_window_records"),
+            "ORDERFLOW_DEDUP_WINDOW_RECORDS"
+        );
         assert_eq!(var("payment.concurrency"), "ORDERFLOW_PAYMENT_CONCURRENCY");
         assert_eq!(
             var("inventory.default_low_stock_threshold"),
@@ -733,7 +741,11 @@ mod env_keys {
         use serde_json::Value as J;
         match default {
             J::String(s) if key == "guarantee" => {
-                if s == "exactly_once" { "at_least_once".into() } else { "exactly_once".into() }
+                if s == "exactly_once" {
+                    "at_least_once".into()
+                } else {
+                    "exactly_once".into()
+                }
             }
             J::String(s) => format!("{s}-changed"),
             J::Bool(b) => (!b).to_string(),
@@ -767,7 +779,8 @@ mod env_keys {
     }
 
     #[test]
-    fn lists_tables_and_numbers_parse_and_bad_values_name_the_variable() -> Result<(), ConfigError> {
+    fn lists_tables_and_numbers_parse_and_bad_values_name_the_variable() -> Result<(), ConfigError>
+    {
         let mut s = Settings::default();
         s.kafka.insert("debug".into(), "broker".into());
         let env = |k: &str| match k {
@@ -827,7 +840,10 @@ mod env_keys {
                 .unwrap_or_else(|| panic!("no row for {}", key.key()));
             assert!(!row.ends_with("|  |"), "{} has no doc comment", key.key());
         }
-        let start = readme.find(BEGIN).expect("the README marks its settings table") + BEGIN.len();
+        let start = readme
+            .find(BEGIN)
+            .expect("the README marks its settings table")
+            + BEGIN.len();
         let end = start + readme[start..].find(END).expect("the end of the table");
         if readme[start..end] != table {
             if std::env::var_os("ORDERFLOW_UPDATE_README").is_some() {
@@ -863,7 +879,10 @@ mod env_keys {
             std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src")),
             &mut found,
         );
-        assert!(found.is_empty(), "build Kafka clients with Settings::kafka_client: {found:?}");
+        assert!(
+            found.is_empty(),
+            "build Kafka clients with Settings::kafka_client: {found:?}"
+        );
     }
 }
 

@@ -230,22 +230,32 @@ fn evolved_writer_schemas_resolve_and_an_unknown_id_is_dead_lettered() {
         EventType::OrderCreated.schema_source(),
         |_| {},
     );
-    records.push(Outgoing::new(unknown[0].store_id.clone(), unknown_value.clone()));
-    env.producer()
-        .send_all(&env.topic(ORDER_CREATED), &records);
+    records.push(Outgoing::new(
+        unknown[0].store_id.clone(),
+        unknown_value.clone(),
+    ));
+    env.producer().send_all(&env.topic(ORDER_CREATED), &records);
 
     let worker = env.spawn_worker(
         &["fraud"],
         &[("ORDERFLOW_SCHEMA_REGISTRY_URL", registry.url())],
     );
     let mut tail = ScreenedTail::new(&env);
-    let expected: Vec<&TestOrder> = plain.iter().chain(&with_note).chain(&without_cause).collect();
+    let expected: Vec<&TestOrder> = plain
+        .iter()
+        .chain(&with_note)
+        .chain(&without_cause)
+        .collect();
     expect_screened(&mut tail, &expected, &[&worker]);
 
     let dead = read_all(&env.settings.brokers, &env.topic(DLQ), 1, deadline(60));
     assert_eq!(dead.len(), 1, "exactly the unknown-ID record: {dead:?}");
     let d = &dead[0];
-    assert_eq!(d.value.as_deref(), Some(unknown_value.as_slice()), "original bytes");
+    assert_eq!(
+        d.value.as_deref(),
+        Some(unknown_value.as_slice()),
+        "original bytes"
+    );
     assert_eq!(
         d.header_str(dlq_headers::ERROR_CLASS).as_deref(),
         Some("schema")
@@ -284,8 +294,7 @@ fn a_registry_that_is_down_holds_records_back_until_it_answers() {
             )
         })
         .collect();
-    env.producer()
-        .send_all(&env.topic(ORDER_CREATED), &records);
+    env.producer().send_all(&env.topic(ORDER_CREATED), &records);
     let worker = env.spawn_worker(
         &["fraud"],
         &[("ORDERFLOW_SCHEMA_REGISTRY_URL", registry.url())],

@@ -271,7 +271,18 @@ impl Codec {
                 Some(t) => t,
                 None => resolve_type(None, hints)?,
             };
-            return self.read_datum(t, &writer.schema, &bytes[5..]);
+            return self
+                .read_datum(t, &writer.schema, &bytes[5..])
+                .map_err(|e| match e {
+                    DecodeError::Avro {
+                        event_type,
+                        message,
+                    } => DecodeError::Avro {
+                        event_type,
+                        message: format!("with writer schema ID {id}: {message}"),
+                    },
+                    other => other,
+                });
         }
         let t = match self.confluent_ids.get(&id) {
             Some(t) => *t,

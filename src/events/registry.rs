@@ -47,7 +47,11 @@ pub enum RegistryError {
     },
     /// The ID names something OrderFlow cannot read records with.
     #[error("schema ID {id} from the schema registry at {url} is unusable: {message}")]
-    Unusable { id: u32, url: String, message: String },
+    Unusable {
+        id: u32,
+        url: String,
+        message: String,
+    },
 }
 
 impl RegistryError {
@@ -215,13 +219,12 @@ impl SchemaRegistry {
             id,
             url: self.url.clone(),
         });
-        let found: SchemaById = serde_json::from_str(&body.await?).map_err(|e| {
-            RegistryError::Unusable {
+        let found: SchemaById =
+            serde_json::from_str(&body.await?).map_err(|e| RegistryError::Unusable {
                 id,
                 url: self.url.clone(),
                 message: format!("unexpected answer: {e}"),
-            }
-        })?;
+            })?;
         let unusable = |message: String| RegistryError::Unusable {
             id,
             url: self.url.clone(),
@@ -351,8 +354,7 @@ fn event_type_named(name: &str) -> Option<EventType> {
 /// looks up. (A union under `<topic>-value` would oblige every producer to write the
 /// union, which OrderFlow's records, one type each, are not.)
 pub fn subjects(topics: &crate::topics::Topics) -> Vec<(String, EventType)> {
-    let mut by_topic: std::collections::BTreeMap<&'static str, Vec<EventType>> =
-        Default::default();
+    let mut by_topic: std::collections::BTreeMap<&'static str, Vec<EventType>> = Default::default();
     for &t in EventType::ALL {
         by_topic.entry(topics::topic_of(t)).or_default().push(t);
     }

@@ -41,9 +41,7 @@ fn serve(fake: Shared, port: u16) -> (u16, tokio::sync::oneshot::Sender<()>) {
         rt.block_on(async move {
             let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
             socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-            socket
-                .bind(([127, 0, 0, 1], port).into())
-                .expect("binding");
+            socket.bind(([127, 0, 0, 1], port).into()).expect("binding");
             let listener = socket.listen(16).expect("listening");
             ready_tx
                 .send(listener.local_addr().expect("an address").port())
@@ -100,7 +98,9 @@ fn order() -> OrderCreated {
 }
 
 /// Our OrderCreated schema with `edit` applied to its JSON fields array.
-fn evolved(edit: impl FnOnce(&mut Vec<serde_json::Value>)) -> Result<String, Box<dyn std::error::Error>> {
+fn evolved(
+    edit: impl FnOnce(&mut Vec<serde_json::Value>),
+) -> Result<String, Box<dyn std::error::Error>> {
     let mut schema: serde_json::Value =
         serde_json::from_str(EventType::OrderCreated.schema_source())?;
     edit(schema["fields"].as_array_mut().ok_or("no fields")?);
@@ -169,7 +169,9 @@ fn evolved_writer_schemas_decode_by_resolution_and_each_id_is_asked_once() -> Te
     }
 
     // A removed optional field: the reader fills in its default.
-    let bytes = framed(12, &removed, &event, |f| f.retain(|(n, _)| n != "causation_id"))?;
+    let bytes = framed(12, &removed, &event, |f| {
+        f.retain(|(n, _)| n != "causation_id")
+    })?;
     let Event::OrderCreated(got) = codec.decode(&bytes, no_hints())? else {
         return Err("not an order".into());
     };
@@ -202,20 +204,26 @@ fn without_a_registry_the_id_is_ignored_as_before() -> TestResult {
     let ours = framed(1, EventType::OrderCreated.schema_source(), &event, |_| {})?;
     let codec = Codec::new();
     assert_eq!(
-        codec.decode(&ours, DecodeHints {
-            topic_default: topics::default_event_type(topics::ORDER_CREATED),
-            ..no_hints()
-        })?,
+        codec.decode(
+            &ours,
+            DecodeHints {
+                topic_default: topics::default_event_type(topics::ORDER_CREATED),
+                ..no_hints()
+            }
+        )?,
         decoded_order(&codec)?
     );
     let theirs = framed(1, &added, &event, |f| {
         f.push(("gift_note".into(), Value::String("x".into())))
     })?;
     let err = codec
-        .decode(&theirs, DecodeHints {
-            topic_default: topics::default_event_type(topics::ORDER_CREATED),
-            ..no_hints()
-        })
+        .decode(
+            &theirs,
+            DecodeHints {
+                topic_default: topics::default_event_type(topics::ORDER_CREATED),
+                ..no_hints()
+            },
+        )
         .expect_err("trailing bytes of the unknown field");
     assert_eq!(err.class(), "schema", "{err}");
     Ok(())
@@ -240,7 +248,10 @@ fn an_unknown_id_can_never_be_read_and_is_asked_once() -> TestResult {
         assert!(!err.is_transient());
         assert_eq!(err.class(), "schema");
         let msg = err.to_string();
-        assert!(msg.contains("schema ID 424242") && msg.contains("not in the schema registry"), "{msg}");
+        assert!(
+            msg.contains("schema ID 424242") && msg.contains("not in the schema registry"),
+            "{msg}"
+        );
     }
     assert_eq!(fake.lock().expect("lock").lookups.get(&424242), Some(&1));
     Ok(())
@@ -249,7 +260,9 @@ fn an_unknown_id_can_never_be_read_and_is_asked_once() -> TestResult {
 #[test]
 fn a_registry_that_is_down_is_transient_until_it_answers() -> TestResult {
     // A port nobody listens on yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let codec = Codec::with_registry(Some(SchemaRegistry::new(&format!(
         "http://127.0.0.1:{port}"
     ))));
@@ -284,7 +297,10 @@ fn a_writer_schema_that_cannot_be_resolved_names_the_problem() -> TestResult {
     // A required field the writer does not have and our reader has no default for.
     let removed = evolved(|f| f.retain(|x| x["name"] != "customer_id"))?;
     let fake = Shared::default();
-    fake.lock().expect("lock").schemas.insert(3, removed.clone());
+    fake.lock()
+        .expect("lock")
+        .schemas
+        .insert(3, removed.clone());
     fake.lock()
         .expect("lock")
         .schemas
@@ -299,6 +315,7 @@ fn a_writer_schema_that_cannot_be_resolved_names_the_problem() -> TestResult {
     let err = codec.decode(&bytes, no_hints()).expect_err("no default");
     assert_eq!(err.class(), "schema", "{err}");
     assert!(err.to_string().contains("customer_id"), "{err}");
+    assert!(err.to_string().contains("writer schema ID 3"), "{err}");
     let err = codec
         .decode(&[0, 0, 0, 0, 4, 2, b'x'], no_hints())
         .expect_err("not a record");

@@ -38,7 +38,10 @@ type Shared = Arc<Mutex<Store>>;
 pub struct TestRegistry {
     pub addr: SocketAddr,
     store: Shared,
-    running: Option<(tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
+    running: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl TestRegistry {
