@@ -10,7 +10,7 @@
 //! - an order framed with an ID the registry never issued is dead-lettered with a message
 //!   naming the ID;
 //! - while the registry is down, nothing is screened and nothing dead-lettered; once it
-//!   is back, every order is screened.
+//!   is back, every order is screened; an SQL sink (the projector) likewise.
 
 mod common;
 
@@ -329,4 +329,106 @@ fn a_registry_that_is_down_holds_records_back_until_it_answers() {
         "nothing is dead-lettered"
     );
     assert_eq!(registry.lookups(id), 1, "looked up once it answered");
+}
+
+/// The SQL sinks decode in the same loop: the projector (on SQLite) holds evolved-schema
+/// records back while the registry is down — nothing applied, nothing dead-lettered —
+/// and projects every order once it answers.
+#[test]
+fn a_sink_waits_for_the_registry_too_and_projects_evolved_records() {
+    use orderflow::sql::Db;
+    use orderflow::views::Sink;
+
+    let env = TestEnv::new("registry-sink", 2);
+    let mut registry = TestRegistry::start_new();
+    let subject = env.topic(ORDER_CREATED) + "-value";
+    let added = evolved(|f| {
+        f.push(serde_json::json!({"name": "gift_note", "type": "string", "default": ""}))
+    });
+    let id = registry.register(&subject, &added);
+    registry.stop();
+
+    let batch = orders("sink", 12);
+    let records: Vec<Outgoing> = batch
+        .iter()
+        .map(|o| {
+            Outgoing::new(
+                o.store_id.clone(),
+                framed(o, id, &added, |f| {
+                    f.push(("gift_note".into(), Value::String("ribbon".into())))
+                }),
+            )
+        })
+        .collect();
+    env.producer().send_all(&env.topic(ORDER_CREATED), &records);
+
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let url = format!("sqlite://{}", dir.path().join("orderflow.db").display());
+    let db = block_on(async {
+        let db = Db::connect(&url).await.expect("connecting");
+        db.migrate().await.expect("migrating");
+        db
+    });
+    let applied = || -> i64 {
+        block_on(db.offsets(Sink::Projector))
+            .map(|o| o.iter().filter_map(|o| o.next_offset).sum())
+            .unwrap_or(-1)
+    };
+    let worker = env.spawn_worker(
+        &["projector"],
+        &[
+            ("ORDERFLOW_SCHEMA_REGISTRY_URL", registry.url()),
+            ("ORDERFLOW_DATABASE_URL", url.clone()),
+        ],
+    );
+    wait_for(
+        "the sink retrying the registry",
+        deadline(60),
+        &[&worker],
+        |progress| {
+            let n = worker
+                .log_tail(400)
+                .matches("cannot look up schema IDs")
+                .count();
+            *progress = format!("{n} retries logged");
+            std::thread::sleep(Duration::from_millis(200));
+            (n >= 3).then_some(())
+        },
+    );
+    assert!(applied() <= 0, "records applied without their schema");
+    assert!(
+        read_topic(&env.settings.brokers, &env.topic(DLQ)).is_empty(),
+        "a record was dead-lettered while the registry was down"
+    );
+
+    registry.start();
+    let n = batch.len() as i64;
+    wait_for(
+        &format!("the projector to apply {n} records"),
+        deadline(90),
+        &[&worker],
+        |progress| {
+            let got = applied();
+            *progress = format!("{got} of {n}");
+            std::thread::sleep(Duration::from_millis(200));
+            (got == n).then_some(())
+        },
+    );
+    assert!(
+        read_topic(&env.settings.brokers, &env.topic(DLQ)).is_empty(),
+        "nothing is dead-lettered"
+    );
+    for o in &batch {
+        let got = block_on(db.order(&o.store_id, &o.order_id))
+            .expect("reading an order")
+            .unwrap_or_else(|| panic!("order {} not projected", o.order_id));
+        assert_eq!(got.timeline.len(), 1, "order {}", o.order_id);
+        assert_eq!(
+            got.timeline[0].event_id,
+            o.created_id(),
+            "order {}",
+            o.order_id
+        );
+    }
+    assert_eq!(registry.lookups(id), 1);
 }
