@@ -304,7 +304,12 @@ impl<B: Backend> Worker<B> {
                 topics: inputs.clone(),
                 source,
             })?;
-        tracing::info!(inputs = ?inputs, guarantee = %self.settings.guarantee, "stage started");
+        tracing::info!(
+            inputs = ?inputs,
+            guarantee = %self.settings.guarantee,
+            schema_registry = self.codec.registry().map(|r| r.url()).unwrap_or("none"),
+            "stage started"
+        );
         while !shutdown.is_cancelled() {
             self.install_restored()?;
             if !B::before_poll(self) {
@@ -343,6 +348,12 @@ impl<B: Backend> Worker<B> {
         else {
             return true;
         };
+        // `prefetch` keeps the registry's final answers for decoding to dead-letter by;
+        // what it returns is only ever "could not ask".
+        debug_assert_eq!(
+            disposition::of_registry(&e),
+            disposition::Disposition::AbortAndRewind
+        );
         self.failures += 1;
         self.metrics.retries.with_label_values(&[self.name]).inc();
         tracing::warn!(error = %e, failures = self.failures, "cannot look up schema IDs; reading the batch again after a pause");
