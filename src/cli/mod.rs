@@ -8,6 +8,7 @@ mod load;
 mod migrate;
 mod replay;
 mod run;
+mod schemas;
 mod seed;
 mod topics;
 
@@ -62,6 +63,9 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     /// Serve the HTTP API: orders, inventory commands, stats and alerts per store.
     Api(api::ApiArgs),
+    /// OrderFlow's Avro schemas in a Confluent-compatible schema registry.
+    #[command(subcommand)]
+    Schemas(schemas::SchemasCommand),
 }
 
 /// Entry point of the binary.
@@ -91,6 +95,7 @@ pub fn main() -> anyhow::Result<()> {
             Command::Migrate(args) => migrate::run(settings, args).await,
             Command::Replay(args) => replay::run(settings, args).await,
             Command::Api(args) => api::run(settings, args).await,
+            Command::Schemas(cmd) => schemas::run(settings, cmd).await,
         }
     })
 }

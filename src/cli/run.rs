@@ -54,11 +54,39 @@ impl std::str::FromStr for Role {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Stages to run, comma-separated: fraud, inventory, payment, fulfillment, delivery,
-    /// and the SQL sinks projector, stats, alerts (default: the five pipeline stages).
-    /// Sinks write to ORDERFLOW_DATABASE_URL, whose migrations are applied at start-up.
-    #[arg(long, value_delimiter = ',')]
+    // The help names every stage and sink from their own lists: see `stages_help`.
+    #[arg(long, value_delimiter = ',', value_parser = role_parser(), hide_possible_values = true,
+          help = stages_help())]
     pub stages: Vec<Role>,
+}
+
+/// Every name `--stages` takes, from the stages' and sinks' own lists.
+fn role_names() -> Vec<&'static str> {
+    StageName::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .chain(Sink::ALL.iter().map(|s| s.name()))
+        .collect()
+}
+
+fn role_parser() -> impl clap::builder::TypedValueParser<Value = Role> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(role_names())
+        .map(|s| s.parse::<Role>().expect("every possible value is a role"))
+}
+
+/// The `--stages` help, naming every stage and sink (generated, so it cannot drift).
+fn stages_help() -> String {
+    let stages: Vec<_> = StageName::ALL.iter().map(|n| n.as_str()).collect();
+    let sinks: Vec<_> = Sink::ALL.iter().map(|n| n.name()).collect();
+    format!(
+        "Stages to run, comma-separated (default: every pipeline stage). \
+         Pipeline stages: {}. \
+         SQL sinks: {} (they write to ORDERFLOW_DATABASE_URL, whose migrations are applied \
+         at start-up).",
+        stages.join(", "),
+        sinks.join(", ")
+    )
 }
 
 pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<()> {
@@ -208,4 +236,30 @@ fn spawn_stage(
         ),
         StageName::Delivery => runtime::spawn(DeliveryStage::new(), s, m, clock, shutdown),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn run_help_names_every_stage_and_sink() {
+        let mut cli = crate::cli::Cli::command();
+        let run = cli.find_subcommand_mut("run").expect("a run subcommand");
+        let help = run.render_long_help().to_string();
+        for name in super::role_names() {
+            assert!(help.contains(name), "{name} missing from:\n{help}");
+        }
+        assert!(help.contains("Pipeline stages: fraud, inventory"), "{help}");
+        let short = run.render_help().to_string();
+        assert!(short.contains("SQL sinks: projector"), "{short}");
+    }
+
+    #[test]
+    fn an_unknown_stage_is_refused_with_the_names() {
+        let err = crate::cli::Cli::try_parse_from(["orderflow", "run", "--stages", "fraud,frud"])
+            .expect_err("frud is no stage");
+        let msg = err.to_string();
+        assert!(msg.contains("frud") && msg.contains("inventory"), "{msg}");
+    }
 }

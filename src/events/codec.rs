@@ -1,16 +1,25 @@
 //! One codec for every topic: outputs are Avro single-object encoded; inputs may be Avro
 //! (single-object encoding or Confluent framing) or JSON of the same shape.
 //!
+//! A Confluent-framed record (magic byte 0, then a 4-byte schema ID) is read with the
+//! writer schema the ID names in the schema registry (`schema_registry_url`), resolved by
+//! Avro's rules against our schema of the same record name; without a registry it is read
+//! with our current schema, its type from an ID mapping, its `event-type` header or its
+//! topic.
+//!
 //! Invariant: `decode` either returns an event that passed [`validate`] or a
-//! [`DecodeError`] whose message says what was wrong; it never panics on any bytes.
+//! [`DecodeError`] whose message says what was wrong; it never panics on any bytes. A
+//! registry that cannot be asked is [`DecodeError::is_transient`], never a bad record.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::{Schema, rabin::Rabin};
 
+use super::registry::{RegistryError, SchemaRegistry};
 use super::{Event, EventType, order_created_id};
 
 /// First two bytes of Avro single-object encoding.
@@ -35,6 +44,13 @@ pub enum DecodeError {
         event_type: EventType,
         message: String,
     },
+    /// The registry said the schema ID is unknown or unusable: the record can never be
+    /// read.
+    #[error("Confluent-framed record: {0}")]
+    SchemaId(RegistryError),
+    /// The registry could not be asked: the record may well be fine, later.
+    #[error("Confluent-framed record: {0}")]
+    RegistryUnavailable(RegistryError),
     #[error("invalid JSON: {0}")]
     Json(String),
     #[error("JSON value is not an object")]
@@ -60,9 +76,18 @@ impl DecodeError {
     pub fn class(&self) -> &'static str {
         match self {
             DecodeError::Invalid { .. } => "invalid",
-            DecodeError::Avro { .. } | DecodeError::UnknownFingerprint(_) => "schema",
+            DecodeError::Avro { .. }
+            | DecodeError::UnknownFingerprint(_)
+            | DecodeError::SchemaId(_) => "schema",
+            DecodeError::RegistryUnavailable(_) => "registry",
             _ => "decode",
         }
+    }
+
+    /// Whether decoding the same bytes again later may succeed: the schema registry could
+    /// not be asked. Such a record must be retried, never dead-lettered.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DecodeError::RegistryUnavailable(_))
     }
 }
 
@@ -87,6 +112,8 @@ pub struct Codec {
     /// Confluent framing carries a registry schema ID; without a registry, operators map
     /// IDs to event types in settings and the writer schema is taken to be the current one.
     confluent_ids: HashMap<u32, EventType>,
+    /// Where the writer schemas of Confluent-framed records are looked up, if anywhere.
+    registry: Option<Arc<SchemaRegistry>>,
 }
 
 impl Codec {
@@ -95,6 +122,7 @@ impl Codec {
             current: HashMap::new(),
             writers: HashMap::new(),
             confluent_ids: HashMap::new(),
+            registry: None,
         };
         for &t in EventType::ALL {
             let schema = Schema::parse_str(t.schema_source())
@@ -119,6 +147,47 @@ impl Codec {
             self.writers.insert(fp, (t, schema.clone()));
         }
         Ok(())
+    }
+
+    /// A codec that resolves Confluent schema IDs through `registry` (when there is one).
+    pub fn with_registry(registry: Option<Arc<SchemaRegistry>>) -> Self {
+        Codec {
+            registry,
+            ..Codec::new()
+        }
+    }
+
+    pub fn registry(&self) -> Option<&Arc<SchemaRegistry>> {
+        self.registry.as_ref()
+    }
+
+    /// The schema ID of a Confluent-framed value, if `bytes` is one.
+    pub fn confluent_id(bytes: &[u8]) -> Option<u32> {
+        match bytes {
+            [CONFLUENT_MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+            _ => None,
+        }
+    }
+
+    /// Asks the registry (blocking) about every schema ID among `values` it has not
+    /// answered yet, so that decoding them needs no network. `Err` only when the
+    /// registry could not be asked; unknown IDs are remembered and dead-letter their
+    /// records. Without a registry, nothing to do.
+    pub fn prefetch<'a>(
+        &self,
+        values: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), RegistryError> {
+        let Some(registry) = &self.registry else {
+            return Ok(());
+        };
+        let mut ids: Vec<u32> = values
+            .into_iter()
+            .filter_map(Codec::confluent_id)
+            .filter(|id| registry.cached(*id).is_none())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        registry.prefetch_blocking(ids)
     }
 
     pub fn map_confluent_id(&mut self, id: u32, t: EventType) {
@@ -184,6 +253,37 @@ impl Codec {
     fn decode_confluent(&self, bytes: &[u8], hints: DecodeHints<'_>) -> Result<Event, DecodeError> {
         let id = bytes.get(1..5).ok_or(DecodeError::Truncated("Confluent"))?;
         let id = u32::from_be_bytes(id.try_into().expect("four bytes"));
+        if let Some(registry) = &self.registry {
+            // A cache hit is a read lock and a map lookup; a miss (a caller that did not
+            // prefetch) asks the registry once for the whole process.
+            let writer = match registry.cached(id) {
+                Some(known) => known,
+                None => registry.resolve_blocking(id),
+            }
+            .map_err(|e| {
+                if e.is_transient() {
+                    DecodeError::RegistryUnavailable(e)
+                } else {
+                    DecodeError::SchemaId(e)
+                }
+            })?;
+            let t = match writer.event_type {
+                Some(t) => t,
+                None => resolve_type(None, hints)?,
+            };
+            return self
+                .read_datum(t, &writer.schema, &bytes[5..])
+                .map_err(|e| match e {
+                    DecodeError::Avro {
+                        event_type,
+                        message,
+                    } => DecodeError::Avro {
+                        event_type,
+                        message: format!("with writer schema ID {id}: {message}"),
+                    },
+                    other => other,
+                });
+        }
         let t = match self.confluent_ids.get(&id) {
             Some(t) => *t,
             None => resolve_type(None, hints)?,

@@ -5,6 +5,9 @@
 //! of its cause and the emitting stage, so reprocessing an input reproduces the same IDs.
 
 pub mod codec;
+pub mod registry;
+#[cfg(test)]
+mod registry_tests;
 #[cfg(test)]
 mod tests;
 

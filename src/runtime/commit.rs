@@ -501,7 +501,7 @@ impl<S: Stage> Worker<StageBackend<S>> {
     /// Seeks the inputs of a rolled-back batch back to the state's positions (or, where
     /// the state has none yet, the batch's first offset). A partition that cannot be
     /// positioned is restored again, never read on from where it was.
-    fn rewind(&mut self, offsets: &HashMap<(String, i32), (i64, i64)>) {
+    pub(super) fn rewind(&mut self, offsets: &HashMap<(String, i32), (i64, i64)>) {
         for ((t, p), (first, _)) in offsets {
             if !self.assigned.contains(&(t.clone(), *p)) {
                 continue;

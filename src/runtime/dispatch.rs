@@ -45,10 +45,17 @@ impl<S: Stage> Worker<StageBackend<S>> {
         let mut outs = Outputs::new();
         // Per input topic-partition: the first offset of the batch and the next one.
         let mut offsets: HashMap<(String, i32), (i64, i64)> = HashMap::new();
+        let mut admitted = Vec::with_capacity(batch.len());
         for m in &batch {
-            if !self.admit(m, &mut offsets) {
-                continue;
+            if self.admit(m, &mut offsets) {
+                admitted.push(m);
             }
+        }
+        if !self.schemas_known(&admitted) {
+            self.rewind(&offsets);
+            return Ok(());
+        }
+        for m in admitted {
             self.process_record(m, now, &mut outs);
         }
         for ((t, p), (_, next)) in &offsets {

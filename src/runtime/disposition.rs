@@ -20,6 +20,19 @@ pub enum Disposition {
     Permanent,
 }
 
+/// A schema registry that could not answer for a batch's schema IDs: the batch is
+/// abandoned before anything of it is processed, read again and retried after a backoff —
+/// its records are not bad, so never dead-lettered. What the registry did answer (an
+/// unknown ID, an unusable schema) is the record's own fault and dead-letters it at
+/// decoding.
+pub fn of_registry(err: &crate::events::registry::RegistryError) -> Disposition {
+    if err.is_transient() {
+        Disposition::AbortAndRewind
+    } else {
+        Disposition::Permanent
+    }
+}
+
 pub fn classify(err: &KafkaError) -> Disposition {
     match err {
         KafkaError::Transaction(e) => {
@@ -85,6 +98,25 @@ mod tests {
         assert_eq!(classify(&timeout), Disposition::AbortAndRewind);
         let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
         assert_eq!(classify(&too_large), Disposition::Permanent);
+    }
+
+    #[test]
+    fn an_unreachable_registry_rewinds_and_an_unknown_id_is_permanent() {
+        use crate::events::registry::RegistryError;
+        let url = "http://registry".to_string();
+        let down = RegistryError::Unreachable {
+            url: url.clone(),
+            message: "connection refused".into(),
+        };
+        assert_eq!(of_registry(&down), Disposition::AbortAndRewind);
+        let failing = RegistryError::Server {
+            url: url.clone(),
+            status: 503,
+            body: String::new(),
+        };
+        assert_eq!(of_registry(&failing), Disposition::AbortAndRewind);
+        let unknown = RegistryError::UnknownId { id: 9, url };
+        assert_eq!(of_registry(&unknown), Disposition::Permanent);
     }
 
     #[test]

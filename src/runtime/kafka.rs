@@ -7,7 +7,6 @@ use std::sync::Mutex;
 
 use rdkafka::ClientContext;
 use rdkafka::TopicPartitionList;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
@@ -81,22 +80,22 @@ pub fn consumer(
     settings: &Settings,
     stage: &str,
 ) -> Result<BaseConsumer<WorkerContext>, KafkaError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.brokers)
-        .set("group.id", settings.group_id(stage))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("partition.assignment.strategy", "range")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set(
-            "client.id",
-            format!("orderflow-{stage}-{}", settings.instance_id),
-        );
-    apply_pass_through(&mut c, settings);
-    c.create_with_context(WorkerContext::default())
+    settings
+        .kafka_client([
+            ("group.id", settings.group_id(stage)),
+            ("enable.auto.commit", "false".into()),
+            ("enable.auto.offset.store", "false".into()),
+            ("auto.offset.reset", "earliest".into()),
+            ("isolation.level", "read_committed".into()),
+            ("partition.assignment.strategy", "range".into()),
+            ("session.timeout.ms", "10000".into()),
+            ("heartbeat.interval.ms", "1000".into()),
+            (
+                "client.id",
+                format!("orderflow-{stage}-{}", settings.instance_id),
+            ),
+        ])
+        .create_with_context(WorkerContext::default())
 }
 
 /// The producer of one worker: idempotent always, transactional when `transactional`
@@ -107,31 +106,24 @@ pub fn producer(
     stage: &str,
     transactional: bool,
 ) -> Result<FutureProducer, KafkaError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "1")
-        .set(
+    let mut own = vec![
+        ("enable.idempotence", "true".to_owned()),
+        ("acks", "all".into()),
+        ("partitioner", "murmur2_random".into()),
+        ("linger.ms", "1".into()),
+        (
             "client.id",
             format!("orderflow-{stage}-{}", settings.instance_id),
-        );
+        ),
+    ];
     if transactional {
-        c.set("transactional.id", transactional_id(settings, stage));
+        own.push(("transactional.id", transactional_id(settings, stage)));
     }
-    apply_pass_through(&mut c, settings);
-    c.create()
+    settings.kafka_client(own).create()
 }
 
 /// Stable per worker instance: a restarted worker with the same instance ID fences the
 /// producer of its previous incarnation.
 pub fn transactional_id(settings: &Settings, stage: &str) -> String {
     format!("{}.{stage}.{}", settings.group_prefix, settings.instance_id)
-}
-
-pub fn apply_pass_through(c: &mut ClientConfig, settings: &Settings) {
-    for (k, v) in &settings.kafka {
-        c.set(k, v);
-    }
 }

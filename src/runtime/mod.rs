@@ -259,6 +259,7 @@ impl<B: Backend> Worker<B> {
     ) -> Result<Self, RuntimeError> {
         let name = b.name();
         let topics = settings.topics();
+        let codec = Codec::with_registry(settings.schema_registry());
         let consumer = kafka::consumer(&settings, name).map_err(RuntimeError::Client)?;
         let producer = kafka::producer(&settings, name, B::transactional(&settings))
             .map_err(RuntimeError::Client)?;
@@ -269,7 +270,7 @@ impl<B: Backend> Worker<B> {
             name,
             settings,
             topics,
-            codec: Codec::new(),
+            codec,
             metrics,
             clock,
             consumer,
@@ -303,7 +304,12 @@ impl<B: Backend> Worker<B> {
                 topics: inputs.clone(),
                 source,
             })?;
-        tracing::info!(inputs = ?inputs, guarantee = %self.settings.guarantee, "stage started");
+        tracing::info!(
+            inputs = ?inputs,
+            guarantee = %self.settings.guarantee,
+            schema_registry = self.codec.registry().map(|r| r.url()).unwrap_or("none"),
+            "stage started"
+        );
         while !shutdown.is_cancelled() {
             self.install_restored()?;
             if !B::before_poll(self) {
@@ -326,6 +332,33 @@ impl<B: Backend> Worker<B> {
         }
         tracing::info!("stage stopped");
         Ok(())
+    }
+}
+
+impl<B: Backend> Worker<B> {
+    /// Whether the schema registry has answered for every Confluent schema ID among
+    /// `records` (true without a registry), so that decoding them needs no network.
+    /// When it cannot be asked, the batch must not be processed — its records are not
+    /// bad, the registry is away — so the caller rewinds it, and this waits a backoff:
+    /// the batch is read again until the registry answers.
+    fn schemas_known(&mut self, records: &[&OwnedMessage]) -> bool {
+        let Err(e) = self
+            .codec
+            .prefetch(records.iter().filter_map(|m| m.payload()))
+        else {
+            return true;
+        };
+        // `prefetch` keeps the registry's final answers for decoding to dead-letter by;
+        // what it returns is only ever "could not ask".
+        debug_assert_eq!(
+            disposition::of_registry(&e),
+            disposition::Disposition::AbortAndRewind
+        );
+        self.failures += 1;
+        self.metrics.retries.with_label_values(&[self.name]).inc();
+        tracing::warn!(error = %e, failures = self.failures, "cannot look up schema IDs; reading the batch again after a pause");
+        std::thread::sleep(disposition::backoff(self.failures.min(10), 100, 5_000));
+        false
     }
 }
 

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -24,7 +23,6 @@ use serde::{Serialize, de::DeserializeOwned};
 use super::changelog::{
     ChangelogError, Committed, GEN_HEADER, PartitionState, Restorer, SEQ_HEADER, claim_record,
 };
-use super::kafka::apply_pass_through;
 use crate::config::{Guarantee, Settings};
 use crate::stages::Disk;
 
@@ -132,13 +130,14 @@ fn claim(
         }
     };
     let first = partitions.first().copied().unwrap_or(0);
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "0");
-    apply_pass_through(&mut c, settings);
-    let producer: FutureProducer = c.create().map_err(failed(first))?;
+    let producer: FutureProducer = settings
+        .kafka_client([
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "0"),
+        ])
+        .create()
+        .map_err(failed(first))?;
     let mut pending = Vec::with_capacity(partitions.len());
     for &p in partitions {
         // Non-zero: generation 0 is the transactional writer's.
@@ -202,14 +201,15 @@ where
         Guarantee::AtLeastOnce => claim(settings, topic, partitions)?,
         Guarantee::ExactlyOnce => HashMap::new(),
     };
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.brokers)
-        .set("group.id", format!("{}.restore", settings.group_prefix))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed");
-    apply_pass_through(&mut c, settings);
-    let consumer: BaseConsumer = c.create().map_err(kafka(first))?;
+    let consumer: BaseConsumer = settings
+        .kafka_client([
+            ("group.id", format!("{}.restore", settings.group_prefix)),
+            ("enable.auto.commit", "false".into()),
+            ("enable.partition.eof", "true".into()),
+            ("isolation.level", "read_committed".into()),
+        ])
+        .create()
+        .map_err(kafka(first))?;
     let mut restorers: HashMap<i32, Restorer> = HashMap::new();
     // The last offset to read, per partition that has anything to read.
     let mut reading: HashMap<i32, i64> = HashMap::new();
@@ -338,13 +338,12 @@ fn committed(
     inputs: &Inputs,
     partitions: &[i32],
 ) -> Option<HashMap<i32, Committed>> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.brokers)
-        .set("group.id", &inputs.group)
-        .set("enable.auto.commit", "false")
+    let c = settings.kafka_client([
+        ("group.id", inputs.group.as_str()),
+        ("enable.auto.commit", "false"),
         // Makes librdkafka ask for stable offsets: none pending in an open transaction.
-        .set("isolation.level", "read_committed");
-    apply_pass_through(&mut c, settings);
+        ("isolation.level", "read_committed"),
+    ]);
     let asked = c.create::<BaseConsumer>().and_then(|consumer| {
         let mut tpl = TopicPartitionList::new();
         for t in &inputs.topics {

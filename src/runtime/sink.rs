@@ -185,10 +185,17 @@ impl Worker<SinkBackend> {
         let mut dead = super::dispatch::Outputs::new();
         // Per input topic-partition: the first offset of the batch and the next one.
         let mut offsets: HashMap<(String, i32), (i64, i64)> = HashMap::new();
+        let mut admitted = Vec::with_capacity(batch.len());
         for m in &batch {
-            if !self.admit(m, &mut offsets) {
-                continue;
+            if self.admit(m, &mut offsets) {
+                admitted.push(m);
             }
+        }
+        if !self.schemas_known(&admitted) {
+            self.rewind_sink(&offsets);
+            return;
+        }
+        for m in admitted {
             self.metrics
                 .records_in
                 .with_label_values(&[self.name])

@@ -245,21 +245,20 @@ fn finished(
 }
 
 fn consumer(settings: &Settings, group: &str) -> Result<StreamConsumer, SimError> {
-    let mut c = rdkafka::ClientConfig::new();
-    c.set("bootstrap.servers", &settings.brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        // Fulfillment writes in transactions under `exactly_once`: ship only what committed.
-        .set("isolation.level", "read_committed")
-        .set(
-            "client.id",
-            format!("orderflow-carrier-{}", settings.instance_id),
-        );
-    for (k, v) in &settings.kafka {
-        c.set(k, v);
-    }
-    c.create().map_err(SimError::Client)
+    settings
+        .kafka_client([
+            ("group.id", group.to_owned()),
+            ("enable.auto.commit", "false".into()),
+            ("auto.offset.reset", "earliest".into()),
+            // Fulfillment writes in transactions under `exactly_once`: ship only what committed.
+            ("isolation.level", "read_committed".into()),
+            (
+                "client.id",
+                format!("orderflow-carrier-{}", settings.instance_id),
+            ),
+        ])
+        .create()
+        .map_err(SimError::Client)
 }
 
 /// The envelope of a `ReadyToShip`, or `None` for other events and undecodable records.

@@ -227,22 +227,21 @@ impl OutcomeWatch {
 /// A consumer that only reads by assignment: it never joins its (unique) group and
 /// never commits.
 fn reader(settings: &Settings) -> Result<BaseConsumer, SimError> {
-    let mut c = rdkafka::ClientConfig::new();
-    c.set("bootstrap.servers", &settings.brokers)
-        .set(
-            "group.id",
-            format!(
-                "{}.load-watch.{}",
-                settings.group_prefix,
-                uuid::Uuid::new_v4()
+    settings
+        .kafka_client([
+            (
+                "group.id",
+                format!(
+                    "{}.load-watch.{}",
+                    settings.group_prefix,
+                    uuid::Uuid::new_v4()
+                ),
             ),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "100");
-    for (k, v) in &settings.kafka {
-        c.set(k, v);
-    }
-    c.create().map_err(SimError::Client)
+            ("enable.auto.commit", "false".into()),
+            ("enable.auto.offset.store", "false".into()),
+            ("isolation.level", "read_committed".into()),
+            ("fetch.wait.max.ms", "100".into()),
+        ])
+        .create()
+        .map_err(SimError::Client)
 }

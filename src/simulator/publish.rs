@@ -18,20 +18,19 @@ use crate::config::Settings;
 /// A producer configured as a shop front end would be: keyed by store ID, Java's key
 /// partitioner, idempotent, acknowledged by all replicas.
 pub fn producer(settings: &Settings, role: &str) -> Result<FutureProducer, SimError> {
-    let mut c = rdkafka::ClientConfig::new();
-    c.set("bootstrap.servers", &settings.brokers)
-        .set("partitioner", "murmur2_random")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set(
-            "client.id",
-            format!("orderflow-{role}-{}", settings.instance_id),
-        );
-    for (k, v) in &settings.kafka {
-        c.set(k, v);
-    }
-    c.create().map_err(SimError::Client)
+    settings
+        .kafka_client([
+            ("partitioner", "murmur2_random".to_owned()),
+            ("enable.idempotence", "true".into()),
+            ("acks", "all".into()),
+            ("linger.ms", "5".into()),
+            (
+                "client.id",
+                format!("orderflow-{role}-{}", settings.instance_id),
+            ),
+        ])
+        .create()
+        .map_err(SimError::Client)
 }
 
 /// Sends records and collects their acknowledgements in the background of later sends.

@@ -25,6 +25,7 @@ pub mod lifecycle;
 pub mod nisshi;
 pub mod pipeline;
 pub mod postgres;
+pub mod registry;
 pub mod txn_broker;
 pub mod txn_log;
 
