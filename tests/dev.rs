@@ -263,8 +263,14 @@ fn dev_runs_the_whole_system_stops_on_sigint_and_starts_fresh() {
         || {
             let (status, body) = first.get("/inventory", Some(store));
             let items = body["items"].as_array()?.clone();
-            (status == 200 && items.len() == 20 && items.iter().all(|i| i["threshold"].is_i64()))
-                .then_some(items)
+            // A threshold is a command the sinks read as it is; a level is the inventory
+            // stage's answer to a restock, read later: wait for both.
+            (status == 200
+                && items.len() == 20
+                && items
+                    .iter()
+                    .all(|i| i["threshold"].is_i64() && i["available"].is_i64()))
+            .then_some(items)
         },
     );
     let thresholds: BTreeMap<String, i64> = levels
