@@ -1,36 +1,13 @@
 //! The operators' verbs, their pure half: replay plans (where each input partition of a
 //! stage or sink goes, for each strategy of `kafka-consumer-groups --reset-offsets`),
-//! the replay request a stage's workers honour, dead-letter filters and redrive rules,
+//! dead-letter filters and redrive rules,
 //! and lag. The `orderflow replay`, `dlq` and `lag` commands (in `cli/`) do the I/O.
 //!
 //! Invariant: a plan never targets an offset outside what the partition retains
-//! (`low..=high`), and a replay request names itself (a nonce) so that a stage takes it
-//! once.
+//! (`low..=high`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// Offset-commit metadata that marks a group offset as an operator's replay request.
-pub const REPLAY_METADATA_PREFIX: &str = "orderflow.replay:";
-
-/// The nonce of a replay request, if `metadata` (of a committed group offset) is one.
-pub fn replay_nonce(metadata: &str) -> Option<i64> {
-    metadata.strip_prefix(REPLAY_METADATA_PREFIX)?.parse().ok()
-}
-
-/// The metadata of replay request `nonce`.
-pub fn replay_metadata(nonce: i64) -> String {
-    format!("{REPLAY_METADATA_PREFIX}{nonce}")
-}
-
-/// Where a stage keeps the nonce of the last replay it took for input `base`, among its
-/// positions.
-pub fn replay_key(base: &str) -> String {
-    format!("{REPLAY_KEY_PREFIX}{base}")
-}
-
-/// Prefix of [`replay_key`]: a position key with it is no input topic.
-pub const REPLAY_KEY_PREFIX: &str = "replay/";
 
 /// Header counting how often a dead letter was sent back to its source topic.
 pub const REDRIVE_COUNT_HEADER: &str = "orderflow.redrive.count";
@@ -411,13 +388,6 @@ mod tests {
         assert!("order.created:a".parse::<TopicSpec>().is_err());
         assert!(":1".parse::<TopicSpec>().is_err());
         Ok(())
-    }
-
-    #[test]
-    fn replay_metadata_round_trips() {
-        assert_eq!(replay_nonce(&replay_metadata(42)), Some(42));
-        assert_eq!(replay_nonce(""), None);
-        assert_eq!(replay_nonce("orderflow.replay:x"), None);
     }
 
     fn letter() -> DeadLetterInfo {

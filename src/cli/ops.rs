@@ -67,7 +67,7 @@ pub(super) fn live_members(settings: &Settings, group: &str) -> anyhow::Result<V
         .groups()
         .iter()
         .filter(|g| g.name() == group)
-        .flat_map(|g| g.members().iter().map(|m| m.client_id().to_owned()))
+        .flat_map(|g| g.members().iter().map(|m| if m.client_id().is_empty() { m.id().to_owned() } else { m.client_id().to_owned() }))
         .collect())
 }
 

@@ -5,10 +5,12 @@
 //!   inputs continue, as `kafka-consumer-groups --reset-offsets` moves a group: a plan
 //!   without `--execute`, refused while the group has live members. A stage continues
 //!   where its *state* says (its changelog's positions), not where the group's offsets
-//!   say, so the new offsets are committed to the group as a replay request (offset
-//!   metadata naming a fresh nonce) that the stage's workers take on assignment: they
-//!   move the state's position there and record the nonce with it, so the request is
-//!   taken once. A sink's positions are its offsets in SQL, moved there directly.
+//!   say, so a replay request per input partition goes to the stage's changelog
+//!   ([`crate::runtime::changelog::replay_request`]): the next owner's restore moves the
+//!   state's position there, commits it with its first batch, and retires the request.
+//!   The group's offsets move too, so that the consumers start fetching there (a
+//!   restore that finds a request no batch follows does not judge the last batch by
+//!   them). A sink's positions are its offsets in SQL, moved there directly.
 //! - `--rebuild SINK` empties an SQL sink's tables and reads its topics again from the
 //!   earliest retained offset, in this process, until it has caught up with the end the
 //!   topics had right after the reset; then it stops.
@@ -33,13 +35,14 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use rdkafka::consumer::CommitMode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::ops as ops_io;
 use super::run::Role;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::ops::{self, PlanRow, Strategy, TopicSpec};
-use crate::runtime::{self, clock::SystemClock};
+use crate::runtime::{self, changelog, clock::SystemClock};
 use crate::sql::Db;
 use crate::views::Sink;
 
@@ -284,12 +287,15 @@ async fn move_group(
             db.close().await;
             progress.set(plan.len() as u64);
         }
-        Role::Stage(_) => {
-            let nonce = rand::random_range(1..i64::MAX);
+        Role::Stage(stage) => {
             let s = settings.clone();
-            let g = group.clone();
             let p = plan.clone();
-            tokio::task::spawn_blocking(move || request_replay(&s, &g, &p, nonce)).await??;
+            let g = group.clone();
+            tokio::task::spawn_blocking(move || {
+                request_replay(&s, stage.as_str(), &p)?;
+                commit_group(&s, &g, &p)
+            })
+            .await??;
             progress.set(plan.len() as u64);
         }
     }
@@ -330,39 +336,49 @@ fn offsets_for_time(
         .collect())
 }
 
-/// Commits the plan's targets to the stage's group as replay request `nonce`, and
-/// checks that the broker kept the request.
-fn request_replay(
-    settings: &Settings,
-    group: &str,
-    plan: &[PlanRow],
-    nonce: i64,
-) -> anyhow::Result<()> {
+/// Commits the plan's targets as the group's offsets, so that the workers' consumers
+/// start fetching there (the state's position decides what is processed).
+fn commit_group(settings: &Settings, group: &str, plan: &[PlanRow]) -> anyhow::Result<()> {
     let mut c = settings.client_config();
     c.set("group.id", group).set("enable.auto.commit", "false");
     let consumer: BaseConsumer = c.create().context("creating a Kafka consumer")?;
     let mut tpl = TopicPartitionList::new();
-    let metadata = ops::replay_metadata(nonce);
     for r in plan {
-        let mut e = tpl.add_partition(&r.topic, r.partition);
-        e.set_offset(Offset::Offset(r.target))?;
-        e.set_metadata(metadata.as_str());
+        tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.target))?;
     }
     consumer
         .commit(&tpl, CommitMode::Sync)
-        .with_context(|| format!("committing the replay to group {group}"))?;
-    let tps: Vec<(String, i32)> = plan.iter().map(|r| (r.topic.clone(), r.partition)).collect();
-    let stored = ops_io::committed(settings, group, &tps)?;
+        .with_context(|| format!("committing the offsets of group {group}"))
+}
+
+/// Writes a replay request for every row of the plan to the stage's changelog, in the
+/// row's partition, and waits until the broker has every one.
+fn request_replay(settings: &Settings, stage: &str, plan: &[PlanRow]) -> anyhow::Result<()> {
+    let topics = settings.topics();
+    let changelog = topics.changelog(stage);
+    let mut c = settings.client_config();
+    c.set("enable.idempotence", "true").set("acks", "all");
+    let producer: FutureProducer = c.create().context("creating a Kafka producer")?;
+    let mut pending = Vec::new();
     for r in plan {
-        match stored.get(&(r.topic.clone(), r.partition)) {
-            Some((o, m)) if *o == r.target && ops::replay_nonce(m) == Some(nonce) => {}
-            other => bail!(
-                "the broker did not keep the replay request for {}[{}] (found {other:?}); \
-                 the stage would not take it",
-                r.topic,
-                r.partition
-            ),
-        }
+        let base = topics.base(&r.topic).unwrap_or(&r.topic);
+        let rec = changelog::replay_request(base, r.target);
+        let f = producer
+            .send_result(
+                FutureRecord::to(&changelog)
+                    .partition(r.partition)
+                    .key(&rec.key)
+                    .payload(rec.value.as_deref().unwrap_or_default()),
+            )
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("writing the replay request to {changelog}[{}]", r.partition))?;
+        pending.push((r.partition, f));
+    }
+    for (p, f) in pending {
+        futures::executor::block_on(f)
+            .context("the producer went away")?
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("writing the replay request to {changelog}[{p}]"))?;
     }
     Ok(())
 }

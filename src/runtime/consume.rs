@@ -257,25 +257,6 @@ impl<B: Backend> Worker<B> {
         let mut targets = Vec::new();
         for e in tpl.elements() {
             let base = self.topics.base(e.topic()).unwrap_or(e.topic());
-            // An operator's replay, not taken yet, moves the state's position first.
-            let replay = committed
-                .as_ref()
-                .and_then(|c| c.find_partition(e.topic(), p))
-                .and_then(|c| match (crate::ops::replay_nonce(c.metadata()), c.offset()) {
-                    (Some(nonce), Offset::Offset(o)) => Some((nonce, o)),
-                    _ => None,
-                });
-            if let Some((nonce, offset)) = replay
-                && let Some(ps) = self.parts.get_mut(&p)
-                && ps.take_replay(base, nonce, offset)
-            {
-                tracing::info!(
-                    topic = e.topic(),
-                    partition = p,
-                    offset,
-                    "replay requested by an operator: continuing from its offset"
-                );
-            }
             let from_state = self.parts.get(&p).and_then(|ps| ps.position(base));
             let target = from_state
                 .or_else(|| {

@@ -210,15 +210,6 @@ pub(crate) trait Part {
 
     /// Logs what a restored part holds.
     fn log_restored(&self, partition: i32, elapsed: Duration);
-
-    /// An operator's replay (`orderflow replay`, see [`crate::ops::replay_nonce`]) asks
-    /// input `base` to continue from `offset`: whether this part takes it now (it had
-    /// not taken replay `nonce` before), moving its position there. Only a part that
-    /// keeps its positions beside its state needs this; a sink's positions are moved
-    /// in SQL by the replay itself.
-    fn take_replay(&mut self, _base: &str, _nonce: i64, _offset: i64) -> bool {
-        false
-    }
 }
 
 pub(crate) struct Worker<B: Backend> {

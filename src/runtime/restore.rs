@@ -364,11 +364,6 @@ fn committed(
     let topics = settings.topics();
     let mut out: HashMap<i32, Committed> = HashMap::new();
     for e in tpl.elements() {
-        // An operator's replay request is no offset committed with a batch: it says
-        // nothing about which batch committed last.
-        if crate::ops::replay_nonce(e.metadata()).is_some() {
-            continue;
-        }
         let entry = out.entry(e.partition()).or_default();
         let offset = match e.offset() {
             Offset::Offset(o) => Some(o),

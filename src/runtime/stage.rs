@@ -136,20 +136,6 @@ impl<V: Serialize + DeserializeOwned + Clone> Part for PartitionState<V> {
         self.log_end.is_some()
     }
 
-    /// The replay's nonce is kept beside the position (`p/replay/<topic>`) and committed
-    /// with it in the next batch, so that a replay is taken once: a restore after that
-    /// batch finds the nonce and continues from the state's position, even while the
-    /// group's offsets still carry the request.
-    fn take_replay(&mut self, base: &str, nonce: i64, offset: i64) -> bool {
-        let key = crate::ops::replay_key(base);
-        if self.positions.peek(&key) == Some(&nonce) {
-            return false;
-        }
-        self.positions.insert(base, offset);
-        self.positions.insert(key, nonce);
-        true
-    }
-
     fn log_restored(&self, partition: i32, elapsed: Duration) {
         tracing::info!(
             partition,
