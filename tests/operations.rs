@@ -188,6 +188,138 @@ fn replaying_a_stages_whole_input_reads_it_again_without_new_effects() {
     worker.assert_alive();
 }
 
+fn rec(store: &str, v: serde_json::Value) -> Outgoing {
+    Outgoing::new(store, serde_json::to_vec(&v).expect("JSON"))
+}
+
+/// Every record of an output topic by event ID: its event type and value bytes.
+fn events_by_id(env: &TestEnv, base: &str) -> BTreeMap<String, BTreeSet<(String, Vec<u8>)>> {
+    let codec = orderflow::events::codec::Codec::new();
+    let mut out: BTreeMap<String, BTreeSet<(String, Vec<u8>)>> = BTreeMap::new();
+    for r in read_topic(&env.settings.brokers, &env.topic(base)) {
+        let value = r.value.clone().unwrap_or_default();
+        let ty = r.header_str("event-type");
+        let e = codec
+            .decode(
+                &value,
+                orderflow::events::codec::DecodeHints {
+                    header_type: ty.as_deref(),
+                    topic_default: None,
+                    origin: None,
+                },
+            )
+            .expect("an output decodes");
+        out.entry(e.envelope().event_id.clone())
+            .or_default()
+            .insert((format!("{:?}", e.event_type()), value));
+    }
+    out
+}
+
+/// The level the probe tagged `tag` reported for `sku` (a zero adjustment answers with
+/// the current level).
+fn probed(env: &TestEnv, sku: &str, tag: &str) -> Option<i32> {
+    let codec = orderflow::events::codec::Codec::new();
+    read_topic(&env.settings.brokers, &env.topic(topics::INVENTORY_UPDATED))
+        .iter()
+        .find_map(|r| {
+            let ty = r.header_str("event-type");
+            let e = codec
+                .decode(
+                    r.value.as_deref().unwrap_or_default(),
+                    orderflow::events::codec::DecodeHints {
+                        header_type: ty.as_deref(),
+                        topic_default: None,
+                        origin: None,
+                    },
+                )
+                .ok()?;
+            match e {
+                orderflow::events::Event::StockLevelChanged(c)
+                    if c.sku == sku && c.reason == tag =>
+                {
+                    Some(c.available)
+                }
+                _ => None,
+            }
+        })
+}
+
+#[test]
+fn replaying_inventory_leaves_stock_and_decisions_unchanged() {
+    let env = TestEnv::new("ops-replay-inv", 1);
+    let producer = env.producer();
+    let commands = env.topic(topics::INVENTORY_COMMANDS);
+    let screened = env.topic(topics::ORDER_SCREENED);
+    let store = "store-1";
+    producer.send(
+        &commands,
+        &rec(store, serde_json::json!({"event_type": "StockRestocked", "store_id": store, "sku": "SKU-A", "quantity": 10})),
+    );
+    for i in 1..=3 {
+        let order = format!("o-{i}");
+        producer.send(
+            &screened,
+            &rec(store, serde_json::json!({
+                "event_type": "OrderScreened",
+                "event_id": uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, order.as_bytes()).to_string(),
+                "order_id": order, "store_id": store, "correlation_id": order,
+                "occurred_at": now_ms(), "decision": "approved", "reasons": [],
+                "customer_id": "c-1", "email": "c@example.com", "currency": "USD",
+                "total_cents": 300, "items": [{"sku": "SKU-A", "quantity": 3, "unit_price_cents": 100}],
+            })),
+        );
+    }
+    producer.send(&commands, &Outgoing::new(store, b"{not json".to_vec()));
+    let probe = |tag: &str| {
+        rec(store, serde_json::json!({"event_type": "StockAdjusted", "store_id": store, "sku": "SKU-A", "delta": 0, "reason": tag}))
+    };
+    producer.send(&commands, &probe("before"));
+    let mut worker = env.spawn_worker(&["inventory"], &[]);
+    wait_for("the probe before the replay", deadline(60), &[&worker], |_| {
+        probed(&env, "SKU-A", "before")
+    });
+    assert_eq!(probed(&env, "SKU-A", "before"), Some(1));
+    wait_for("inventory to catch up", deadline(30), &[&worker], |p| {
+        let lag = total_lag(&env, "inventory");
+        *p = format!("lag {lag}");
+        (lag == 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let before = events_by_id(&env, topics::INVENTORY_UPDATED);
+    let dlq = env.topic(topics::DLQ);
+    assert_eq!(read_topic(&env.settings.brokers, &dlq).len(), 1);
+    worker.kill9();
+    wait_for_empty_group(&env, "inventory");
+
+    let exec = orderflow(&env, &["replay", "--stage", "inventory", "--to-earliest", "--execute"]);
+    assert!(exec.status.success(), "{}", stderr(&exec));
+    // Every input from the start: the restock, three orders, the bad record, the probe.
+    assert!(
+        stdout(&exec).contains("6 records to process again"),
+        "{}",
+        stdout(&exec)
+    );
+    let worker = env.spawn_worker(&["inventory"], &[]);
+    read_all(&env.settings.brokers, &dlq, 2, deadline(60));
+    producer.send(&commands, &probe("after"));
+    wait_for("the probe after the replay", deadline(60), &[&worker], |_| {
+        probed(&env, "SKU-A", "after")
+    });
+    // Stock unchanged: no second restock, no second reservation.
+    assert_eq!(probed(&env, "SKU-A", "after"), Some(1));
+    std::thread::sleep(Duration::from_millis(500));
+    let after = events_by_id(&env, topics::INVENTORY_UPDATED);
+    // The same decisions, same IDs, same bytes; the only new event answers the new probe.
+    assert!(after.values().all(|c| c.len() == 1), "{after:?}");
+    let new: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    for (id, contents) in &before {
+        assert_eq!(after.get(id), Some(contents), "event {id}");
+    }
+    worker.assert_alive();
+}
+
 #[test]
 fn dead_letters_are_listed_shown_and_redriven_at_most_max_redrives_times() {
     let env = TestEnv::new("ops-dlq", 1);
