@@ -576,10 +576,11 @@ impl Restorer {
         generation: Option<u64>,
     ) -> Result<(), ChangelogError> {
         self.last_offset = Some(offset);
+        // An operator's request stands outside any batch; its retirement (a tombstone)
+        // is a record of the batch that writes it, counted by its marker.
         if let Some(topic) = key.strip_prefix(REPLAY_PREFIX) {
             match value {
                 Some(v) => {
-                    self.request_keys.insert(key.to_owned());
                     let target = std::str::from_utf8(v)
                         .ok()
                         .and_then(|v| v.parse::<i64>().ok())
@@ -588,14 +589,14 @@ impl Restorer {
                             message: "a replay request is an input offset".into(),
                         })?;
                     self.requests.insert(topic.to_owned(), (offset, target));
+                    self.request_keys.insert(key.to_owned());
+                    return Ok(());
                 }
-                // Retired already.
                 None => {
                     self.requests.remove(topic);
                     self.request_keys.remove(key);
                 }
             }
-            return Ok(());
         }
         // A claim starts a writer's history; what its predecessors left uncommitted stays
         // in the tail, to be rewritten by the first batch the new writer commits.
