@@ -430,6 +430,48 @@ fn lag_shows_a_stopped_workers_backlog() {
         // The oldest unprocessed record's time is shown.
         assert!(l.split_whitespace().nth(7).is_some_and(|t| t.ends_with('Z')), "{l}");
     }
+
+    // The metric: a worker whose first commit stalls reports the backlog it owns.
+    let stalled = env.spawn_worker(
+        &["fraud"],
+        &[("ORDERFLOW_STALL_BEFORE_COMMIT", "1:30000".to_owned())],
+    );
+    let addr = wait_for("the worker's metrics address", deadline(30), &[&stalled], |_| {
+        stalled.log_tail(200).lines().find_map(|l| {
+            let rest = &l[l.find("metrics on http://")? + "metrics on http://".len()..];
+            Some(rest[..rest.find('/')?].to_owned())
+        })
+    });
+    wait_for("orderflow_consumer_lag to show the backlog", deadline(25), &[&stalled], |p| {
+        let text = scrape(&addr);
+        let series: Vec<(String, i64)> = text
+            .lines()
+            .filter(|l| l.starts_with("orderflow_consumer_lag{"))
+            .filter_map(|l| {
+                let (labels, v) = l.rsplit_once(' ')?;
+                Some((labels.to_owned(), v.parse().ok()?))
+            })
+            .collect();
+        *p = format!("{series:?}");
+        let total: i64 = series.iter().map(|(_, v)| v).sum();
+        (series.len() == 2
+            && series.iter().all(|(l, _)| l.contains("stage=\"fraud\"") && l.contains(&created))
+            && total == 7)
+            .then_some(())
+    });
+}
+
+/// The text of `GET /metrics` at `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 /// `orders` and `order_events` as text, but for the time of a row's last write.

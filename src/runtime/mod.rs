@@ -48,6 +48,7 @@ pub mod disposition;
 pub mod effects;
 pub mod invoke;
 pub mod kafka;
+mod lag;
 pub mod outbox;
 pub mod restore;
 pub mod sink;
@@ -304,8 +305,13 @@ impl<B: Backend> Worker<B> {
                 source,
             })?;
         tracing::info!(inputs = ?inputs, guarantee = %self.settings.guarantee, "stage started");
+        let stop_lag = shutdown.child_token();
+        let mut lag =
+            lag::LagExporter::start(&self.settings, self.name, self.metrics.clone(), stop_lag.clone());
+        let _stop_lag = stop_lag.drop_guard();
         while !shutdown.is_cancelled() {
             self.install_restored()?;
+            lag.set(self.positions_now());
             if !B::before_poll(self) {
                 // The outputs of committed batches go first; nothing new until they are out.
                 // The consumer is polled to stay in the group; a record it hands over now
@@ -326,6 +332,20 @@ impl<B: Backend> Worker<B> {
         }
         tracing::info!("stage stopped");
         Ok(())
+    }
+}
+
+impl<B: Backend> Worker<B> {
+    /// Where each owned input partition continues, by its installed part.
+    fn positions_now(&self) -> BTreeMap<(String, i32), i64> {
+        self.assigned
+            .iter()
+            .filter_map(|(t, p)| {
+                let base = self.topics.base(t).unwrap_or(t);
+                let at = self.parts.get(p)?.position(base)?;
+                Some(((t.clone(), *p), at))
+            })
+            .collect()
     }
 }
 
