@@ -57,13 +57,7 @@ impl Strategy {
     /// `None`: nothing processed yet, so the start). `by_time` is the offset of the first
     /// record at or after the strategy's time (`None`: no such record, so the end).
     /// Clamped to what the partition retains.
-    pub fn target(
-        &self,
-        current: Option<i64>,
-        low: i64,
-        high: i64,
-        by_time: Option<i64>,
-    ) -> i64 {
+    pub fn target(&self, current: Option<i64>, low: i64, high: i64, by_time: Option<i64>) -> i64 {
         let t = match self {
             Strategy::Earliest => low,
             Strategy::Latest => high,
@@ -118,7 +112,13 @@ pub fn parse_shift(s: &str) -> Result<i64, OpsError> {
 pub fn parse_datetime(s: &str) -> Result<i64, OpsError> {
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.timestamp_millis())
-        .map_err(|e| invalid("datetime", s, format!("{e}; write e.g. 2026-11-30T12:00:00Z")))
+        .map_err(|e| {
+            invalid(
+                "datetime",
+                s,
+                format!("{e}; write e.g. 2026-11-30T12:00:00Z"),
+            )
+        })
 }
 
 /// `--topic t` or `--topic t:0,2`: a topic and optionally some of its partitions.
@@ -148,7 +148,9 @@ impl std::str::FromStr for TopicSpec {
                         .parse::<i32>()
                         .ok()
                         .filter(|n| *n >= 0)
-                        .ok_or_else(|| invalid("topic", s, format!("partition {n:?} is not a number ≥ 0")))
+                        .ok_or_else(|| {
+                            invalid("topic", s, format!("partition {n:?} is not a number ≥ 0"))
+                        })
                 })
                 .collect::<Result<_, _>>()?,
         };
@@ -276,9 +278,10 @@ pub struct DlqFilter {
 impl DlqFilter {
     /// Whether `d` is selected; `prefix` is the deployment's topic prefix.
     pub fn matches(&self, d: &DeadLetterInfo, prefix: &str) -> bool {
-        let topic_ok = self.source_topic.as_deref().is_none_or(|t| {
-            d.source_topic == t || d.source_topic.strip_prefix(prefix) == Some(t)
-        });
+        let topic_ok = self
+            .source_topic
+            .as_deref()
+            .is_none_or(|t| d.source_topic == t || d.source_topic.strip_prefix(prefix) == Some(t));
         let time = d.time_ms.unwrap_or(0);
         self.stage.as_deref().is_none_or(|s| d.stage == s)
             && self.error_class.as_deref().is_none_or(|c| d.class == c)
@@ -384,7 +387,10 @@ mod tests {
         let t: TopicSpec = "order.created".parse()?;
         assert_eq!(t.partitions, Vec::<i32>::new());
         let t: TopicSpec = "order.created:0,2".parse()?;
-        assert_eq!((t.topic.as_str(), t.partitions), ("order.created", vec![0, 2]));
+        assert_eq!(
+            (t.topic.as_str(), t.partitions),
+            ("order.created", vec![0, 2])
+        );
         assert!("order.created:a".parse::<TopicSpec>().is_err());
         assert!(":1".parse::<TopicSpec>().is_err());
         Ok(())
@@ -423,17 +429,50 @@ mod tests {
         let all = DlqFilter::default();
         assert!(all.matches(&d, "p."));
         let f = |f: DlqFilter| f.matches(&d, "p.");
-        assert!(f(DlqFilter { stage: Some("fraud".into()), ..all.clone() }));
-        assert!(!f(DlqFilter { stage: Some("payment".into()), ..all.clone() }));
-        assert!(f(DlqFilter { error_class: Some("schema".into()), ..all.clone() }));
-        assert!(!f(DlqFilter { error_class: Some("decode".into()), ..all.clone() }));
-        assert!(f(DlqFilter { source_topic: Some("order.created".into()), ..all.clone() }));
-        assert!(f(DlqFilter { source_topic: Some("p.order.created".into()), ..all.clone() }));
-        assert!(!f(DlqFilter { source_topic: Some("order.screened".into()), ..all.clone() }));
-        assert!(f(DlqFilter { since_ms: Some(5_000), ..all.clone() }));
-        assert!(!f(DlqFilter { since_ms: Some(5_001), ..all.clone() }));
-        assert!(!f(DlqFilter { until_ms: Some(5_000), ..all.clone() }));
-        assert!(f(DlqFilter { until_ms: Some(5_001), ..all.clone() }));
+        assert!(f(DlqFilter {
+            stage: Some("fraud".into()),
+            ..all.clone()
+        }));
+        assert!(!f(DlqFilter {
+            stage: Some("payment".into()),
+            ..all.clone()
+        }));
+        assert!(f(DlqFilter {
+            error_class: Some("schema".into()),
+            ..all.clone()
+        }));
+        assert!(!f(DlqFilter {
+            error_class: Some("decode".into()),
+            ..all.clone()
+        }));
+        assert!(f(DlqFilter {
+            source_topic: Some("order.created".into()),
+            ..all.clone()
+        }));
+        assert!(f(DlqFilter {
+            source_topic: Some("p.order.created".into()),
+            ..all.clone()
+        }));
+        assert!(!f(DlqFilter {
+            source_topic: Some("order.screened".into()),
+            ..all.clone()
+        }));
+        assert!(f(DlqFilter {
+            since_ms: Some(5_000),
+            ..all.clone()
+        }));
+        assert!(!f(DlqFilter {
+            since_ms: Some(5_001),
+            ..all.clone()
+        }));
+        assert!(!f(DlqFilter {
+            until_ms: Some(5_000),
+            ..all.clone()
+        }));
+        assert!(f(DlqFilter {
+            until_ms: Some(5_001),
+            ..all.clone()
+        }));
     }
 
     #[test]

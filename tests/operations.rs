@@ -83,8 +83,11 @@ fn total_lag(env: &TestEnv, stage: &str) -> i64 {
         .unwrap_or_else(|| panic!("no total lag in {}", stdout(&out)))
 }
 
+/// A record's key and value.
+type KeyValue = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// Screenings by event ID: their key and value bytes.
-fn screenings(env: &TestEnv) -> BTreeMap<String, BTreeSet<(Option<Vec<u8>>, Option<Vec<u8>>)>> {
+fn screenings(env: &TestEnv) -> BTreeMap<String, BTreeSet<KeyValue>> {
     let mut tail = ScreenedTail::new(env);
     tail.drain();
     let mut out: BTreeMap<String, BTreeSet<_>> = BTreeMap::new();
@@ -111,14 +114,24 @@ fn replaying_a_stages_whole_input_reads_it_again_without_new_effects() {
     let producer = env.producer();
     let t0 = now_ms();
     let orders: Vec<TestOrder> = (0..20)
-        .map(|i| TestOrder::new(format!("o-{i}"), format!("store-{}", i % 4), format!("c-{i}"), t0))
+        .map(|i| {
+            TestOrder::new(
+                format!("o-{i}"),
+                format!("store-{}", i % 4),
+                format!("c-{i}"),
+                t0,
+            )
+        })
         .collect();
     let created = env.topic(topics::ORDER_CREATED);
     for o in &orders[..10] {
         producer.send(&created, &o.outgoing());
     }
     // A record that can never be processed: dead-lettered at every reading.
-    producer.send(&created, &Outgoing::new("store-0", b"not an order".to_vec()));
+    producer.send(
+        &created,
+        &Outgoing::new("store-0", b"not an order".to_vec()),
+    );
     for o in &orders[10..] {
         producer.send(&created, &o.outgoing());
     }
@@ -127,17 +140,25 @@ fn replaying_a_stages_whole_input_reads_it_again_without_new_effects() {
     tail.wait_for_orders(20, deadline(60), &[&worker]);
     let dlq = env.topic(topics::DLQ);
     read_all(&env.settings.brokers, &dlq, 1, deadline(30));
-    wait_for("the fraud stage to catch up", deadline(30), &[&worker], |p| {
-        let lag = total_lag(&env, "fraud");
-        *p = format!("lag {lag}");
-        (lag == 0).then_some(())
-    });
+    wait_for(
+        "the fraud stage to catch up",
+        deadline(30),
+        &[&worker],
+        |p| {
+            let lag = total_lag(&env, "fraud");
+            *p = format!("lag {lag}");
+            (lag == 0).then_some(())
+        },
+    );
     let before = screenings(&env);
     assert_eq!(before.len(), 20);
 
     // Refused while a worker is in the group.
     wait_for_group_members(&env, "fraud", 1, deadline(30));
-    let refused = orderflow(&env, &["replay", "--stage", "fraud", "--to-earliest", "--execute"]);
+    let refused = orderflow(
+        &env,
+        &["replay", "--stage", "fraud", "--to-earliest", "--execute"],
+    );
     assert!(!refused.status.success());
     assert!(
         stderr(&refused).contains("live member"),
@@ -152,18 +173,36 @@ fn replaying_a_stages_whole_input_reads_it_again_without_new_effects() {
     let plan = orderflow(&env, &["replay", "--stage", "fraud", "--to-earliest"]);
     assert!(plan.status.success(), "{}", stderr(&plan));
     let text = stdout(&plan);
-    assert!(text.contains("state"), "positions come from the state: {text}");
+    assert!(
+        text.contains("state"),
+        "positions come from the state: {text}"
+    );
     assert!(text.contains("plan only: 21 records"), "{text}");
     // One partition only, shifted back by one record.
     let one = orderflow(
         &env,
-        &["replay", "--stage", "fraud", "--topic", "order.created:1", "--shift-by", "-1"],
+        &[
+            "replay",
+            "--stage",
+            "fraud",
+            "--topic",
+            "order.created:1",
+            "--shift-by",
+            "-1",
+        ],
     );
-    assert!(stdout(&one).contains("plan only: 1 records"), "{}", stdout(&one));
+    assert!(
+        stdout(&one).contains("plan only: 1 records"),
+        "{}",
+        stdout(&one)
+    );
     // Nothing was moved by a plan.
     assert_eq!(total_lag(&env, "fraud"), 0);
 
-    let exec = orderflow(&env, &["replay", "--stage", "fraud", "--to-earliest", "--execute"]);
+    let exec = orderflow(
+        &env,
+        &["replay", "--stage", "fraud", "--to-earliest", "--execute"],
+    );
     assert!(exec.status.success(), "{}", stderr(&exec));
 
     let worker = env.spawn_fraud_worker(&FraudOpts::default());
@@ -174,11 +213,16 @@ fn replaying_a_stages_whole_input_reads_it_again_without_new_effects() {
         letters[0].header_str("orderflow.source.offset"),
         letters[1].header_str("orderflow.source.offset")
     );
-    wait_for("the fraud stage to catch up again", deadline(30), &[&worker], |p| {
-        let lag = total_lag(&env, "fraud");
-        *p = format!("lag {lag}");
-        (lag == 0).then_some(())
-    });
+    wait_for(
+        "the fraud stage to catch up again",
+        deadline(30),
+        &[&worker],
+        |p| {
+            let lag = total_lag(&env, "fraud");
+            *p = format!("lag {lag}");
+            (lag == 0).then_some(())
+        },
+    );
     std::thread::sleep(Duration::from_millis(500));
     // No new effect: the same screenings, same IDs, one content each.
     let after = screenings(&env);
@@ -272,13 +316,19 @@ fn replaying_inventory_leaves_stock_and_decisions_unchanged() {
     }
     producer.send(&commands, &Outgoing::new(store, b"{not json".to_vec()));
     let probe = |tag: &str| {
-        rec(store, serde_json::json!({"event_type": "StockAdjusted", "store_id": store, "sku": "SKU-A", "delta": 0, "reason": tag}))
+        rec(
+            store,
+            serde_json::json!({"event_type": "StockAdjusted", "store_id": store, "sku": "SKU-A", "delta": 0, "reason": tag}),
+        )
     };
     producer.send(&commands, &probe("before"));
     let mut worker = env.spawn_worker(&["inventory"], &[]);
-    wait_for("the probe before the replay", deadline(60), &[&worker], |_| {
-        probed(&env, "SKU-A", "before")
-    });
+    wait_for(
+        "the probe before the replay",
+        deadline(60),
+        &[&worker],
+        |_| probed(&env, "SKU-A", "before"),
+    );
     assert_eq!(probed(&env, "SKU-A", "before"), Some(1));
     wait_for("inventory to catch up", deadline(30), &[&worker], |p| {
         let lag = total_lag(&env, "inventory");
@@ -292,7 +342,16 @@ fn replaying_inventory_leaves_stock_and_decisions_unchanged() {
     worker.kill9();
     wait_for_empty_group(&env, "inventory");
 
-    let exec = orderflow(&env, &["replay", "--stage", "inventory", "--to-earliest", "--execute"]);
+    let exec = orderflow(
+        &env,
+        &[
+            "replay",
+            "--stage",
+            "inventory",
+            "--to-earliest",
+            "--execute",
+        ],
+    );
     assert!(exec.status.success(), "{}", stderr(&exec));
     // Every input from the start: the restock, three orders, the bad record, the probe.
     assert!(
@@ -303,9 +362,12 @@ fn replaying_inventory_leaves_stock_and_decisions_unchanged() {
     let worker = env.spawn_worker(&["inventory"], &[]);
     read_all(&env.settings.brokers, &dlq, 2, deadline(60));
     producer.send(&commands, &probe("after"));
-    wait_for("the probe after the replay", deadline(60), &[&worker], |_| {
-        probed(&env, "SKU-A", "after")
-    });
+    wait_for(
+        "the probe after the replay",
+        deadline(60),
+        &[&worker],
+        |_| probed(&env, "SKU-A", "after"),
+    );
     // Stock unchanged: no second restock, no second reservation.
     assert_eq!(probed(&env, "SKU-A", "after"), Some(1));
     std::thread::sleep(Duration::from_millis(500));
@@ -337,11 +399,18 @@ fn dead_letters_are_listed_shown_and_redriven_at_most_max_redrives_times() {
         &Outgoing::new("store-1", serde_json::to_vec(&broken).expect("json")),
     );
     let letters = read_all(&env.settings.brokers, &dlq, 1, deadline(60));
-    assert_eq!(letters[0].header_str("orderflow.stage").as_deref(), Some("fraud"));
+    assert_eq!(
+        letters[0].header_str("orderflow.stage").as_deref(),
+        Some("fraud")
+    );
 
     let list = orderflow(&env, &["dlq", "list", "--stage", "fraud"]);
     assert!(list.status.success());
-    assert!(stdout(&list).contains("1 dead letters"), "{}", stdout(&list));
+    assert!(
+        stdout(&list).contains("1 dead letters"),
+        "{}",
+        stdout(&list)
+    );
     let none = orderflow(&env, &["dlq", "list", "--stage", "payment"]);
     assert!(stdout(&none).contains("0 dead letters"));
     let show = orderflow(&env, &["dlq", "show", "0:0"]);
@@ -370,13 +439,20 @@ fn dead_letters_are_listed_shown_and_redriven_at_most_max_redrives_times() {
     // A fourth redrive of the record redriven three times is refused.
     let fourth = orderflow(&env, &["dlq", "redrive", "--offset", "0:3"]);
     assert!(!fourth.status.success());
-    assert!(stderr(&fourth).contains("redriven 3 times"), "{}", stderr(&fourth));
+    assert!(
+        stderr(&fourth).contains("redriven 3 times"),
+        "{}",
+        stderr(&fourth)
+    );
 
     // Fixed: screened once.
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), order.json()).expect("writing the fix");
     let path = file.path().to_string_lossy().into_owned();
-    let fixed = orderflow(&env, &["dlq", "redrive", "--offset", "0:1", "--edit", &path]);
+    let fixed = orderflow(
+        &env,
+        &["dlq", "redrive", "--offset", "0:1", "--edit", &path],
+    );
     assert!(fixed.status.success(), "{}", stderr(&fixed));
     let mut tail = ScreenedTail::new(&env);
     tail.wait_for_orders(1, deadline(60), &[&worker]);
@@ -384,7 +460,9 @@ fn dead_letters_are_listed_shown_and_redriven_at_most_max_redrives_times() {
     tail.drain();
     assert_eq!(tail.screenings.records, 1);
     assert_eq!(
-        tail.screenings.get("o-broken").map(|s| s.event_id().to_owned()),
+        tail.screenings
+            .get("o-broken")
+            .map(|s| s.event_id().to_owned()),
         Some(order.expected_screened_id())
     );
     assert_eq!(read_topic(&env.settings.brokers, &dlq).len(), 4);
@@ -406,11 +484,16 @@ fn lag_shows_a_stopped_workers_backlog() {
     let mut worker = env.spawn_fraud_worker(&FraudOpts::default());
     let mut tail = ScreenedTail::new(&env);
     tail.wait_for_orders(5, deadline(60), &[&worker]);
-    wait_for("the fraud stage to catch up", deadline(30), &[&worker], |p| {
-        let lag = total_lag(&env, "fraud");
-        *p = format!("lag {lag}");
-        (lag == 0).then_some(())
-    });
+    wait_for(
+        "the fraud stage to catch up",
+        deadline(30),
+        &[&worker],
+        |p| {
+            let lag = total_lag(&env, "fraud");
+            *p = format!("lag {lag}");
+            (lag == 0).then_some(())
+        },
+    );
     worker.kill9();
     for i in 5..12 {
         producer.send(
@@ -423,12 +506,17 @@ fn lag_shows_a_stopped_workers_backlog() {
     let text = stdout(&out);
     let lagging: Vec<&str> = text
         .lines()
-        .filter(|l| l.starts_with("fraud") && !l.split_whitespace().nth(6).is_some_and(|n| n == "0"))
+        .filter(|l| l.starts_with("fraud") && l.split_whitespace().nth(6).is_some_and(|n| n != "0"))
         .collect();
     assert!(!lagging.is_empty(), "{text}");
     for l in lagging {
         // The oldest unprocessed record's time is shown.
-        assert!(l.split_whitespace().nth(7).is_some_and(|t| t.ends_with('Z')), "{l}");
+        assert!(
+            l.split_whitespace()
+                .nth(7)
+                .is_some_and(|t| t.ends_with('Z')),
+            "{l}"
+        );
     }
 
     // The metric: a worker whose first commit stalls reports the backlog it owns.
@@ -436,29 +524,41 @@ fn lag_shows_a_stopped_workers_backlog() {
         &["fraud"],
         &[("ORDERFLOW_STALL_BEFORE_COMMIT", "1:30000".to_owned())],
     );
-    let addr = wait_for("the worker's metrics address", deadline(30), &[&stalled], |_| {
-        stalled.log_tail(200).lines().find_map(|l| {
-            let rest = &l[l.find("metrics on http://")? + "metrics on http://".len()..];
-            Some(rest[..rest.find('/')?].to_owned())
-        })
-    });
-    wait_for("orderflow_consumer_lag to show the backlog", deadline(25), &[&stalled], |p| {
-        let text = scrape(&addr);
-        let series: Vec<(String, i64)> = text
-            .lines()
-            .filter(|l| l.starts_with("orderflow_consumer_lag{"))
-            .filter_map(|l| {
-                let (labels, v) = l.rsplit_once(' ')?;
-                Some((labels.to_owned(), v.parse().ok()?))
+    let addr = wait_for(
+        "the worker's metrics address",
+        deadline(30),
+        &[&stalled],
+        |_| {
+            stalled.log_tail(200).lines().find_map(|l| {
+                let rest = &l[l.find("metrics on http://")? + "metrics on http://".len()..];
+                Some(rest[..rest.find('/')?].to_owned())
             })
-            .collect();
-        *p = format!("{series:?}");
-        let total: i64 = series.iter().map(|(_, v)| v).sum();
-        (series.len() == 2
-            && series.iter().all(|(l, _)| l.contains("stage=\"fraud\"") && l.contains(&created))
-            && total == 7)
-            .then_some(())
-    });
+        },
+    );
+    wait_for(
+        "orderflow_consumer_lag to show the backlog",
+        deadline(25),
+        &[&stalled],
+        |p| {
+            let text = scrape(&addr);
+            let series: Vec<(String, i64)> = text
+                .lines()
+                .filter(|l| l.starts_with("orderflow_consumer_lag{"))
+                .filter_map(|l| {
+                    let (labels, v) = l.rsplit_once(' ')?;
+                    Some((labels.to_owned(), v.parse().ok()?))
+                })
+                .collect();
+            *p = format!("{series:?}");
+            let total: i64 = series.iter().map(|(_, v)| v).sum();
+            (series.len() == 2
+                && series
+                    .iter()
+                    .all(|(l, _)| l.contains("stage=\"fraud\"") && l.contains(&created))
+                && total == 7)
+                .then_some(())
+        },
+    );
 }
 
 /// The text of `GET /metrics` at `addr`.
@@ -501,8 +601,13 @@ fn replaying_a_sink_reads_its_topics_again_and_reproduces_the_same_rows() {
     for i in 0..12 {
         producer.send(
             &created,
-            &TestOrder::new(format!("o-{i}"), format!("s-{}", i % 3), format!("c-{i}"), t0)
-                .outgoing(),
+            &TestOrder::new(
+                format!("o-{i}"),
+                format!("s-{}", i % 3),
+                format!("c-{i}"),
+                t0,
+            )
+            .outgoing(),
         );
     }
     let vars = [("ORDERFLOW_DATABASE_URL", db.url.clone())];
@@ -534,20 +639,41 @@ fn replaying_a_sink_reads_its_topics_again_and_reproduces_the_same_rows() {
 
     let exec = orderflow(
         &env,
-        &["replay", "--stage", "projector", "--to-earliest", "--execute", "--database-url", &db.url],
+        &[
+            "replay",
+            "--stage",
+            "projector",
+            "--to-earliest",
+            "--execute",
+            "--database-url",
+            &db.url,
+        ],
     );
     assert!(exec.status.success(), "{}", stderr(&exec));
-    assert!(stdout(&exec).contains("sql"), "positions come from SQL: {}", stdout(&exec));
-    assert!(stdout(&exec).contains("12 records to process again"), "{}", stdout(&exec));
+    assert!(
+        stdout(&exec).contains("sql"),
+        "positions come from SQL: {}",
+        stdout(&exec)
+    );
+    assert!(
+        stdout(&exec).contains("12 records to process again"),
+        "{}",
+        stdout(&exec)
+    );
     // Moved in SQL: the whole input is unprocessed again.
     assert_eq!(sink_lag(&env), 12);
 
     let worker = env.spawn_worker(&["projector"], &vars);
-    wait_for("the projector to read it all again", deadline(60), &[&worker], |p| {
-        let lag = sink_lag(&env);
-        *p = format!("lag {lag}");
-        (lag == 0).then_some(())
-    });
+    wait_for(
+        "the projector to read it all again",
+        deadline(60),
+        &[&worker],
+        |p| {
+            let lag = sink_lag(&env);
+            *p = format!("lag {lag}");
+            (lag == 0).then_some(())
+        },
+    );
     assert_eq!(projection(&db.url), before);
     worker.assert_alive();
 }

@@ -217,8 +217,15 @@ fn list(settings: &Settings, f: &FilterArgs) -> anyhow::Result<()> {
         "{}",
         ops::table(
             &[
-                "AT", "TIME", "STAGE", "CLASS", "SOURCE_TOPIC", "SOURCE_PARTITION",
-                "SOURCE_OFFSET", "REDRIVES", "MESSAGE"
+                "AT",
+                "TIME",
+                "STAGE",
+                "CLASS",
+                "SOURCE_TOPIC",
+                "SOURCE_PARTITION",
+                "SOURCE_OFFSET",
+                "REDRIVES",
+                "MESSAGE"
             ],
             &rows
         )
@@ -228,7 +235,11 @@ fn list(settings: &Settings, f: &FilterArgs) -> anyhow::Result<()> {
 }
 
 /// The dead letter at `at`, with a clear error if there is none (or `at` is ambiguous).
-fn find(all: &BTreeMap<(i32, i64), OwnedMessage>, dlq: &str, at: At) -> anyhow::Result<OwnedMessage> {
+fn find(
+    all: &BTreeMap<(i32, i64), OwnedMessage>,
+    dlq: &str,
+    at: At,
+) -> anyhow::Result<OwnedMessage> {
     let found: Vec<&OwnedMessage> = all
         .iter()
         .filter(|((p, o), _)| *o == at.offset && at.partition.is_none_or(|ap| ap == *p))
@@ -388,7 +399,8 @@ fn redrive(settings: &Settings, args: RedriveArgs) -> anyhow::Result<()> {
         rows.push(vec![
             format!("{}:{}", d.partition, d.offset),
             d.source_topic.clone(),
-            d.source_partition.map_or("by key".into(), |p| p.to_string()),
+            d.source_partition
+                .map_or("by key".into(), |p| p.to_string()),
             (d.redrives + 1).to_string(),
             match &refusal {
                 Some(_) => "refused".into(),

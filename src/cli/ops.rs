@@ -67,7 +67,15 @@ pub(super) fn live_members(settings: &Settings, group: &str) -> anyhow::Result<V
         .groups()
         .iter()
         .filter(|g| g.name() == group)
-        .flat_map(|g| g.members().iter().map(|m| if m.client_id().is_empty() { m.id().to_owned() } else { m.client_id().to_owned() }))
+        .flat_map(|g| {
+            g.members().iter().map(|m| {
+                if m.client_id().is_empty() {
+                    m.id().to_owned()
+                } else {
+                    m.client_id().to_owned()
+                }
+            })
+        })
         .collect())
 }
 
@@ -80,7 +88,9 @@ pub(super) fn watermarks(
     let mut out = BTreeMap::new();
     for (topic, n) in crate::admin::partition_counts(settings, topics)? {
         if n == 0 {
-            bail!("topic {topic} does not exist; create the topics first (orderflow topics create)");
+            bail!(
+                "topic {topic} does not exist; create the topics first (orderflow topics create)"
+            );
         }
         for p in 0..n {
             let w = c

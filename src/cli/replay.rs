@@ -52,7 +52,12 @@ pub struct ReplayArgs {
     /// The stage or SQL sink whose consumer group moves: fraud, inventory, payment,
     /// fulfillment, delivery, projector, stats, alerts (its group is
     /// `<group_prefix>.<name>`). Needs one strategy; stop its workers first.
-    #[arg(long, value_name = "NAME", conflicts_with = "rebuild", requires = "strategy")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "rebuild",
+        requires = "strategy"
+    )]
     pub stage: Option<Role>,
     /// Only this input topic (prefix-free or full name), optionally only some partitions:
     /// `order.created` or `order.created:0,2`. Repeatable; default: every input topic.
@@ -188,7 +193,10 @@ async fn move_group(
         let s = settings.clone();
         let g = group.clone();
         tokio::task::spawn_blocking(move || {
-            anyhow::Ok((ops_io::watermarks(&s, &names)?, ops_io::live_members(&s, &g)?))
+            anyhow::Ok((
+                ops_io::watermarks(&s, &names)?,
+                ops_io::live_members(&s, &g)?,
+            ))
         })
         .await??
     };
@@ -233,7 +241,9 @@ async fn move_group(
     let rows: Vec<Vec<String>> = plan
         .iter()
         .map(|r| {
-            let source = current.get(&(r.topic.clone(), r.partition)).map(|(_, s)| *s);
+            let source = current
+                .get(&(r.topic.clone(), r.partition))
+                .map(|(_, s)| *s);
             vec![
                 r.topic.clone(),
                 r.partition.to_string(),
@@ -247,7 +257,14 @@ async fn move_group(
     print!(
         "{}",
         ops::table(
-            &["TOPIC", "PARTITION", "CURRENT", "FROM", "TARGET", "TO_REPROCESS"],
+            &[
+                "TOPIC",
+                "PARTITION",
+                "CURRENT",
+                "FROM",
+                "TARGET",
+                "TO_REPROCESS"
+            ],
             &rows
         )
     );
@@ -371,7 +388,9 @@ fn request_replay(settings: &Settings, stage: &str, plan: &[PlanRow]) -> anyhow:
                     .payload(rec.value.as_deref().unwrap_or_default()),
             )
             .map_err(|(e, _)| e)
-            .with_context(|| format!("writing the replay request to {changelog}[{}]", r.partition))?;
+            .with_context(|| {
+                format!("writing the replay request to {changelog}[{}]", r.partition)
+            })?;
         pending.push((r.partition, f));
     }
     for (p, f) in pending {

@@ -732,8 +732,16 @@ impl Restorer {
     ) -> Result<PartitionState<V>, ChangelogError> {
         // A replay request that no batch follows came with the group's offsets moved by
         // the operator: they no longer tell which batch committed last.
-        let newest = self.held.as_ref().map(|h| h.marker).max(self.applied_marker);
-        if self.requests.values().any(|(at, _)| newest.is_none_or(|m| m < *at)) {
+        let newest = self
+            .held
+            .as_ref()
+            .map(|h| h.marker)
+            .max(self.applied_marker);
+        if self
+            .requests
+            .values()
+            .any(|(at, _)| newest.is_none_or(|m| m < *at))
+        {
             self.vouched = None;
         }
         if let Some(held) = self.held.take() {
@@ -802,7 +810,12 @@ impl Restorer {
         // the first batch commits it. Every request read is retired.
         for (topic, (at, target)) in std::mem::take(&mut self.requests) {
             if self.applied_marker.is_none_or(|m| m < at) {
-                tracing::info!(partition, topic, target, "taking an operator's replay request");
+                tracing::info!(
+                    partition,
+                    topic,
+                    target,
+                    "taking an operator's replay request"
+                );
                 ps.positions.insert(topic, target);
             }
         }

@@ -79,9 +79,10 @@ fn export(
         let now: Positions = positions.lock().expect("lag positions poisoned").clone();
         for tp in &shown {
             if !now.contains_key(tp) {
-                let _ = metrics
-                    .consumer_lag
-                    .remove_label_values(&[stage, &tp.0, &tp.1.to_string()]);
+                let _ =
+                    metrics
+                        .consumer_lag
+                        .remove_label_values(&[stage, &tp.0, &tp.1.to_string()]);
             }
         }
         shown.clear();

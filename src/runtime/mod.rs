@@ -306,8 +306,12 @@ impl<B: Backend> Worker<B> {
             })?;
         tracing::info!(inputs = ?inputs, guarantee = %self.settings.guarantee, "stage started");
         let stop_lag = shutdown.child_token();
-        let mut lag =
-            lag::LagExporter::start(&self.settings, self.name, self.metrics.clone(), stop_lag.clone());
+        let mut lag = lag::LagExporter::start(
+            &self.settings,
+            self.name,
+            self.metrics.clone(),
+            stop_lag.clone(),
+        );
         let _stop_lag = stop_lag.drop_guard();
         while !shutdown.is_cancelled() {
             self.install_restored()?;
