@@ -110,7 +110,30 @@ fn screenings(env: &TestEnv) -> BTreeMap<String, BTreeSet<KeyValue>> {
 
 #[test]
 fn replaying_a_stages_whole_input_reads_it_again_without_new_effects() {
-    let env = TestEnv::new("ops-replay", 2);
+    replay_fraud(TestEnv::new("ops-replay", 2));
+}
+
+/// The same on the transactional broker under `exactly_once`: the restore that takes the
+/// request does not judge the last batch by the group's offsets the replay moved.
+#[test]
+fn exactly_once_replaying_a_stages_whole_input_reads_it_again_without_new_effects() {
+    replay_fraud(TestEnv::exactly_once("ops-replay-eos", 2));
+}
+
+/// Stops `worker` with SIGTERM (it finishes its batch and leaves its group) and waits.
+fn stop(worker: &Worker) {
+    let status = Command::new("kill")
+        .arg(worker.pid().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    wait_for("the worker to exit", deadline(30), &[], |_| {
+        std::thread::sleep(Duration::from_millis(100));
+        worker.exit_status()
+    });
+}
+
+fn replay_fraud(env: TestEnv) {
     let producer = env.producer();
     let t0 = now_ms();
     let orders: Vec<TestOrder> = (0..20)
@@ -135,7 +158,7 @@ fn replaying_a_stages_whole_input_reads_it_again_without_new_effects() {
     for o in &orders[10..] {
         producer.send(&created, &o.outgoing());
     }
-    let mut worker = env.spawn_fraud_worker(&FraudOpts::default());
+    let worker = env.spawn_fraud_worker(&FraudOpts::default());
     let mut tail = ScreenedTail::new(&env);
     tail.wait_for_orders(20, deadline(60), &[&worker]);
     let dlq = env.topic(topics::DLQ);
@@ -166,7 +189,7 @@ fn replaying_a_stages_whole_input_reads_it_again_without_new_effects() {
         stderr(&refused)
     );
 
-    worker.kill9();
+    stop(&worker);
     wait_for_empty_group(&env, "fraud");
 
     // The plan: every partition from the state's position back to the start, 21 records.
