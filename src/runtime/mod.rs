@@ -34,6 +34,7 @@
 //! - `sink`: the SQL sink backend;
 //! - `invoke`: one call of a stage, shared with the stages' test driver;
 //! - `dead_letter`: the DLQ record of a record that can never be processed;
+//! - `lag`: the `orderflow_consumer_lag` gauge of the partitions a worker owns;
 //! - `changelog`, `restore`, `outbox`, `effects`, `disposition`, `crash`,
 //!   `kafka`, `clock`: what those build on.
 
