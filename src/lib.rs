@@ -19,6 +19,8 @@
 //! - [`gateway`]: the payment gateway's HTTP client, and a mock gateway server.
 //! - [`simulator`]: realistic traffic, and a carrier that scans shipped orders.
 //! - [`admin`]: topic provisioning.
+//! - [`ops`]: the operators' verbs' pure half — replay plans and requests, dead-letter
+//!   filters and redrive rules, lag.
 //! - [`cli`]: the `orderflow` command line, one module per subcommand.
 #![forbid(unsafe_code)]
 
@@ -29,6 +31,7 @@ pub mod config;
 pub mod events;
 pub mod gateway;
 pub mod metrics;
+pub mod ops;
 pub mod runtime;
 pub mod simulator;
 pub mod sql;

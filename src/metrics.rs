@@ -35,6 +35,9 @@ pub struct Metrics {
     pub restore_seconds: HistogramVec,
     pub event_latency_seconds: HistogramVec,
     pub assigned_partitions: IntGaugeVec,
+    /// Per owned input partition: records between where the durable state continues and
+    /// the partition's end. Partition is a label: the count is fixed and small.
+    pub consumer_lag: IntGaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -74,6 +77,15 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(assigned.clone()))
             .expect("unique metric");
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                "orderflow_consumer_lag",
+                "Records of an owned input partition not yet processed (from the state's position to the end)",
+            ),
+            &["stage", "topic", "partition"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(lag.clone())).expect("unique metric");
         Metrics {
             records_in: counter(
                 &r,
@@ -164,6 +176,7 @@ impl Metrics {
                 s(),
             ),
             assigned_partitions: assigned,
+            consumer_lag: lag,
             registry: r,
         }
     }

@@ -3,9 +3,12 @@
 
 mod api;
 pub mod dev;
+mod dlq;
 mod gateway;
+mod lag;
 mod load;
 mod migrate;
+mod ops;
 mod replay;
 mod run;
 mod schemas;
@@ -58,14 +61,20 @@ pub enum Command {
     Seed(seed::SeedArgs),
     /// Create or upgrade the read side's SQL tables (idempotent).
     Migrate(migrate::MigrateArgs),
-    /// Process again what the topics retain: `--rebuild SINK` rebuilds an SQL sink's
-    /// tables from scratch.
+    /// Process again what the topics retain: `--stage NAME --to-earliest` (or another
+    /// strategy) moves a stage's or sink's inputs; `--rebuild SINK` rebuilds an SQL
+    /// sink's tables from scratch.
     Replay(replay::ReplayArgs),
     /// Serve the HTTP API: orders, inventory commands, stats and alerts per store.
     Api(api::ApiArgs),
     /// OrderFlow's Avro schemas in a Confluent-compatible schema registry.
     #[command(subcommand)]
     Schemas(schemas::SchemasCommand),
+    /// Dead letters: list, show one, redrive to their source topic.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Consumer lag per stage and sink, per input partition.
+    Lag(lag::LagArgs),
 }
 
 /// Entry point of the binary.
@@ -96,6 +105,8 @@ pub fn main() -> anyhow::Result<()> {
             Command::Replay(args) => replay::run(settings, args).await,
             Command::Api(args) => api::run(settings, args).await,
             Command::Schemas(cmd) => schemas::run(settings, cmd).await,
+            Command::Dlq(cmd) => dlq::run(settings, cmd).await,
+            Command::Lag(args) => lag::run(settings, args).await,
         }
     })
 }

@@ -1,7 +1,19 @@
-//! `orderflow replay`: process again what the topics retain. One mode so far:
-//! `--rebuild SINK` empties an SQL sink's tables and reads its topics again from the
-//! earliest retained offset, in this process, until it has caught up with the end the
-//! topics had right after the reset; then it stops.
+//! `orderflow replay`: process again what the topics retain. Two modes:
+//!
+//! - `--stage NAME` and a strategy (`--to-earliest`, `--to-latest`, `--to-offset`,
+//!   `--shift-by`, `--to-datetime`, `--by-duration`) moves where a stage's or sink's
+//!   inputs continue, as `kafka-consumer-groups --reset-offsets` moves a group: a plan
+//!   without `--execute`, refused while the group has live members. A stage continues
+//!   where its *state* says (its changelog's positions), not where the group's offsets
+//!   say, so a replay request per input partition goes to the stage's changelog
+//!   ([`crate::runtime::changelog::replay_request`]): the next owner's restore moves the
+//!   state's position there, commits it with its first batch, and retires the request.
+//!   The group's offsets move too, so that the consumers start fetching there (a
+//!   restore that finds a request no batch follows does not judge the last batch by
+//!   them). A sink's positions are its offsets in SQL, moved there directly.
+//! - `--rebuild SINK` empties an SQL sink's tables and reads its topics again from the
+//!   earliest retained offset, in this process, until it has caught up with the end the
+//!   topics had right after the reset; then it stops.
 //!
 //! Invariant: the rebuilt tables equal what the sink would have written had it read the
 //! retained records once from the start. The reset is one SQL transaction and fences
@@ -22,14 +34,56 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
+use rdkafka::consumer::CommitMode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::ops as ops_io;
+use super::run::Role;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::runtime::{self, clock::SystemClock};
+use crate::ops::{self, PlanRow, Strategy, TopicSpec};
+use crate::runtime::{self, changelog, clock::SystemClock};
 use crate::sql::Db;
 use crate::views::Sink;
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("strategy").args(["to_earliest", "to_latest", "to_offset", "shift_by", "to_datetime", "by_duration"])))]
 pub struct ReplayArgs {
+    /// The stage or SQL sink whose consumer group moves: fraud, inventory, payment,
+    /// fulfillment, delivery, projector, stats, alerts (its group is
+    /// `<group_prefix>.<name>`). Needs one strategy; stop its workers first.
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "rebuild",
+        requires = "strategy"
+    )]
+    pub stage: Option<Role>,
+    /// Only this input topic (prefix-free or full name), optionally only some partitions:
+    /// `order.created` or `order.created:0,2`. Repeatable; default: every input topic.
+    #[arg(long, value_name = "TOPIC[:P,P]", requires = "stage")]
+    pub topic: Vec<TopicSpec>,
+    /// Every partition to the oldest retained record.
+    #[arg(long)]
+    pub to_earliest: bool,
+    /// Every partition to its end (skips what is unprocessed).
+    #[arg(long)]
+    pub to_latest: bool,
+    /// Every partition to this offset (clamped to what the partition retains).
+    #[arg(long, value_name = "N")]
+    pub to_offset: Option<i64>,
+    /// Every partition by N records from where it continues now (-N: read N again).
+    #[arg(long, value_name = "±N", allow_hyphen_values = true, value_parser = parse_shift_arg)]
+    pub shift_by: Option<i64>,
+    /// Every partition to its first record at or after this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_datetime_arg)]
+    pub to_datetime: Option<i64>,
+    /// Every partition to its first record of the last DURATION (30m, 2h, 1d, 1h30m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub by_duration: Option<Duration>,
+    /// Move the group (default: print the plan only).
+    #[arg(long, requires = "stage")]
+    pub execute: bool,
     /// Rebuild the tables of an SQL sink (projector, stats or alerts) from the records
     /// the topics retain: deletes its rows, offsets and applied-event ledger in one
     /// transaction, then runs the sink here until it has caught up. Running workers of
@@ -42,6 +96,36 @@ pub struct ReplayArgs {
     pub database_url: Option<String>,
 }
 
+fn parse_shift_arg(s: &str) -> Result<i64, String> {
+    ops::parse_shift(s).map_err(|e| e.to_string())
+}
+
+fn parse_datetime_arg(s: &str) -> Result<i64, String> {
+    ops::parse_datetime(s).map_err(|e| e.to_string())
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    ops::parse_duration(s).map_err(|e| e.to_string())
+}
+
+impl ReplayArgs {
+    fn strategy(&self) -> Option<Strategy> {
+        if self.to_earliest {
+            Some(Strategy::Earliest)
+        } else if self.to_latest {
+            Some(Strategy::Latest)
+        } else if let Some(o) = self.to_offset {
+            Some(Strategy::Offset(o))
+        } else if let Some(n) = self.shift_by {
+            Some(Strategy::ShiftBy(n))
+        } else if let Some(t) = self.to_datetime {
+            Some(Strategy::Datetime(t))
+        } else {
+            self.by_duration.map(Strategy::Duration)
+        }
+    }
+}
+
 fn parse_sink(s: &str) -> Result<Sink, String> {
     Sink::from_name(s).ok_or_else(|| {
         let names: Vec<&str> = Sink::ALL.iter().map(|s| s.name()).collect();
@@ -50,17 +134,272 @@ fn parse_sink(s: &str) -> Result<Sink, String> {
 }
 
 pub async fn run(mut settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
-    if let Some(url) = args.database_url {
+    if let Some(url) = args.database_url.clone() {
         settings.database_url = url;
     }
-    match args.rebuild {
-        Some(sink) => rebuild(settings, sink).await,
-        None => bail!(
-            "say what to replay: `orderflow replay --rebuild SINK` rebuilds an SQL sink \
-             (projector, stats, alerts) from its topics; replaying topics through the \
-             pipeline stages is not supported yet"
+    if let Some(sink) = args.rebuild {
+        return rebuild(settings, sink).await;
+    }
+    match (args.stage, args.strategy()) {
+        (Some(role), Some(strategy)) => {
+            move_group(settings, role, &args.topic, strategy, args.execute).await
+        }
+        _ => bail!(
+            "say what to replay: `orderflow replay --stage NAME --to-earliest` (or another \
+             strategy) moves a stage's or sink's inputs; `orderflow replay --rebuild SINK` \
+             rebuilds an SQL sink's tables from its topics"
         ),
     }
+}
+
+/// The plan of moving `role`'s inputs by `strategy`, and with `execute` the move.
+async fn move_group(
+    settings: Settings,
+    role: Role,
+    only: &[TopicSpec],
+    strategy: Strategy,
+    execute: bool,
+) -> anyhow::Result<()> {
+    let topics = settings.topics();
+    let group = settings.group_id(role.as_str());
+    let inputs: Vec<String> = ops_io::inputs(role, &settings)
+        .iter()
+        .map(|t| topics.name(t))
+        .collect();
+    // Which topic-partitions: every input, or those named.
+    let mut wanted: Vec<(String, Vec<i32>)> = Vec::new();
+    for spec in only {
+        let full = if inputs.contains(&spec.topic) {
+            spec.topic.clone()
+        } else {
+            topics.name(&spec.topic)
+        };
+        if !inputs.contains(&full) {
+            let bases: Vec<&str> = ops_io::inputs(role, &settings).to_vec();
+            bail!(
+                "--topic {}: not an input of {}; its inputs: {}",
+                spec.topic,
+                role.as_str(),
+                bases.join(", ")
+            );
+        }
+        wanted.push((full, spec.partitions.clone()));
+    }
+    if wanted.is_empty() {
+        wanted = inputs.iter().map(|t| (t.clone(), Vec::new())).collect();
+    }
+    let names: Vec<String> = wanted.iter().map(|(t, _)| t.clone()).collect();
+    let (marks, members) = {
+        let s = settings.clone();
+        let g = group.clone();
+        tokio::task::spawn_blocking(move || {
+            anyhow::Ok((
+                ops_io::watermarks(&s, &names)?,
+                ops_io::live_members(&s, &g)?,
+            ))
+        })
+        .await??
+    };
+    let mut tps: Vec<(String, i32)> = Vec::new();
+    for (t, parts) in &wanted {
+        for p in parts {
+            if !marks.contains_key(&(t.clone(), *p)) {
+                bail!("--topic {t}: partition {p} does not exist");
+            }
+        }
+        tps.extend(
+            marks
+                .keys()
+                .filter(|(mt, mp)| mt == t && (parts.is_empty() || parts.contains(mp)))
+                .cloned(),
+        );
+    }
+    let current = ops_io::continues_at(&settings, role, &tps).await?;
+    let by_time = match strategy.by_time(crate::sql::now_ms()) {
+        Some(ms) => {
+            let s = settings.clone();
+            let t = tps.clone();
+            tokio::task::spawn_blocking(move || offsets_for_time(&s, &t, ms)).await??
+        }
+        None => BTreeMap::new(),
+    };
+    let plan: Vec<PlanRow> = tps
+        .iter()
+        .map(|tp| {
+            let (low, high) = marks[tp];
+            let cur = current.get(tp).map(|(o, _)| *o);
+            PlanRow {
+                topic: tp.0.clone(),
+                partition: tp.1,
+                current: cur,
+                target: strategy.target(cur, low, high, by_time.get(tp).copied().flatten()),
+                low,
+                high,
+            }
+        })
+        .collect();
+    let rows: Vec<Vec<String>> = plan
+        .iter()
+        .map(|r| {
+            let source = current
+                .get(&(r.topic.clone(), r.partition))
+                .map(|(_, s)| *s);
+            vec![
+                r.topic.clone(),
+                r.partition.to_string(),
+                r.current.map_or("-".into(), |c| c.to_string()),
+                source.unwrap_or("start").to_owned(),
+                r.target.to_string(),
+                r.to_reprocess().to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        ops::table(
+            &[
+                "TOPIC",
+                "PARTITION",
+                "CURRENT",
+                "FROM",
+                "TARGET",
+                "TO_REPROCESS"
+            ],
+            &rows
+        )
+    );
+    let total: i64 = plan.iter().map(|r| r.to_reprocess().max(0)).sum();
+    if !members.is_empty() {
+        bail!(
+            "consumer group {group} has {} live member(s) ({}): stop every {} worker before \
+             replaying; the plan above is what a replay would do now",
+            members.len(),
+            members.join(", "),
+            role.as_str()
+        );
+    }
+    if !execute {
+        println!(
+            "plan only: {total} records to process again for {} (group {group}); add --execute to apply it",
+            role.as_str()
+        );
+        return Ok(());
+    }
+    let mut progress = ops_io::Progress::new(
+        &format!("replay {}", role.as_str()),
+        "partitions",
+        plan.len() as u64,
+    );
+    match role {
+        Role::Sink(sink) => {
+            let db = Db::connect(&settings.database_url).await?;
+            db.migrate().await?;
+            let offsets: Vec<(String, i32, i64)> = plan
+                .iter()
+                .map(|r| (r.topic.clone(), r.partition, r.target))
+                .collect();
+            db.set_offsets(sink, &offsets)
+                .await
+                .with_context(|| format!("moving the offsets of sink {sink}"))?;
+            db.close().await;
+            progress.set(plan.len() as u64);
+        }
+        Role::Stage(stage) => {
+            let s = settings.clone();
+            let p = plan.clone();
+            let g = group.clone();
+            tokio::task::spawn_blocking(move || {
+                request_replay(&s, stage.as_str(), &p)?;
+                commit_group(&s, &g, &p)
+            })
+            .await??;
+            progress.set(plan.len() as u64);
+        }
+    }
+    progress.finish();
+    println!(
+        "replay of {} requested: {total} records to process again over {} partitions; \
+         start its workers to process them",
+        role.as_str(),
+        plan.len()
+    );
+    Ok(())
+}
+
+/// Per partition, the offset of its first record at or after `ms` (`None`: none).
+fn offsets_for_time(
+    settings: &Settings,
+    tps: &[(String, i32)],
+    ms: i64,
+) -> anyhow::Result<BTreeMap<(String, i32), Option<i64>>> {
+    let c = ops_io::looker(settings)?;
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in tps {
+        tpl.add_partition_offset(t, *p, Offset::Offset(ms))?;
+    }
+    let found = c
+        .offsets_for_times(tpl, Duration::from_secs(10))
+        .context("looking up offsets by time")?;
+    Ok(found
+        .elements()
+        .iter()
+        .map(|e| {
+            let o = match e.offset() {
+                Offset::Offset(o) if o >= 0 => Some(o),
+                _ => None,
+            };
+            ((e.topic().to_owned(), e.partition()), o)
+        })
+        .collect())
+}
+
+/// Commits the plan's targets as the group's offsets, so that the workers' consumers
+/// start fetching there (the state's position decides what is processed).
+fn commit_group(settings: &Settings, group: &str, plan: &[PlanRow]) -> anyhow::Result<()> {
+    let mut c = settings.client_config();
+    c.set("group.id", group).set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = c.create().context("creating a Kafka consumer")?;
+    let mut tpl = TopicPartitionList::new();
+    for r in plan {
+        tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.target))?;
+    }
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .with_context(|| format!("committing the offsets of group {group}"))
+}
+
+/// Writes a replay request for every row of the plan to the stage's changelog, in the
+/// row's partition, and waits until the broker has every one.
+fn request_replay(settings: &Settings, stage: &str, plan: &[PlanRow]) -> anyhow::Result<()> {
+    let topics = settings.topics();
+    let changelog = topics.changelog(stage);
+    let mut c = settings.client_config();
+    c.set("enable.idempotence", "true").set("acks", "all");
+    let producer: FutureProducer = c.create().context("creating a Kafka producer")?;
+    let mut pending = Vec::new();
+    for r in plan {
+        let base = topics.base(&r.topic).unwrap_or(&r.topic);
+        let rec = changelog::replay_request(base, r.target);
+        let f = producer
+            .send_result(
+                FutureRecord::to(&changelog)
+                    .partition(r.partition)
+                    .key(&rec.key)
+                    .payload(rec.value.as_deref().unwrap_or_default()),
+            )
+            .map_err(|(e, _)| e)
+            .with_context(|| {
+                format!("writing the replay request to {changelog}[{}]", r.partition)
+            })?;
+        pending.push((r.partition, f));
+    }
+    for (p, f) in pending {
+        futures::executor::block_on(f)
+            .context("the producer went away")?
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("writing the replay request to {changelog}[{p}]"))?;
+    }
+    Ok(())
 }
 
 /// One input partition of the rebuild: its offsets when the reset was done.

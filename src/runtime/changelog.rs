@@ -51,6 +51,8 @@ const OUTCOME_PREFIX: &str = "e/";
 const POSITION_PREFIX: &str = "p/";
 const SEEN_PREFIX: &str = "d/";
 const OUTBOX_PREFIX: &str = "x/";
+/// An operator's replay request (`orderflow replay`), outside any batch.
+const REPLAY_PREFIX: &str = "replay/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangelogError {
@@ -76,6 +78,19 @@ pub fn claim_record(generation: u64, writer: &str) -> ChangelogRecord {
     ChangelogRecord {
         key: format!("{CLAIM_PREFIX}{generation}"),
         value: Some(writer.as_bytes().to_vec()),
+        seq: 0,
+    }
+}
+
+/// The record by which an operator asks a stopped stage to continue input `base` (a
+/// prefix-free topic) of this partition from `offset`: written to the changelog while no
+/// worker owns the partition, outside any batch. The next owner's restore takes it if
+/// no committed batch follows it (moving the position there, committed with its first
+/// batch) and retires it; a request some committed batch follows was taken already.
+pub fn replay_request(base: &str, offset: i64) -> ChangelogRecord {
+    ChangelogRecord {
+        key: format!("{REPLAY_PREFIX}{base}"),
+        value: Some(offset.to_string().into_bytes()),
         seq: 0,
     }
 }
@@ -455,6 +470,13 @@ pub struct Restorer {
     vouched: Option<Committed>,
     /// Sequence number of the newest batch applied.
     applied_seq: u64,
+    /// Offset of the newest applied batch's marker.
+    applied_marker: Option<i64>,
+    /// Operators' replay requests by input topic: the request's offset in the log and
+    /// the input offset asked for.
+    requests: BTreeMap<String, (i64, i64)>,
+    /// Keys of every replay request read, taken or not: retired by the next writer.
+    request_keys: HashSet<String>,
 }
 
 /// What a stage's group has committed for one partition under `exactly_once`: the
@@ -470,6 +492,8 @@ pub struct Committed {
 #[derive(Debug)]
 struct Held {
     seq: u64,
+    /// Offset of its marker.
+    marker: i64,
     records: Vec<(String, Option<Vec<u8>>)>,
 }
 
@@ -552,6 +576,28 @@ impl Restorer {
         generation: Option<u64>,
     ) -> Result<(), ChangelogError> {
         self.last_offset = Some(offset);
+        // An operator's request stands outside any batch; its retirement (a tombstone)
+        // is a record of the batch that writes it, counted by its marker.
+        if let Some(topic) = key.strip_prefix(REPLAY_PREFIX) {
+            match value {
+                Some(v) => {
+                    let target = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .ok_or_else(|| ChangelogError::Value {
+                            key: key.to_owned(),
+                            message: "a replay request is an input offset".into(),
+                        })?;
+                    self.requests.insert(topic.to_owned(), (offset, target));
+                    self.request_keys.insert(key.to_owned());
+                    return Ok(());
+                }
+                None => {
+                    self.requests.remove(topic);
+                    self.request_keys.remove(key);
+                }
+            }
+        }
         // A claim starts a writer's history; what its predecessors left uncommitted stays
         // in the tail, to be rewritten by the first batch the new writer commits.
         if let (Some(g), Some(v)) = (key.strip_prefix(CLAIM_PREFIX), value) {
@@ -615,7 +661,11 @@ impl Restorer {
             .map(|(k, v, _)| (k, v))
             .collect();
         records.push((key.to_owned(), Some(marker.to_vec())));
-        let batch = Held { seq, records };
+        let batch = Held {
+            seq,
+            marker: offset,
+            records,
+        };
         if !self.transactional {
             self.apply_batch(batch);
             return Ok(());
@@ -632,6 +682,7 @@ impl Restorer {
 
     fn apply_batch(&mut self, batch: Held) {
         self.applied_seq = self.applied_seq.max(batch.seq);
+        self.applied_marker = self.applied_marker.max(Some(batch.marker));
         for (key, value) in batch.records {
             self.apply(Entry { key, value });
         }
@@ -679,6 +730,20 @@ impl Restorer {
         dedup_window: usize,
         cache_entries: usize,
     ) -> Result<PartitionState<V>, ChangelogError> {
+        // A replay request that no batch follows came with the group's offsets moved by
+        // the operator: they no longer tell which batch committed last.
+        let newest = self
+            .held
+            .as_ref()
+            .map(|h| h.marker)
+            .max(self.applied_marker);
+        if self
+            .requests
+            .values()
+            .any(|(at, _)| newest.is_none_or(|m| m < *at))
+        {
+            self.vouched = None;
+        }
         if let Some(held) = self.held.take() {
             if self.vouched_for(&held) {
                 self.apply_batch(held);
@@ -741,6 +806,20 @@ impl Restorer {
                 return Err(ChangelogError::UnknownKey(key.clone()));
             }
         }
+        // A request no committed batch follows is taken now: the position moves, and
+        // the first batch commits it. Every request read is retired.
+        for (topic, (at, target)) in std::mem::take(&mut self.requests) {
+            if self.applied_marker.is_none_or(|m| m < at) {
+                tracing::info!(
+                    partition,
+                    topic,
+                    target,
+                    "taking an operator's replay request"
+                );
+                ps.positions.insert(topic, target);
+            }
+        }
+        ps.retired.extend(std::mem::take(&mut self.request_keys));
         ps.retired.sort();
         for (seq, ids) in seen {
             ps.seen.load(seq, ids);

@@ -34,6 +34,7 @@
 //! - `sink`: the SQL sink backend;
 //! - `invoke`: one call of a stage, shared with the stages' test driver;
 //! - `dead_letter`: the DLQ record of a record that can never be processed;
+//! - `lag`: the `orderflow_consumer_lag` gauge of the partitions a worker owns;
 //! - `changelog`, `restore`, `outbox`, `effects`, `disposition`, `crash`,
 //!   `kafka`, `clock`: what those build on.
 
@@ -48,6 +49,7 @@ pub mod disposition;
 pub mod effects;
 pub mod invoke;
 pub mod kafka;
+mod lag;
 pub mod outbox;
 pub mod restore;
 pub mod sink;
@@ -310,8 +312,17 @@ impl<B: Backend> Worker<B> {
             schema_registry = self.codec.registry().map(|r| r.url()).unwrap_or("none"),
             "stage started"
         );
+        let stop_lag = shutdown.child_token();
+        let mut lag = lag::LagExporter::start(
+            &self.settings,
+            self.name,
+            self.metrics.clone(),
+            stop_lag.clone(),
+        );
+        let _stop_lag = stop_lag.drop_guard();
         while !shutdown.is_cancelled() {
             self.install_restored()?;
+            lag.set(self.positions_now());
             if !B::before_poll(self) {
                 // The outputs of committed batches go first; nothing new until they are out.
                 // The consumer is polled to stay in the group; a record it hands over now
@@ -359,6 +370,18 @@ impl<B: Backend> Worker<B> {
         tracing::warn!(error = %e, failures = self.failures, "cannot look up schema IDs; reading the batch again after a pause");
         std::thread::sleep(disposition::backoff(self.failures.min(10), 100, 5_000));
         false
+    }
+
+    /// Where each owned input partition continues, by its installed part.
+    fn positions_now(&self) -> BTreeMap<(String, i32), i64> {
+        self.assigned
+            .iter()
+            .filter_map(|(t, p)| {
+                let base = self.topics.base(t).unwrap_or(t);
+                let at = self.parts.get(p)?.position(base)?;
+                Some(((t.clone(), *p), at))
+            })
+            .collect()
     }
 }
 

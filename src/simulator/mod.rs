@@ -176,8 +176,12 @@ impl LoadReport {
     }
 }
 
+/// A progress bar on a terminal; when stderr is not one (a log file, a pipe), a plain
+/// line every 2 s and one at the end instead, so that a long run still shows progress.
 fn bar(len: u64, visible: bool, template: &str) -> ProgressBar {
-    let target = if visible {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let target = if visible && terminal {
         ProgressDrawTarget::stderr()
     } else {
         ProgressDrawTarget::hidden()
@@ -186,7 +190,42 @@ fn bar(len: u64, visible: bool, template: &str) -> ProgressBar {
     if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
     }
+    if visible && !terminal {
+        let label = template.split('[').next().unwrap_or("").trim().to_owned();
+        // Weak: a bar dropped unfinished (an error) ends the lines too.
+        let watched = bar.downgrade();
+        let _ = std::thread::Builder::new()
+            .name(format!("progress-{label}"))
+            .spawn(move || plain_lines(&watched, &label));
+    }
     bar
+}
+
+fn plain_lines(bar: &indicatif::WeakProgressBar, label: &str) {
+    let line = |bar: &ProgressBar| {
+        let len = bar.length().unwrap_or(0);
+        let pos = bar.position();
+        eprintln!(
+            "{label}: {pos}/{len} ({}%) {:.0}s",
+            (pos * 100).checked_div(len).unwrap_or(100),
+            bar.elapsed().as_secs_f64()
+        );
+    };
+    let mut last = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(bar) = bar.upgrade() else {
+            return;
+        };
+        if bar.is_finished() {
+            line(&bar);
+            return;
+        }
+        if last.elapsed() >= Duration::from_secs(2) {
+            last = Instant::now();
+            line(&bar);
+        }
+    }
 }
 
 /// Publishes the stock commands, then the orders at `config.rate`; stops early (with

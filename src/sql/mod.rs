@@ -449,6 +449,36 @@ impl Db {
         Ok(deleted)
     }
 
+    /// Moves `sink`'s stored positions (`orderflow replay`): each `(topic, partition,
+    /// next_offset)` is where the sink continues. The epoch is bumped as a claim does, so
+    /// a worker still holding the partition fails its next commit and claims it again
+    /// from the new position. Records read again that were applied before are skipped by
+    /// the applied-event ledger, so the rows come out the same.
+    pub async fn set_offsets(
+        &self,
+        sink: Sink,
+        offsets: &[(String, i32, i64)],
+    ) -> Result<(), SqlError> {
+        let mut tx = self.begin().await?;
+        for (topic, partition, next) in offsets {
+            tx.execute(
+                "INSERT INTO sink_offsets (sink, topic, partition, next_offset, epoch) \
+                 VALUES ($1, $2, $3, $4, 1) \
+                 ON CONFLICT (sink, topic, partition) DO UPDATE \
+                 SET next_offset = excluded.next_offset, epoch = sink_offsets.epoch + 1",
+                &[
+                    Arg::text(sink.name()),
+                    Arg::text(topic),
+                    Arg::int((*partition).into()),
+                    Arg::int(*next),
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// `sink`'s stored positions, by topic and partition.
     pub async fn offsets(&self, sink: Sink) -> Result<Vec<StoredOffset>, SqlError> {
         let mut tx = self.begin_read().await?;

@@ -431,3 +431,51 @@ fn aborted_transactions_batches_are_left_out_on_restore() -> Result<(), Changelo
     );
     Ok(())
 }
+
+#[test]
+fn a_replay_request_is_taken_once_by_the_next_owner_and_retired() -> Result<(), ChangelogError> {
+    let mut log = Log::default();
+    let g = log.claim(1);
+    let mut ps = log.restore(g)?;
+    ps.positions.insert("order.created".to_string(), 10);
+    commit(&mut ps, &mut log);
+    // The stage is stopped; an operator asks for offset 2.
+    let r = replay_request("order.created", 2);
+    log.records.push((r.key, r.value, 0, None));
+    let g = log.claim(2);
+    let mut ps = log.restore(g)?;
+    assert_eq!(ps.positions.get("order.created"), Some(&2));
+    // Its first batch commits the moved position (inputs 2..4 done again).
+    ps.positions.insert("order.created".to_string(), 4);
+    commit(&mut ps, &mut log);
+    // A restore now continues from the state, not from the request again.
+    let mut other = log.clone();
+    let g3 = other.claim(3);
+    assert_eq!(other.restore(g3)?.positions.get("order.created"), Some(&4));
+    // Owner 2's second batch retires the request.
+    ps.state.insert("k", 1);
+    commit(&mut ps, &mut log);
+    let mut compacted = log.compacted();
+    assert!(
+        compacted
+            .records
+            .iter()
+            .any(|(k, v, ..)| k == "replay/order.created" && v.is_none())
+    );
+    let g4 = compacted.claim(4);
+    let back = compacted.restore(g4)?;
+    assert_eq!(back.positions.peek("order.created"), Some(&4));
+    assert!(back.retired.iter().all(|k| !k.starts_with("replay/")));
+    Ok(())
+}
+
+#[test]
+fn a_replay_request_written_before_any_batch_is_taken() -> Result<(), ChangelogError> {
+    let mut log = Log::default();
+    let r = replay_request("order.created", 3);
+    log.records.push((r.key, r.value, 0, None));
+    let g = log.claim(1);
+    let mut ps = log.restore(g)?;
+    assert_eq!(ps.positions.get("order.created"), Some(&3));
+    Ok(())
+}
