@@ -263,9 +263,7 @@ impl Browser {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, (reqwest::StatusCode, Value)> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.session));
+        let mut req = self.http.request(method, format!("{}{path}", self.session));
         if let Some(b) = body {
             req = req.json(&b);
         }
