@@ -977,15 +977,15 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
         Prometheus::start(&env, &[stages_addr.clone(), sinks_addr.clone()], &api_base);
 
     // Traffic: stock, orders (fraud bursts, huge orders, best sellers running low) and the
-    // carrier's scans, from `orderflow load`, for about half a minute; the checks run
-    // meanwhile, so that rates over the last minute see it.
+    // carrier's scans, from `orderflow load`, for two minutes, longer than the checks may
+    // take: they run meanwhile, so that rates over the last minute always see it.
     let (load_log, f) = log_file(&env, "load");
     let load_child = orderflow(
         &env,
         &[
             "load",
             "--orders",
-            "300",
+            "1200",
             "--stores",
             "2",
             "--skus",
@@ -1063,6 +1063,22 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
         .chain(sql_report.iter())
         .filter_map(|(what, r)| r.as_ref().err().map(|e| format!("- {what}\n    {e}")))
         .collect();
+    if !failures.is_empty() {
+        // What the sinks hold, to tell missing traffic from a wrong query.
+        let levels: Vec<(String, String, Option<i64>, Option<i64>)> = rt
+            .block_on(
+                sqlx::query_as(
+                    "SELECT store_id, sku, available, threshold FROM stock_levels ORDER BY 1, 2",
+                )
+                .fetch_all(&pool),
+            )
+            .unwrap_or_default();
+        eprintln!("stock_levels: {levels:?}");
+        eprintln!(
+            "orderflow load's log:\n{}",
+            common::tail_file(&load.log, 20)
+        );
+    }
     for (what, r) in prom_report.iter().chain(sql_report.iter()) {
         if let Ok(n) = r {
             eprintln!(
