@@ -22,6 +22,7 @@ pub mod inventory;
 pub mod legacy;
 pub mod orders;
 pub mod stats;
+mod stream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

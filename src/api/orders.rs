@@ -41,7 +41,7 @@
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
@@ -496,59 +496,32 @@ pub async fn events(
             .unwrap_or(-1),
         None => -1,
     };
-    struct Cursor {
-        state: ApiState,
-        store: String,
-        order: String,
-        after: i64,
-        pending: std::collections::VecDeque<TimelineEntry>,
-        first: bool,
-    }
-    let cursor = Cursor {
+    let order = id;
+    Ok(super::stream::follow(
         state,
-        store: store.0,
-        order: id,
-        after: start,
-        pending: Default::default(),
-        first: true,
-    };
-    let stream = futures::stream::unfold(cursor, |mut c| async move {
-        loop {
-            if let Some(entry) = c.pending.pop_front() {
-                let event = SseEvent::default()
-                    .id(entry.event_id.clone())
-                    .event(entry.event_type.clone())
-                    .json_data(&entry)
-                    .unwrap_or_else(|_| SseEvent::default().comment("unserializable entry"));
-                return Some((Ok(event), c));
+        start,
+        None,
+        "a timeline",
+        move |state, after| {
+            let (store, order) = (store.0.clone(), order.clone());
+            async move {
+                let rows = state.db().timeline_after_seq(&store, &order, after).await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|r| {
+                        let event = SseEvent::default()
+                            .id(r.entry.event_id.clone())
+                            .event(r.entry.event_type.clone())
+                            .json_data(&r.entry)
+                            .unwrap_or_else(|_| {
+                                SseEvent::default().comment("unserializable entry")
+                            });
+                        (r.seq, event)
+                    })
+                    .collect())
             }
-            if !c.first {
-                let shutdown = c.state.inner.shutdown.clone();
-                tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(c.state.options().stream_poll) => {}
-                }
-            }
-            c.first = false;
-            match c
-                .state
-                .db()
-                .timeline_after_seq(&c.store, &c.order, c.after)
-                .await
-            {
-                Ok(rows) => {
-                    for r in rows {
-                        c.after = c.after.max(r.seq);
-                        c.pending.push_back(r.entry);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading a timeline for an event stream");
-                }
-            }
-        }
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+        },
+    ))
 }
 
 /// The longest cancellation reason accepted, in characters.

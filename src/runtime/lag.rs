@@ -18,6 +18,9 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 
 const EVERY: Duration = Duration::from_secs(5);
+/// How often the loop hands its positions over: the gauge is read every [`EVERY`], so
+/// the loop need not build the map on every cycle.
+const HAND_OVER_EVERY: Duration = Duration::from_secs(1);
 
 /// Input topic-partition → where the state continues.
 type Positions = BTreeMap<(String, i32), i64>;
@@ -26,6 +29,8 @@ pub(super) struct LagExporter {
     positions: Arc<Mutex<Positions>>,
     /// What was handed over last.
     last: Positions,
+    /// When it was.
+    handed_at: Option<Instant>,
 }
 
 impl LagExporter {
@@ -54,12 +59,24 @@ impl LagExporter {
         LagExporter {
             positions,
             last: Positions::new(),
+            handed_at: None,
         }
     }
 
-    /// Hands over the loop's current positions (a small map, once per cycle; the lock
+    /// Whether the loop, which owns `owned` input partitions, should hand its positions
+    /// over now: at once while some owned partition has none yet (it is being restored),
+    /// else at most once a second.
+    pub(super) fn due(&self, owned: usize) -> bool {
+        self.last.len() != owned
+            || self
+                .handed_at
+                .is_none_or(|at| at.elapsed() >= HAND_OVER_EVERY)
+    }
+
+    /// Hands over the loop's current positions (a small map, at most once a second; the lock
     /// is taken only when they changed).
     pub(super) fn set(&mut self, positions: Positions) {
+        self.handed_at = Some(Instant::now());
         if positions != self.last {
             *self.positions.lock().expect("lag positions poisoned") = positions.clone();
             self.last = positions;

@@ -322,7 +322,9 @@ impl<B: Backend> Worker<B> {
         let _stop_lag = stop_lag.drop_guard();
         while !shutdown.is_cancelled() {
             self.install_restored()?;
-            lag.set(self.positions_now());
+            if lag.due(self.assigned.len()) {
+                lag.set(self.positions_now());
+            }
             if !B::before_poll(self) {
                 // The outputs of committed batches go first; nothing new until they are out.
                 // The consumer is polled to stay in the group; a record it hands over now

@@ -14,14 +14,14 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, header};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::Serialize;
 
 use super::orders::query_pairs;
 use super::{ApiError, ApiState, QueryParam, RouteSpec, Store};
-use crate::sql::dashboard::{AlertChange, HOPS, HopFigures};
+use crate::sql::dashboard::{HOPS, HopFigures};
 
 /// The page: markup, style and script in one file.
 pub const PAGE: &str = include_str!("index.html");
@@ -284,59 +284,34 @@ pub async fn alert_events(
     };
     // Fail now, as a JSON error, if the database cannot answer at all.
     state.db().ping().await?;
-    struct Cursor {
-        state: ApiState,
-        store: String,
-        after: i64,
-        pending: std::collections::VecDeque<AlertChange>,
-        first: bool,
-    }
-    let cursor = Cursor {
+    Ok(super::stream::follow(
         state,
-        store: store.0,
-        after: start,
-        pending: Default::default(),
-        first: true,
-    };
-    let stream = futures::stream::unfold(cursor, |mut c| async move {
-        loop {
-            if let Some(change) = c.pending.pop_front() {
-                let event = SseEvent::default()
-                    .id(change.seq.to_string())
-                    .event(change.change.clone())
-                    .json_data(&change)
-                    .unwrap_or_else(|_| SseEvent::default().comment("unserializable change"));
-                return Some((Ok(event), c));
+        start,
+        Some(CHANGES_PER_READ as usize),
+        "alert changes",
+        move |state, after| {
+            let store = store.0.clone();
+            async move {
+                let rows = state
+                    .db()
+                    .alert_changes_after(&store, after, CHANGES_PER_READ)
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|change| {
+                        let event = SseEvent::default()
+                            .id(change.seq.to_string())
+                            .event(change.change.clone())
+                            .json_data(&change)
+                            .unwrap_or_else(|_| {
+                                SseEvent::default().comment("unserializable change")
+                            });
+                        (change.seq, event)
+                    })
+                    .collect())
             }
-            if !c.first {
-                let shutdown = c.state.inner.shutdown.clone();
-                tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(c.state.options().stream_poll) => {}
-                }
-            }
-            c.first = false;
-            match c
-                .state
-                .db()
-                .alert_changes_after(&c.store, c.after, CHANGES_PER_READ)
-                .await
-            {
-                Ok(rows) => {
-                    for r in rows {
-                        c.after = c.after.max(r.seq);
-                        c.pending.push_back(r);
-                    }
-                    // A full read: more are waiting, read again without a pause.
-                    c.first = c.pending.len() == CHANGES_PER_READ as usize;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading alert changes for an event stream");
-                }
-            }
-        }
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+        },
+    ))
 }
 
 #[cfg(test)]
