@@ -914,6 +914,8 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
     let sinks_addr = format!("127.0.0.1:{}", free_port());
     let mut stage_env = worker_env(&gateway_addr.to_string());
     stage_env.push(("ORDERFLOW_HTTP_ADDR", stages_addr.clone()));
+    // The low-stock watchdog every 2 s, so that the SKU made low below is reported soon.
+    stage_env.push(("ORDERFLOW_INVENTORY_WATCHDOG_INTERVAL_SECS", "2".to_owned()));
     let stages = env.spawn_worker(
         &["fraud", "inventory", "payment", "fulfillment", "delivery"],
         &stage_env,
@@ -1014,6 +1016,17 @@ fn dashboards_and_rules_return_data_on_a_running_deployment() {
         .map(|i| Outgoing::new("store-001", format!("not an order {i}")))
         .collect();
     producer.send_all(&env.topic(topics::ORDER_CREATED), &garbage);
+    // One SKU of store-001 certainly low, whatever the orders happen to drain: a threshold
+    // above any stock it gets, which the watchdog reports (a threshold alone never alerts).
+    let threshold = Outgoing::new(
+        "store-001",
+        serde_json::to_vec(&serde_json::json!({
+            "event_type": "ThresholdSet", "store_id": "store-001",
+            "sku": "SKU-00003", "threshold": 1_000_000,
+        }))
+        .expect("JSON"),
+    );
+    producer.send_all(&env.topic(topics::INVENTORY_COMMANDS), &[threshold]);
 
     // Every query must return data; the pipeline and Prometheus need a moment, so the
     // checks are repeated until they all pass or the deadline comes.
