@@ -60,10 +60,13 @@ pub struct Settings {
     pub partitions: i32,
     /// Replication factor for `topics create`.
     pub replication_factor: i32,
-    /// A batch commits when it holds this many input records (or at `batch_interval_ms`).
+    /// A batch holds at most this many input records. A batch closes as soon as the
+    /// consumer has no more records at hand, so it is as large as what arrived while the
+    /// previous one committed: a few records at a low rate (committed at once), up to
+    /// this many under a backlog.
     pub batch_max_records: usize,
-    /// A batch commits when this much time has passed since it started (or at
-    /// `batch_max_records`).
+    /// A batch closes at the latest this long after it started, even while records keep
+    /// arriving; an idle worker goes round its loop (timers, rebalances) this often.
     pub batch_interval_ms: u64,
     /// Input event IDs remembered per partition to drop the same event arriving again at
     /// another offset (an upstream re-send after a crash, a producer retry). Replays of

@@ -55,10 +55,16 @@ impl<B: Backend> Worker<B> {
             {
                 break;
             }
-            match self
-                .consumer
-                .poll(remaining.min(Duration::from_millis(100)))
-            {
+            // Waiting only for the first record: once the batch holds some, it takes what
+            // the consumer has already fetched and closes when that runs out. A batch is
+            // then as large as what arrived while the previous one committed — small, and
+            // committed at once, at a low rate; up to `batch_max_records` under a backlog.
+            let wait = if batch.is_empty() {
+                remaining.min(Duration::from_millis(100))
+            } else {
+                Duration::ZERO
+            };
+            match self.consumer.poll(wait) {
                 Some(Ok(m)) if self.parts.contains_key(&m.partition()) => batch.push(m.detach()),
                 // A partition still restoring reads from its restored position later; the
                 // consumer, now ahead of it, will be moved back.
@@ -73,6 +79,7 @@ impl<B: Backend> Worker<B> {
                         .insert((m.topic().to_owned(), m.partition()));
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                None if !batch.is_empty() => break,
                 None => {}
             }
             self.apply_rebalances(&mut batch)?;

@@ -73,6 +73,10 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
+/// The longest a worker's fetch waits for records on the broker, in milliseconds
+/// (`fetch.wait.max.ms`; `[kafka]` overrides it).
+pub const FETCH_WAIT_MS: &str = "10";
+
 /// The group consumer of one stage. Offsets are committed only by the loop (or inside
 /// the transaction), never automatically; the range assignor keeps co-partitioned topics
 /// together on one worker.
@@ -90,6 +94,11 @@ pub fn consumer(
             ("partition.assignment.strategy", "range".into()),
             ("session.timeout.ms", "10000".into()),
             ("heartbeat.interval.ms", "1000".into()),
+            // Brokers that answer a fetch only when its wait is over (nisshi, the mock
+            // cluster) would otherwise hold every hop of an order for librdkafka's 500 ms
+            // and, since a connection's requests are served in order, every offset and
+            // watermark request behind it. An idle worker fetches 100 times a second.
+            ("fetch.wait.max.ms", FETCH_WAIT_MS.into()),
             (
                 "client.id",
                 format!("orderflow-{stage}-{}", settings.instance_id),

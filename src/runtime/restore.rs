@@ -207,6 +207,7 @@ where
             ("enable.auto.commit", "false".into()),
             ("enable.partition.eof", "true".into()),
             ("isolation.level", "read_committed".into()),
+            ("fetch.wait.max.ms", super::kafka::FETCH_WAIT_MS.into()),
         ])
         .create()
         .map_err(kafka(first))?;
