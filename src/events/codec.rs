@@ -12,7 +12,7 @@
 //! registry that cannot be asked is [`DecodeError::is_transient`], never a bad record.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
@@ -104,6 +104,44 @@ pub struct DecodeHints<'a> {
     pub origin: Option<(&'a str, i32, i64)>,
 }
 
+/// The current schema of every event type, parsed once per process, with a writer and a
+/// reader built on it: records in the current schema — every output, and every input
+/// written by a worker of the same version — are encoded and decoded straight between
+/// bytes and the event, without an Avro `Value` tree or schema resolution per record.
+struct Current {
+    schema: &'static Schema,
+    /// The specification's fingerprint (what outputs carry) and apache-avro's.
+    fingerprints: [Vec<u8>; 2],
+    writer: GenericDatumWriter<'static>,
+    reader: GenericDatumReader<'static>,
+}
+
+static CURRENT: LazyLock<HashMap<EventType, Current>> = LazyLock::new(|| {
+    EventType::ALL
+        .iter()
+        .map(|&t| {
+            let schema: &'static Schema = Box::leak(Box::new(
+                Schema::parse_str(t.schema_source()).unwrap_or_else(|e| {
+                    panic!("embedded schema {} is invalid: {e}", t.schema_file())
+                }),
+            ));
+            let current = Current {
+                schema,
+                fingerprints: fingerprints(schema),
+                writer: GenericDatumWriter::builder(schema)
+                    .human_readable(false)
+                    .build()
+                    .expect("an embedded schema resolves"),
+                reader: GenericDatumReader::builder(schema)
+                    .human_readable(false)
+                    .build()
+                    .expect("an embedded schema resolves"),
+            };
+            (t, current)
+        })
+        .collect()
+});
+
 pub struct Codec {
     current: HashMap<EventType, (Schema, Vec<u8>)>,
     /// Every writer schema this codec can read, by its CRC-64-AVRO fingerprint: the
@@ -124,13 +162,11 @@ impl Codec {
             confluent_ids: HashMap::new(),
             registry: None,
         };
-        for &t in EventType::ALL {
-            let schema = Schema::parse_str(t.schema_source())
-                .unwrap_or_else(|e| panic!("embedded schema {} is invalid: {e}", t.schema_file()));
-            let [spec, library] = fingerprints(&schema);
-            codec.writers.insert(library, (t, schema.clone()));
-            codec.writers.insert(spec.clone(), (t, schema.clone()));
-            codec.current.insert(t, (schema, spec));
+        for (&t, c) in CURRENT.iter() {
+            let [spec, library] = c.fingerprints.clone();
+            codec.writers.insert(library, (t, c.schema.clone()));
+            codec.writers.insert(spec.clone(), (t, c.schema.clone()));
+            codec.current.insert(t, (c.schema.clone(), spec));
         }
         codec
     }
@@ -201,8 +237,12 @@ impl Codec {
     /// Avro single-object encoding with the current schema, carrying the specification's
     /// fingerprint (what Java's `BinaryMessageDecoder` and other conforming readers expect).
     pub fn encode(&self, event: &Event) -> Result<Vec<u8>, apache_avro::Error> {
-        let (schema, fp) = &self.current[&event.event_type()];
-        self.encode_with(event, schema, fp)
+        let current = &CURRENT[&event.event_type()];
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+        out.extend_from_slice(&current.fingerprints[0]);
+        event.write_avro(&current.writer, &mut out)?;
+        Ok(out)
     }
 
     /// Encodes with an explicit writer schema (tests of schema evolution use an old one).
@@ -247,6 +287,10 @@ impl Codec {
             .writers
             .get(fp)
             .ok_or_else(|| DecodeError::UnknownFingerprint(hex(fp)))?;
+        let current = &CURRENT[t];
+        if current.fingerprints.iter().any(|c| c == fp) {
+            return read_current(*t, current, &bytes[10..]);
+        }
         self.read_datum(*t, writer, &bytes[10..])
     }
 
@@ -288,8 +332,7 @@ impl Codec {
             Some(t) => *t,
             None => resolve_type(None, hints)?,
         };
-        let writer = &self.current[&t].0;
-        self.read_datum(t, writer, &bytes[5..])
+        read_current(t, &CURRENT[&t], &bytes[5..])
     }
 
     fn read_datum(
@@ -342,6 +385,21 @@ impl Codec {
             }
         })
     }
+}
+
+/// Reads a datum written with the current schema of `t`.
+fn read_current(t: EventType, current: &Current, mut datum: &[u8]) -> Result<Event, DecodeError> {
+    let event = Event::read_avro(t, &current.reader, &mut datum).map_err(|e| DecodeError::Avro {
+        event_type: t,
+        message: e.to_string(),
+    })?;
+    if !datum.is_empty() {
+        return Err(DecodeError::Avro {
+            event_type: t,
+            message: format!("{} trailing bytes after the datum", datum.len()),
+        });
+    }
+    Ok(event)
 }
 
 impl Default for Codec {

@@ -363,6 +363,17 @@ macro_rules! events {
                 match self { $(Event::$name(e) => apache_avro::to_value(e)),* }
             }
 
+            /// Serializes straight into Avro with `writer`'s schema, which must be this
+            /// event's current one (no intermediate `Value`, no resolution).
+            fn write_avro(&self, writer: &apache_avro::writer::datum::GenericDatumWriter<'_>, out: &mut Vec<u8>) -> Result<usize, apache_avro::Error> {
+                match self { $(Event::$name(e) => writer.write_ser(out, e)),* }
+            }
+
+            /// Reads a datum written with the current schema of `t` straight into the event.
+            fn read_avro(t: EventType, reader: &apache_avro::reader::datum::GenericDatumReader<'_>, datum: &mut &[u8]) -> Result<Event, apache_avro::Error> {
+                Ok(match t { $(EventType::$name => Event::$name(reader.read_deser(datum)?)),* })
+            }
+
             fn from_avro(t: EventType, v: &apache_avro::types::Value) -> Result<Event, apache_avro::Error> {
                 Ok(match t { $(EventType::$name => Event::$name(apache_avro::from_value(v)?)),* })
             }
