@@ -110,7 +110,8 @@ pub fn id_bits(event_id: &str) -> u128 {
 /// retrying — which happens within a few batches of the original.
 #[derive(Debug)]
 pub struct SeenWindow {
-    set: HashSet<u128>,
+    /// Event IDs are UUIDs (v5, derived): a fast hasher spreads them as well as SipHash.
+    set: foldhash::HashSet<u128>,
     /// Committed batches' IDs, oldest first.
     batches: VecDeque<(u64, Vec<u128>)>,
     total: usize,
@@ -127,7 +128,10 @@ impl SeenWindow {
         SeenWindow {
             // Sized for a full window (plus a batch) from the start: its memory is what a
             // partition costs, not something that grows with the traffic seen so far.
-            set: HashSet::with_capacity(capacity.saturating_add(SEEN_SLACK)),
+            set: foldhash::HashSet::with_capacity_and_hasher(
+                capacity.saturating_add(SEEN_SLACK),
+                Default::default(),
+            ),
             batches: VecDeque::new(),
             total: 0,
             pending: Vec::new(),

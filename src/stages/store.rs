@@ -16,7 +16,11 @@
 //! Without a file (the stages' unit tests, small partitions' side stores) the same type
 //! keeps everything in memory.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+// Keys are the stage's own (store, customer, SKU, order IDs), hashed on every access: a
+// fast hasher, as they are not chosen by an adversary who could profit from collisions.
+use foldhash::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -354,6 +358,13 @@ pub struct Store<V> {
     map: HashMap<String, Option<V>>,
     /// Original values of keys written since the last commit (None: key was absent).
     undo: HashMap<String, Option<V>>,
+    /// With a file: entries of the cache's previous generation, all of them committed and
+    /// in the file. A key read again moves back into `map`; the rest go at the next turn.
+    previous: HashMap<String, Option<V>>,
+    /// With a file: keys whose committed value is in `map` only (the file is written back
+    /// when the cache turns over, not at every commit), with the due time of the value the
+    /// file holds (timers), to move its index entry.
+    unwritten: HashMap<String, Option<i64>>,
     /// Keys to write to the changelog at the next commit.
     dirty: BTreeSet<String>,
     /// While one input is handled: each key it wrote, with its value before and whether
@@ -367,8 +378,10 @@ pub struct Store<V> {
 impl<V> Default for Store<V> {
     fn default() -> Self {
         Store {
-            map: HashMap::new(),
-            undo: HashMap::new(),
+            map: HashMap::default(),
+            undo: HashMap::default(),
+            previous: HashMap::default(),
+            unwritten: HashMap::default(),
             dirty: BTreeSet::new(),
             savepoint: None,
             backing: None,
@@ -418,6 +431,10 @@ impl<V: Clone + Serialize + DeserializeOwned> Store<V> {
     fn load(&mut self, key: &str) {
         let Some(b) = &self.backing else { return };
         if self.map.contains_key(key) {
+            return;
+        }
+        if let Some((k, v)) = self.previous.remove_entry(key) {
+            self.map.insert(k, v);
             return;
         }
         let value = b
@@ -569,23 +586,33 @@ impl<V: Clone + Serialize + DeserializeOwned> Store<V> {
     /// The changes are durable: they become the values a rollback returns to. With a
     /// file, they are queued for it (written by [`Disk::flush`]) and the cache is
     /// trimmed.
+    ///
+    /// The file is written back: a committed value stays in memory only until the cache
+    /// turns over (more than `cache_entries` entries), when every such value is queued
+    /// for the file at once and the entries become the previous generation. Readers
+    /// ([`Store::get`], [`Store::scan`], [`Store::due`]) always look in memory first, so
+    /// they see the committed value either way; a crash loses only the file, which the
+    /// changelog rebuilds.
     pub fn commit(&mut self) {
         if let Some(b) = &self.backing {
             for k in &self.dirty {
-                let new = self.map.get(k).cloned().flatten();
-                let old = self.undo.get(k).cloned().flatten();
-                let due = |v: &Option<V>| v.as_ref().and_then(|v| b.due.map(|f| f(v)));
-                b.disk.queue(Write {
-                    key: format!("{}{k}", b.prefix),
-                    value: new
-                        .as_ref()
-                        .map(|v| serde_json::to_vec(v).expect("state values serialize to JSON")),
-                    old_due: due(&old),
-                    new_due: due(&new),
-                });
+                if !self.unwritten.contains_key(k) {
+                    // The value before this batch is the one the file holds.
+                    let filed = self.undo.get(k).and_then(|v| v.as_ref()).and_then(|v| b.due.map(|f| f(v)));
+                    self.unwritten.insert(k.clone(), filed);
+                }
             }
             if self.map.len() > b.cache_entries {
-                self.map.clear();
+                for (k, old_due) in self.unwritten.drain() {
+                    let new = self.map.get(&k).and_then(Option::as_ref);
+                    b.disk.queue(Write {
+                        key: format!("{}{k}", b.prefix),
+                        value: new.map(|v| serde_json::to_vec(v).expect("state values serialize to JSON")),
+                        old_due,
+                        new_due: new.and_then(|v| b.due.map(|f| f(v))),
+                    });
+                }
+                self.previous = std::mem::take(&mut self.map);
             }
         }
         self.undo.clear();

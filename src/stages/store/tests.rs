@@ -94,8 +94,21 @@ fn committed_values_survive_the_cache_and_uncommitted_ones_never_reach_the_file(
     assert!(keys.contains(&("k7".to_string(), 70)));
     assert!(!keys.iter().any(|(k, _)| k == "k8"));
     s.commit();
+    // Written back: the file keeps the older values until the cache turns over, and the
+    // store reads its own.
+    assert_eq!(disk.committed("s/k7"), Some(b"7".to_vec()));
+    assert_eq!(s.get("k7"), Some(&70));
+    assert_eq!(s.get("k8"), None);
+    assert_eq!(s.scan("k8"), vec![]);
+    // Reading more keys than the cache holds turns it over at the next commit: then the
+    // file holds the committed values, and the store still reads them.
+    for i in 0..3 {
+        assert_eq!(s.get(&format!("k{i}")), Some(&i));
+    }
+    s.commit();
     assert_eq!(disk.committed("s/k7"), Some(b"70".to_vec()));
     assert_eq!(disk.committed("s/k8"), None);
+    assert_eq!(s.get("k7"), Some(&70));
     assert_eq!(s.len(), 9);
     let path = disk.path().to_owned();
     assert!(path.exists());
@@ -108,23 +121,32 @@ fn committed_values_survive_the_cache_and_uncommitted_ones_never_reach_the_file(
 fn due_entries_come_from_the_index_and_the_batch_in_due_order() {
     let due_at: fn(&i32) -> i64 = |v| i64::from(*v);
     let dir = std::env::temp_dir().join("orderflow-store-tests");
-    let disk = Disk::create(&dir, "due").expect("creating a state file");
     // A restore writes raw values, then indexes them.
-    disk.put("t/r1", Some(b"5"));
-    disk.put("t/r2", Some(b"50"));
-    disk.put("s/other", Some(b"1"));
-    let n = disk
-        .index_timers("t/", |_, b| {
-            std::str::from_utf8(b).map_err(drop)?.parse().map_err(drop)
-        })
-        .expect("timer values are numbers");
-    assert_eq!(n, 2);
-    let mut file: Store<i32> = Store::on_disk(disk, "t/", Some(due_at), n, 0);
+    let restored = |name: &str, cache_entries: usize| {
+        let disk = Disk::create(&dir, name).expect("creating a state file");
+        disk.put("t/r1", Some(b"5"));
+        disk.put("t/r2", Some(b"50"));
+        disk.put("s/other", Some(b"1"));
+        let n = disk
+            .index_timers("t/", |_, b| {
+                std::str::from_utf8(b).map_err(drop)?.parse().map_err(drop)
+            })
+            .expect("timer values are numbers");
+        assert_eq!(n, 2);
+        Store::<i32>::on_disk(disk, "t/", Some(due_at), n, cache_entries)
+    };
+    // Turned over at every commit, and written back only when four entries are cached.
+    let mut file = restored("due", 0);
+    let mut written_back = restored("due-lazy", 3);
     let mut memory: Store<i32> = Store::default();
     memory.insert("r1", 5);
     memory.insert("r2", 50);
     memory.commit();
-    for (mode, s) in [("file", &mut file), ("memory", &mut memory)] {
+    for (mode, s) in [
+        ("file", &mut file),
+        ("written back", &mut written_back),
+        ("memory", &mut memory),
+    ] {
         assert_eq!(s.due(10, due_at), vec![5], "{mode}");
         // Rescheduled in this batch: the index's old entry no longer counts.
         s.insert("r1", 20);
@@ -138,7 +160,16 @@ fn due_entries_come_from_the_index_and_the_batch_in_due_order() {
         s.rollback();
         assert_eq!(s.due(100, due_at), vec![7, 20, 50], "{mode}");
         assert_eq!(s.len(), 3, "{mode}");
+        // A fourth cached entry turns the cache over: the index entries move with the
+        // values written back (r1 from 5 to 20, r3 new), and nothing is due twice.
+        s.insert("r4", 60);
+        assert_eq!(s.get("r2"), Some(&50), "{mode}");
+        s.commit();
+        assert_eq!(s.due(100, due_at), vec![7, 20, 50, 60], "{mode}");
+        assert_eq!(s.due(10, due_at), vec![7], "{mode}");
+        assert_eq!(s.len(), 4, "{mode}");
     }
+    assert!(written_back.map.is_empty(), "the cache turned over");
 }
 
 #[test]
