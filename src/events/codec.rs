@@ -389,10 +389,11 @@ impl Codec {
 
 /// Reads a datum written with the current schema of `t`.
 fn read_current(t: EventType, current: &Current, mut datum: &[u8]) -> Result<Event, DecodeError> {
-    let event = Event::read_avro(t, &current.reader, &mut datum).map_err(|e| DecodeError::Avro {
-        event_type: t,
-        message: e.to_string(),
-    })?;
+    let event =
+        Event::read_avro(t, &current.reader, &mut datum).map_err(|e| DecodeError::Avro {
+            event_type: t,
+            message: e.to_string(),
+        })?;
     if !datum.is_empty() {
         return Err(DecodeError::Avro {
             event_type: t,

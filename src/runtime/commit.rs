@@ -37,6 +37,8 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_IN_PLACE_RETRIES: u32 = 5;
 /// Size to which an output the broker refused for good is cut, as a dead letter.
 const REFUSED_OUTPUT_BYTES: usize = 64 * 1024;
+/// Under `at_least_once`: how often the group offsets are committed, as a hint.
+const OFFSET_HINT_EVERY: Duration = Duration::from_secs(1);
 
 impl<S: Stage> Worker<StageBackend<S>> {
     pub(super) fn commit(
@@ -174,11 +176,19 @@ impl<S: Stage> Worker<StageBackend<S>> {
             return true;
         }
         crash::reached(Point::AfterOutputs);
+        // A hint for tools that read group offsets; the state's positions decide where a
+        // partition continues. At most once a second: at a low rate batches are small
+        // and many, and each commit is a request the broker serves.
+        let due = self
+            .b
+            .offsets_hinted
+            .is_none_or(|at| at.elapsed() >= OFFSET_HINT_EVERY);
         let positions = self.positions_tpl();
-        if positions.count() > 0
-            && let Err(e) = self.consumer.commit(&positions, CommitMode::Async)
-        {
-            tracing::debug!(error = %e, "offset commit failed; the state's positions decide anyway");
+        if due && positions.count() > 0 {
+            self.b.offsets_hinted = Some(Instant::now());
+            if let Err(e) = self.consumer.commit(&positions, CommitMode::Async) {
+                tracing::debug!(error = %e, "offset commit failed; the state's positions decide anyway");
+            }
         }
         crash::reached(Point::AfterOffsets);
         true

@@ -201,7 +201,7 @@ where
         Guarantee::AtLeastOnce => claim(settings, topic, partitions)?,
         Guarantee::ExactlyOnce => HashMap::new(),
     };
-    let consumer: BaseConsumer = settings
+    let consumer: BaseConsumer<EofExpected> = settings
         .kafka_client([
             ("group.id", format!("{}.restore", settings.group_prefix)),
             ("enable.auto.commit", "false".into()),
@@ -209,7 +209,7 @@ where
             ("isolation.level", "read_committed".into()),
             ("fetch.wait.max.ms", super::kafka::FETCH_WAIT_MS.into()),
         ])
-        .create()
+        .create_with_context(EofExpected)
         .map_err(kafka(first))?;
     let mut restorers: HashMap<i32, Restorer> = HashMap::new();
     // The last offset to read, per partition that has anything to read.
@@ -382,3 +382,19 @@ fn committed(
     }
     Some(out)
 }
+
+/// The restore consumer's context: reaching a partition's end is what a restore waits
+/// for, not an error, even when librdkafka reports it without its partition.
+struct EofExpected;
+
+impl rdkafka::ClientContext for EofExpected {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_)) || reason.contains("end of partition") {
+            tracing::debug!(%reason, "restore reached a partition's end");
+        } else {
+            tracing::error!(error = %error, %reason, "librdkafka error while restoring");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EofExpected {}

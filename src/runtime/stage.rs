@@ -37,6 +37,8 @@ pub(crate) struct StageBackend<S: Stage> {
     pub(super) suspect_outputs: HashMap<u64, String>,
     /// Outputs refused when sent alone: the next attempt dead-letters them in their place.
     pub(super) refused_outputs: HashMap<u64, String>,
+    /// Under `at_least_once`: when the group offsets were last committed (a hint).
+    pub(super) offsets_hinted: Option<std::time::Instant>,
 }
 
 impl<S: Stage> StageBackend<S> {
@@ -56,6 +58,7 @@ impl<S: Stage> StageBackend<S> {
             pending_effects: Vec::new(),
             suspect_outputs: HashMap::new(),
             refused_outputs: HashMap::new(),
+            offsets_hinted: None,
         })
     }
 }

@@ -598,7 +598,11 @@ impl<V: Clone + Serialize + DeserializeOwned> Store<V> {
             for k in &self.dirty {
                 if !self.unwritten.contains_key(k) {
                     // The value before this batch is the one the file holds.
-                    let filed = self.undo.get(k).and_then(|v| v.as_ref()).and_then(|v| b.due.map(|f| f(v)));
+                    let filed = self
+                        .undo
+                        .get(k)
+                        .and_then(|v| v.as_ref())
+                        .and_then(|v| b.due.map(|f| f(v)));
                     self.unwritten.insert(k.clone(), filed);
                 }
             }
@@ -607,7 +611,9 @@ impl<V: Clone + Serialize + DeserializeOwned> Store<V> {
                     let new = self.map.get(&k).and_then(Option::as_ref);
                     b.disk.queue(Write {
                         key: format!("{}{k}", b.prefix),
-                        value: new.map(|v| serde_json::to_vec(v).expect("state values serialize to JSON")),
+                        value: new.map(|v| {
+                            serde_json::to_vec(v).expect("state values serialize to JSON")
+                        }),
                         old_due,
                         new_due: new.and_then(|v| b.due.map(|f| f(v))),
                     });
