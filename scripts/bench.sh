@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Benchmarks on a local nisshi broker:
-#   bash scripts/bench.sh                          # fraud stage vs plain copy, 20,000 orders
+#   bash scripts/bench.sh                          # copy, fraud, fraud + inventory, whole pipeline
 #   ORDERFLOW_BENCH_ORDERS=50000 bash scripts/bench.sh
+#   ORDERFLOW_BENCH_ORDERS=2000 ORDERFLOW_BENCH_LIVE_ORDERS=1000 bash scripts/bench.sh   # a quick look
 #   bash scripts/bench.sh memory                   # worker RSS over 1,000,000 orders
 #   ORDERFLOW_BENCH_MEMORY_ORDERS=200000 bash scripts/bench.sh memory
-# The first argument may name the benchmark (`fraud_throughput`, the default, or
-# `memory`); further arguments go to `cargo bench`. The broker is stopped on exit.
+# The first argument may name the benchmark (`pipeline`, the default, or `memory`);
+# further arguments go to `cargo bench`. The pipeline benchmark's knobs
+# (ORDERFLOW_BENCH_ORDERS, ORDERFLOW_BENCH_PIPELINE_ORDERS, ORDERFLOW_BENCH_RATE,
+# ORDERFLOW_BENCH_LIVE_ORDERS, ORDERFLOW_BENCH_SCENARIOS) are described in
+# benches/pipeline.rs. The broker is stopped on exit.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/test.sh
 source scripts/test.sh
 
-bench=fraud_throughput
+bench=pipeline
 case "${1:-}" in
-    fraud_throughput | memory)
+    pipeline | memory)
         bench=$1
         shift
         ;;

@@ -274,12 +274,40 @@ impl TestEnv {
         ))
     }
 
+    /// Starts an `orderflow` command other than `run` (`gateway`, `load`, …) as a separate
+    /// process with this test's settings (brokers, topic and group prefixes, guarantee,
+    /// librdkafka properties) and `env`; `label` names it in its instance ID and log file.
+    /// The returned [`Worker`] is the process, whatever the command.
+    pub fn spawn_orderflow(&self, label: &str, args: &[&str], env: &[(&str, String)]) -> Worker {
+        let n = self.next_spawn();
+        let instance = format!("{}-{label}{n}", self.name);
+        let log_path = self.log_path(&instance);
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        self.launch(instance, log_path, 1, &args, env, "")
+    }
+
     fn start_process(
         &self,
         instance: String,
         log_path: PathBuf,
         incarnation: u32,
         stages: &[&str],
+        env: &[(&str, String)],
+        extra_kafka: &str,
+    ) -> Worker {
+        let mut args = vec!["run".to_owned()];
+        if !stages.is_empty() {
+            args.extend(["--stages".to_owned(), stages.join(",")]);
+        }
+        self.launch(instance, log_path, incarnation, &args, env, extra_kafka)
+    }
+
+    fn launch(
+        &self,
+        instance: String,
+        log_path: PathBuf,
+        incarnation: u32,
+        args: &[String],
         env: &[(&str, String)],
         extra_kafka: &str,
     ) -> Worker {
@@ -303,10 +331,7 @@ impl TestEnv {
         );
 
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderflow"));
-        cmd.arg("run");
-        if !stages.is_empty() {
-            cmd.args(["--stages", &stages.join(",")]);
-        }
+        cmd.args(args);
         // Only what this test says: no ORDERFLOW_* leaking in from the caller's shell.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("ORDERFLOW_") {
@@ -336,8 +361,13 @@ impl TestEnv {
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_orderflow")));
         eprintln!(
-            "[{}] started worker {instance} (pid {}, {}), log {}",
+            "[{}] started {} {instance} (pid {}, {}), log {}",
             self.name,
+            if args.first().map(String::as_str) == Some("run") {
+                "worker".to_owned()
+            } else {
+                format!("`orderflow {}`", args.join(" "))
+            },
             child.id(),
             self.settings.guarantee,
             log_path.display()
@@ -399,6 +429,34 @@ impl Worker {
         }
         let _ = child.wait();
         eprintln!("killed worker {} with SIGKILL", self.instance);
+    }
+
+    /// Stops the process as an operator would: SIGTERM (it finishes what it has in
+    /// flight, commits and leaves its group), then SIGKILL if it has not exited within
+    /// `grace`. Returns whether it exited on SIGTERM.
+    pub fn terminate(&mut self, grace: Duration) -> bool {
+        if self.exit_status().is_some() {
+            return true;
+        }
+        let pid = self.pid().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        let until = Instant::now() + grace;
+        while sent && Instant::now() < until {
+            if self.exit_status().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "{} did not exit within {:.0} s of SIGTERM",
+            self.instance,
+            grace.as_secs_f64()
+        );
+        self.kill9();
+        false
     }
 
     /// How the process ended, if it has (without waiting).
