@@ -40,6 +40,27 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
 }
 
+/// The handles a worker touches for every record, resolved once for its stage: a label
+/// lookup is a hash and a lock, too much to pay per record.
+#[derive(Clone)]
+pub struct StageMetrics {
+    pub records_in: prometheus::IntCounter,
+    pub duplicates: prometheus::IntCounter,
+    pub timers_fired: prometheus::IntCounter,
+    pub event_latency_seconds: prometheus::Histogram,
+}
+
+impl Metrics {
+    pub fn for_stage(&self, stage: &str) -> StageMetrics {
+        StageMetrics {
+            records_in: self.records_in.with_label_values(&[stage]),
+            duplicates: self.duplicates.with_label_values(&[stage]),
+            timers_fired: self.timers_fired.with_label_values(&[stage]),
+            event_latency_seconds: self.event_latency_seconds.with_label_values(&[stage]),
+        }
+    }
+}
+
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(c.clone())).expect("unique metric");

@@ -361,30 +361,44 @@ impl Codec {
     }
 
     fn decode_json(&self, bytes: &[u8], hints: DecodeHints<'_>) -> Result<Event, DecodeError> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
-        let serde_json::Value::Object(mut map) = value else {
-            return Err(DecodeError::JsonNotObject);
-        };
-        let named = match map.remove("event_type") {
-            Some(serde_json::Value::String(s)) => Some(s),
-            Some(other) => {
-                return Err(DecodeError::Json(format!(
-                    "`event_type` must be a string, got {other}"
-                )));
-            }
-            None => None,
-        };
-        let t = resolve_type(named.as_deref(), hints)?;
-        fill_envelope_defaults(t, &mut map, hints.origin);
-        Event::from_json_traced(t, serde_json::Value::Object(map)).map_err(|(field, e)| {
-            DecodeError::Invalid {
-                event_type: t,
-                field,
-                reason: e.to_string(),
-            }
+        let (t, map) = json_object(bytes, hints)?;
+        Event::from_json(t, serde_json::Value::Object(map)).or_else(|_| {
+            // Rare (bad input), so only then is the path to the field at fault tracked:
+            // the bytes are read again.
+            let (t, map) = json_object(bytes, hints)?;
+            Event::from_json_traced(t, serde_json::Value::Object(map)).map_err(|(field, e)| {
+                DecodeError::Invalid {
+                    event_type: t,
+                    field,
+                    reason: e.to_string(),
+                }
+            })
         })
     }
+}
+
+/// A JSON record's event type and its object, the envelope's defaults filled in.
+fn json_object(
+    bytes: &[u8],
+    hints: DecodeHints<'_>,
+) -> Result<(EventType, serde_json::Map<String, serde_json::Value>), DecodeError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+    let serde_json::Value::Object(mut map) = value else {
+        return Err(DecodeError::JsonNotObject);
+    };
+    let named = match map.remove("event_type") {
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(other) => {
+            return Err(DecodeError::Json(format!(
+                "`event_type` must be a string, got {other}"
+            )));
+        }
+        None => None,
+    };
+    let t = resolve_type(named.as_deref(), hints)?;
+    fill_envelope_defaults(t, &mut map, hints.origin);
+    Ok((t, map))
 }
 
 /// Reads a datum written with the current schema of `t`.

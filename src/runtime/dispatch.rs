@@ -80,20 +80,14 @@ impl<S: Stage> Worker<StageBackend<S>> {
         let Some(ps) = self.parts.get_mut(&p) else {
             return;
         };
-        self.metrics
-            .records_in
-            .with_label_values(&[self.name])
-            .inc();
+        self.hot.records_in.inc();
         // Already reflected in the state: a replay of input this partition processed.
         if ps
             .positions
             .get(base)
             .is_some_and(|next| m.offset() < *next)
         {
-            self.metrics
-                .duplicates
-                .with_label_values(&[self.name])
-                .inc();
+            self.hot.duplicates.inc();
             return;
         }
         let Some(payload) = m.payload() else {
@@ -113,7 +107,7 @@ impl<S: Stage> Worker<StageBackend<S>> {
                 return;
             }
         };
-        let env = event.envelope().clone();
+        let env = event.envelope();
         let span = tracing::debug_span!(
             "record",
             partition = m.partition(),
@@ -125,16 +119,10 @@ impl<S: Stage> Worker<StageBackend<S>> {
         let id = id_bits(&env.event_id);
         let ps = self.parts.get_mut(&p).expect("checked above");
         if ps.seen.contains(id) {
-            self.metrics
-                .duplicates
-                .with_label_values(&[self.name])
-                .inc();
+            self.hot.duplicates.inc();
             return;
         }
-        self.metrics
-            .event_latency_seconds
-            .with_label_values(&[self.name])
-            .observe(((now - env.occurred_at).max(0) as f64) / 1000.0);
+        self.hot.event_latency_seconds.observe(((now - env.occurred_at).max(0) as f64) / 1000.0);
         let input = Trigger::Input {
             topic: base,
             event: &event,
@@ -153,7 +141,7 @@ impl<S: Stage> Worker<StageBackend<S>> {
                 invoke::keep(&mut ps.state, &mut ps.timers);
                 ps.seen.insert(id);
                 outs.entry(p).or_default().extend(encoded);
-                self.queue_effects(p, Some(&env), requested);
+                self.queue_effects(p, Some(env), requested);
             }
             Err((class, message)) => {
                 // The input takes no effect at all: its state writes go with its outputs.
@@ -208,10 +196,7 @@ impl<S: Stage> Worker<StageBackend<S>> {
                     &mut ps.timers,
                     Trigger::Timer(&timer),
                 );
-                self.metrics
-                    .timers_fired
-                    .with_label_values(&[self.name])
-                    .inc();
+                self.hot.timers_fired.inc();
                 let id = timer.id.clone();
                 self.settle(
                     p,

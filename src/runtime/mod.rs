@@ -221,6 +221,8 @@ pub(crate) struct Worker<B: Backend> {
     topics: Topics,
     codec: Codec,
     metrics: Metrics,
+    /// This stage's per-record metric handles.
+    hot: crate::metrics::StageMetrics,
     clock: Arc<dyn Clock>,
     consumer: BaseConsumer<WorkerContext>,
     producer: FutureProducer,
@@ -273,6 +275,7 @@ impl<B: Backend> Worker<B> {
             settings,
             topics,
             codec,
+            hot: metrics.for_stage(name),
             metrics,
             clock,
             consumer,

@@ -196,17 +196,11 @@ impl Worker<SinkBackend> {
             return;
         }
         for m in admitted {
-            self.metrics
-                .records_in
-                .with_label_values(&[self.name])
-                .inc();
+            self.hot.records_in.inc();
             let base = self.topics.base(m.topic()).unwrap_or(m.topic()).to_owned();
             let applied = self.parts[&m.partition()].position(&base);
             if applied.is_some_and(|next| m.offset() < next) {
-                self.metrics
-                    .duplicates
-                    .with_label_values(&[self.name])
-                    .inc();
+                self.hot.duplicates.inc();
                 continue;
             }
             if let Some(e) = self.effects_of(m, &base, &mut dead) {
