@@ -47,6 +47,7 @@ impl<B: Backend> Worker<B> {
     ) -> Result<Vec<OwnedMessage>, RuntimeError> {
         let deadline = Instant::now() + self.settings.batch_interval();
         let mut batch = Vec::new();
+        let waiting = B::work_waiting(self);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if batch.len() >= self.settings.batch_max_records
@@ -59,7 +60,7 @@ impl<B: Backend> Worker<B> {
             // the consumer has already fetched and closes when that runs out. A batch is
             // then as large as what arrived while the previous one committed — small, and
             // committed at once, at a low rate; up to `batch_max_records` under a backlog.
-            let wait = if batch.is_empty() {
+            let wait = if batch.is_empty() && !waiting {
                 remaining.min(Duration::from_millis(100))
             } else {
                 Duration::ZERO
@@ -79,7 +80,7 @@ impl<B: Backend> Worker<B> {
                         .insert((m.topic().to_owned(), m.partition()));
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                None if !batch.is_empty() => break,
+                None if !batch.is_empty() || waiting => break,
                 None => {}
             }
             self.apply_rebalances(&mut batch)?;

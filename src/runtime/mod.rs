@@ -193,6 +193,12 @@ pub(crate) trait Backend: Sized + 'static {
     /// Work owed before the next poll; `false` while some remains.
     fn before_poll(w: &mut Worker<Self>) -> bool;
 
+    /// Whether the next batch has work even without input (outcomes of external calls
+    /// to react to), so polling must not wait for a record.
+    fn work_waiting(_w: &Worker<Self>) -> bool {
+        false
+    }
+
     /// Processes a batch and commits it (or rolls it back and rewinds).
     fn process_and_commit(
         w: &mut Worker<Self>,

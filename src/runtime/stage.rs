@@ -120,6 +120,12 @@ impl<S: Stage> Backend for StageBackend<S> {
         w.send_outboxes()
     }
 
+    /// A batch's external calls are reacted to in the next batch: without delay, not
+    /// after a poll that waits for input.
+    fn work_waiting(w: &Worker<Self>) -> bool {
+        w.parts.values().any(|ps| !ps.outcomes.is_empty())
+    }
+
     fn process_and_commit(
         w: &mut Worker<Self>,
         batch: Vec<OwnedMessage>,

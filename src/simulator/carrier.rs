@@ -252,6 +252,11 @@ fn consumer(settings: &Settings, group: &str) -> Result<StreamConsumer, SimError
             ("auto.offset.reset", "earliest".into()),
             // Fulfillment writes in transactions under `exactly_once`: ship only what committed.
             ("isolation.level", "read_committed".into()),
+            // A parcel is picked up as soon as it is ready, not after a long poll.
+            (
+                "fetch.wait.max.ms",
+                crate::runtime::kafka::FETCH_WAIT_MS.into(),
+            ),
             (
                 "client.id",
                 format!("orderflow-carrier-{}", settings.instance_id),
