@@ -122,7 +122,9 @@ impl<S: Stage> Worker<StageBackend<S>> {
             self.hot.duplicates.inc();
             return;
         }
-        self.hot.event_latency_seconds.observe(((now - env.occurred_at).max(0) as f64) / 1000.0);
+        self.hot
+            .event_latency_seconds
+            .observe(((now - env.occurred_at).max(0) as f64) / 1000.0);
         let input = Trigger::Input {
             topic: base,
             event: &event,

@@ -240,7 +240,10 @@ fn reader(settings: &Settings) -> Result<BaseConsumer, SimError> {
             ("enable.auto.commit", "false".into()),
             ("enable.auto.offset.store", "false".into()),
             ("isolation.level", "read_committed".into()),
-            ("fetch.wait.max.ms", crate::runtime::kafka::FETCH_WAIT_MS.into()),
+            (
+                "fetch.wait.max.ms",
+                crate::runtime::kafka::FETCH_WAIT_MS.into(),
+            ),
         ])
         .create()
         .map_err(SimError::Client)
