@@ -1,9 +1,9 @@
 //! Throughput, CPU, memory and latency of OrderFlow's stages, from a plain Kafka copy up
 //! to the whole pipeline, on one broker and the same orders.
 //!
-//! Four scenarios, each on topics of its own (a [`TestEnv`] prefix) and run alone (the
-//! machine may have two cores), every worker `at_least_once` with the shipped batch and
-//! fetch settings:
+//! Five scenarios, each on topics of its own (a [`TestEnv`] prefix) and run alone (the
+//! machine may have two cores), every worker with the shipped batch and fetch settings,
+//! `at_least_once` on the nisshi broker except in (e):
 //!
 //! (a) copy: an rdkafka consume → produce loop in this process that copies every order to
 //!     the same partition of another topic — no decoding, no state, no dedup;
@@ -20,7 +20,22 @@
 //!     has no carrier-only mode: it is started with two orders of its own at one order
 //!     per million seconds, so it publishes one (to a store the bench never stocks: it
 //!     ends `StockRejected` and is no bench order) and then plays the carrier until it
-//!     is stopped.
+//!     is stopped;
+//! (e) fraud + inventory under `exactly_once`, labelled (c′): the processes of (c), run
+//!     with `ORDERFLOW_GUARANTEE=exactly_once` against the transactional broker (tansu,
+//!     `ORDERFLOW_TEST_TXN_BROKERS`, see `tests/common/txn_broker.rs`), every step of (c)
+//!     (stocking included) on that broker. That broker hands read_committed readers the
+//!     records of aborted and still-open transactions — the inventory worker and this
+//!     bench included — so (e) shows the cost of running transactions, not of waiting for
+//!     them: the inventory worker may take an `OrderScreened` before the fraud worker
+//!     commits it. Its check counts each order's outcome once by event ID and reports,
+//!     rather than fails on, repeated records and second event IDs (leaked records);
+//!     an order without its outcome, or with a rejection, still fails the run. After the
+//!     run the outcome topic's log is read for its transaction markers
+//!     ([`common::txn_log`]): how many outcome records a correct broker would have hidden
+//!     (aborted or still open), and, per live order, the latency to the commit marker of
+//!     its outcome (the marker's timestamp, as the broker wrote it, minus the order
+//!     record's) — when a read_committed reader of a correct broker could first see it.
 //!
 //! Fraud's limits are raised so no bench order is rejected (velocity and amount, through
 //! `ORDERFLOW_FRAUD_VELOCITY_MAX_ORDERS` and `ORDERFLOW_FRAUD_MAX_ORDER_TOTAL_CENTS`).
@@ -46,14 +61,17 @@
 //!
 //! Peak RSS is each process's `VmHWM` (`/proc/PID/status`) at the end of both phases.
 //! Every order must end with exactly its outcome — one event ID, never a failure — or the
-//! run fails.
+//! run fails (for (e), see above).
 //!
 //! `bash scripts/bench.sh` runs it (`cargo bench --bench pipeline`). Environment:
 //! `ORDERFLOW_BENCH_ORDERS` (N, default 20,000), `ORDERFLOW_BENCH_PIPELINE_ORDERS` (N of
 //! (d), default N), `ORDERFLOW_BENCH_RATE` (live orders/s, default 1,000),
 //! `ORDERFLOW_BENCH_LIVE_ORDERS` (M, default 10 s at the rate), `ORDERFLOW_BENCH_SCENARIOS`
-//! (which to run, default `a,b,c,d`). Under `cargo test --all-targets` (no `--bench`
-//! argument) it runs once as a smoke test with a few hundred orders.
+//! (which to run, default `a,b,c,d,e`); (e) needs `ORDERFLOW_TEST_TXN_BROKERS`, which
+//! `scripts/bench.sh` exports. Under `cargo test --all-targets` (no `--bench` argument) it
+//! runs once as a smoke test with a few hundred orders, (e) only when
+//! `ORDERFLOW_TEST_TXN_BROKERS` is set (`scripts/test.sh` sets it) or
+//! `ORDERFLOW_BENCH_SCENARIOS` names it.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -65,6 +83,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::pipeline::{Lifecycle, restock};
+use common::txn_broker::TXN_BROKERS_VAR;
+use common::txn_log::{self, Fate};
 use common::*;
 use orderflow::events::codec::{Codec, DecodeHints};
 use orderflow::events::{Event, EventType, ScreeningDecision};
@@ -92,14 +112,17 @@ enum Scenario {
     Fraud,
     FraudInventory,
     Pipeline,
+    /// (c) under `exactly_once`, on the transactional broker.
+    FraudInventoryExactlyOnce,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 5] = [
         Scenario::Copy,
         Scenario::Fraud,
         Scenario::FraudInventory,
         Scenario::Pipeline,
+        Scenario::FraudInventoryExactlyOnce,
     ];
 
     fn letter(self) -> char {
@@ -108,6 +131,7 @@ impl Scenario {
             Scenario::Fraud => 'b',
             Scenario::FraudInventory => 'c',
             Scenario::Pipeline => 'd',
+            Scenario::FraudInventoryExactlyOnce => 'e',
         }
     }
 
@@ -117,6 +141,7 @@ impl Scenario {
             Scenario::Fraud => "(b) fraud (`run --stages fraud`)",
             Scenario::FraudInventory => "(c) fraud + inventory (two `run` processes)",
             Scenario::Pipeline => "(d) all five stages (one `run`) + gateway + carrier",
+            Scenario::FraudInventoryExactlyOnce => "(c′) fraud + inventory, exactly_once (tansu)",
         }
     }
 
@@ -124,7 +149,9 @@ impl Scenario {
     fn outcome_topic(self) -> &'static str {
         match self {
             Scenario::Copy | Scenario::Fraud => topics::ORDER_SCREENED,
-            Scenario::FraudInventory => topics::INVENTORY_UPDATED,
+            Scenario::FraudInventory | Scenario::FraudInventoryExactlyOnce => {
+                topics::INVENTORY_UPDATED
+            }
             Scenario::Pipeline => topics::DELIVERY_UPDATED,
         }
     }
@@ -136,13 +163,23 @@ impl Scenario {
             Scenario::Copy => None,
             // Approved or rejected: both are an `OrderScreened`, told apart by decision.
             Scenario::Fraud => Some((EventType::OrderScreened, EventType::OrderScreened)),
-            Scenario::FraudInventory => Some((EventType::StockReserved, EventType::StockRejected)),
+            Scenario::FraudInventory | Scenario::FraudInventoryExactlyOnce => {
+                Some((EventType::StockReserved, EventType::StockRejected))
+            }
             Scenario::Pipeline => Some((EventType::Delivered, EventType::DeliveryFailed)),
         }
     }
 
     fn stocked(self) -> bool {
-        matches!(self, Scenario::FraudInventory | Scenario::Pipeline)
+        matches!(
+            self,
+            Scenario::FraudInventory | Scenario::Pipeline | Scenario::FraudInventoryExactlyOnce
+        )
+    }
+
+    /// Its workers run `exactly_once` on the transactional broker.
+    fn exactly_once(self) -> bool {
+        self == Scenario::FraudInventoryExactlyOnce
     }
 }
 
@@ -389,7 +426,7 @@ fn start(scenario: Scenario, env: &TestEnv) -> Running {
             &env.topic(topics::ORDER_SCREENED),
         ))],
         Scenario::Fraud => vec![process("fraud", env.spawn_worker(&["fraud"], &fraud_env()))],
-        Scenario::FraudInventory => vec![
+        Scenario::FraudInventory | Scenario::FraudInventoryExactlyOnce => vec![
             process("fraud", env.spawn_worker(&["fraud"], &fraud_env())),
             process("inventory", env.spawn_worker(&["inventory"], &[])),
         ],
@@ -522,6 +559,8 @@ struct Ended {
     records: usize,
     /// The outcome is a failure (a rejection, a failed delivery).
     failed: bool,
+    /// Where its outcome records are: (partition, offset).
+    at: Vec<(i32, i64)>,
 }
 
 /// Follows a scenario's first-output and outcome topics.
@@ -629,10 +668,12 @@ impl Outputs {
                 ids: BTreeSet::new(),
                 records: 0,
                 failed,
+                at: Vec::new(),
             }
         });
         ended.ts = ended.ts.min(ts);
         ended.records += 1;
+        ended.at.push((r.partition, r.offset));
         ended.failed |= failed;
         ended.ids.extend(event_id);
     }
@@ -755,8 +796,33 @@ struct Measured {
     p50_ms: i64,
     p99_ms: i64,
     max_ms: i64,
-    /// Outcome records beyond one per order (at-least-once redelivery).
+    /// Outcome records beyond one per order (at-least-once redelivery; for (e), records
+    /// the transactional broker leaks too).
     extra_records: usize,
+    /// Orders with more than one outcome event ID ((e) only: the run fails otherwise).
+    several_ids: usize,
+    /// What the outcome topic's transaction markers say ((e) only).
+    txn: Option<TxnFigures>,
+}
+
+/// The outcome topic as a correct transactional broker would show it, from the log's
+/// transaction markers ([`txn_log`]).
+struct TxnFigures {
+    /// Commit and abort markers on the outcome topic.
+    commits: usize,
+    aborts: usize,
+    /// Outcome records read that a correct broker hides: of aborted transactions, and of
+    /// transactions still open when the log was read (after the workers stopped).
+    aborted: usize,
+    open: usize,
+    /// Live orders without a committed outcome record.
+    uncommitted: usize,
+    /// Live latency to the commit marker of the order's first committed outcome (marker
+    /// timestamp - order record timestamp), p50 and p99; `None` when no marker carries a
+    /// timestamp.
+    committed_ms: Option<(i64, i64)>,
+    /// Committed outcome records whose marker is stamped earlier than the record.
+    marker_before_record: usize,
 }
 
 fn run(
@@ -769,7 +835,11 @@ fn run(
     let load_before = load_average();
     println!("{}: load average before: {load_before}", scenario.label());
     let name = format!("bench-{}", scenario.letter());
-    let mut env = TestEnv::new(&name, PARTITIONS);
+    let mut env = if scenario.exactly_once() {
+        TestEnv::exactly_once(&name, PARTITIONS)
+    } else {
+        TestEnv::new(&name, PARTITIONS)
+    };
     for base in [
         topics::INVENTORY_COMMANDS,
         topics::INVENTORY_UPDATED,
@@ -867,7 +937,17 @@ fn run(
     for _ in 0..10 {
         out.poll();
     }
-    let extra_records = assert_exact(scenario, &out, backlog, live);
+    let txn = scenario.exactly_once().then(|| {
+        let landed_ts: Vec<i64> = landed
+            .iter()
+            .map(|l| l.timestamp.expect("input timestamp"))
+            .collect();
+        txn_figures(&env, scenario, &out, live, &landed_ts)
+    });
+    let Checked {
+        extra_records,
+        several_ids,
+    } = assert_exact(scenario, &out, backlog, live);
     Measured {
         scenario,
         orders: backlog.len(),
@@ -882,17 +962,86 @@ fn run(
         p99_ms: percentile(&lat, 0.99),
         max_ms: *lat.last().expect("latencies"),
         extra_records,
+        several_ids,
+        txn,
     }
 }
 
+/// Reads the outcome topic's log for its transaction markers (the workers have stopped)
+/// and tells the records read from it apart as a correct broker would.
+fn txn_figures(
+    env: &TestEnv,
+    scenario: Scenario,
+    out: &Outputs,
+    live: &[TestOrder],
+    live_ts: &[i64],
+) -> TxnFigures {
+    let topic = env.topic(scenario.outcome_topic());
+    let log = txn_log::scan(&env.settings.brokers, &topic, PARTITIONS);
+    let (mut aborted, mut open) = (0, 0);
+    for ended in out.by_order.values() {
+        for &(p, o) in &ended.at {
+            match log.fate(p, o) {
+                Some(Fate::Aborted) => aborted += 1,
+                Some(Fate::Open) => open += 1,
+                Some(Fate::Committed | Fate::Plain) => {}
+                None => panic!("{topic}[{p}] offset {o} was read but is not in the log"),
+            }
+        }
+    }
+    let (mut uncommitted, mut marker_before_record, mut stamped) = (0, 0, true);
+    let mut lat = Vec::with_capacity(live.len());
+    for (o, order_ts) in live.iter().zip(live_ts) {
+        let ended = &out.by_order[&o.order_id];
+        let committed = ended
+            .at
+            .iter()
+            .filter(|(p, o)| log.fate(*p, *o) == Some(Fate::Committed))
+            .filter_map(|at| log.commit_ts.get(at).copied())
+            .min();
+        match committed {
+            None => uncommitted += 1,
+            Some(ts) if ts <= 0 => stamped = false,
+            Some(ts) => {
+                if ts < ended.ts {
+                    marker_before_record += 1;
+                }
+                lat.push(ts - order_ts);
+            }
+        }
+    }
+    lat.sort_unstable();
+    TxnFigures {
+        commits: log.commits,
+        aborts: log.aborts,
+        aborted,
+        open,
+        uncommitted,
+        committed_ms: (stamped && !lat.is_empty())
+            .then(|| (percentile(&lat, 0.50), percentile(&lat, 0.99))),
+        marker_before_record,
+    }
+}
+
+/// What [`assert_exact`] counted without failing.
+struct Checked {
+    /// Outcome records beyond one per order.
+    extra_records: usize,
+    /// Orders with more than one outcome event ID (only (e) gets this far with any).
+    several_ids: usize,
+}
+
 /// Every order ended with exactly its outcome: the expected one, under one event ID,
-/// never a failure. Returns the outcome records beyond one per order.
+/// never a failure. Under `exactly_once` on the transactional broker, which leaks the
+/// records of aborted transactions, an order's outcome counts once however many records
+/// and event IDs it has: those are counted, not failed on; a missing outcome or a failure
+/// still fails.
 fn assert_exact(
     scenario: Scenario,
     out: &Outputs,
     backlog: &[TestOrder],
     live: &[TestOrder],
-) -> usize {
+) -> Checked {
     let mut extra = 0;
     let (mut failed, mut several, mut missing) = (Vec::new(), Vec::new(), Vec::new());
     for o in backlog.iter().chain(live) {
@@ -919,13 +1068,26 @@ fn assert_exact(
         failed.len(),
         &failed[..failed.len().min(10)]
     );
-    assert!(
-        several.is_empty(),
-        "{name}: {} orders have more than one outcome event ID, e.g. {:?}",
-        several.len(),
-        &several[..several.len().min(10)]
-    );
-    extra
+    if scenario.exactly_once() {
+        if !several.is_empty() {
+            eprintln!(
+                "{name}: {} orders have more than one outcome event ID (counted once), e.g. {:?}",
+                several.len(),
+                &several[..several.len().min(10)]
+            );
+        }
+    } else {
+        assert!(
+            several.is_empty(),
+            "{name}: {} orders have more than one outcome event ID, e.g. {:?}",
+            several.len(),
+            &several[..several.len().min(10)]
+        );
+    }
+    Checked {
+        extra_records: extra,
+        several_ids: several.len(),
+    }
 }
 
 fn main() {
@@ -940,7 +1102,17 @@ fn main() {
         "ORDERFLOW_BENCH_LIVE_ORDERS",
         if bench_mode { rate * 10 } else { 100 },
     );
-    let wanted = std::env::var("ORDERFLOW_BENCH_SCENARIOS").unwrap_or_else(|_| "a,b,c,d".into());
+    // The smoke run under `cargo test` takes (e) only where the transactional broker is
+    // running (`scripts/test.sh` starts it); the benchmark always does, and fails without
+    // one.
+    let txn_broker_set = std::env::var(TXN_BROKERS_VAR).is_ok_and(|v| !v.trim().is_empty());
+    let default_scenarios = if bench_mode || txn_broker_set {
+        "a,b,c,d,e"
+    } else {
+        "a,b,c,d"
+    };
+    let wanted =
+        std::env::var("ORDERFLOW_BENCH_SCENARIOS").unwrap_or_else(|_| default_scenarios.into());
     let scenarios: Vec<Scenario> = Scenario::ALL
         .into_iter()
         .filter(|s| {
@@ -955,13 +1127,21 @@ fn main() {
     );
     assert!(
         !scenarios.is_empty(),
-        "ORDERFLOW_BENCH_SCENARIOS={wanted:?} names none of a, b, c, d"
+        "ORDERFLOW_BENCH_SCENARIOS={wanted:?} names none of a, b, c, d, e"
     );
     let rate = rate as f64;
     let ticks_per_second = clock_ticks_per_second();
     eprintln!(
-        "bench: {n} backlog orders ({n_pipeline} for the pipeline), {live_n} live orders at {rate}/s, {PARTITIONS} partitions, broker {}",
-        broker()
+        "bench: {n} backlog orders ({n_pipeline} for the pipeline), {live_n} live orders at {rate}/s, {PARTITIONS} partitions, broker {}{}",
+        broker(),
+        if scenarios.iter().any(|s| s.exactly_once()) {
+            format!(
+                ", transactional broker {}",
+                common::txn_broker::txn_broker()
+            )
+        } else {
+            String::new()
+        }
     );
     let live = orders("l", live_n);
     let results: Vec<Measured> = scenarios
@@ -988,7 +1168,7 @@ fn report(results: &[Measured], live_n: usize, rate: f64) {
     let s = orderflow::config::Settings::default();
     println!();
     println!(
-        "orders through OrderFlow: pre-loaded JSON orders (backlog), then {live_n} at {rate:.0}/s (live); {PARTITIONS} partitions, {STORES} stores, at_least_once, shipped batching (batch_max_records {}, batch_interval_ms {}) and librdkafka fetch settings, one nisshi broker",
+        "orders through OrderFlow: pre-loaded JSON orders (backlog), then {live_n} at {rate:.0}/s (live); {PARTITIONS} partitions, {STORES} stores, shipped batching (batch_max_records {}, batch_interval_ms {}) and librdkafka fetch settings; at_least_once on one nisshi broker, except (c′): exactly_once on one tansu broker",
         s.batch_max_records, s.batch_interval_ms
     );
     println!();
@@ -1043,10 +1223,35 @@ fn report(results: &[Measured], live_n: usize, rate: f64) {
             m.max_ms,
             m.extra_records
         );
+        if let Some(t) = &m.txn {
+            let committed = match t.committed_ms {
+                Some((p50, p99)) => format!("{p50} / {p99} ms"),
+                None => "n/a (markers carry no timestamp)".into(),
+            };
+            println!(
+                "  - ({}) live p50 / p99 to the outcome's commit marker: {committed}; orders with more than one outcome event ID: {}; outcome records a correct broker hides: {} aborted, {} still open ({} commit and {} abort markers on {}); live orders without a committed outcome: {}{}",
+                m.scenario.letter(),
+                m.several_ids,
+                t.aborted,
+                t.open,
+                t.commits,
+                t.aborts,
+                m.scenario.outcome_topic(),
+                t.uncommitted,
+                if t.marker_before_record > 0 {
+                    format!(
+                        "; commit markers stamped before their outcome record: {}",
+                        t.marker_before_record
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     println!();
     println!(
-        "backlog orders/s: N pre-loaded orders over first output to last outcome (record timestamps; the first output is the first copy or OrderScreened; outcomes: the copy, OrderScreened, StockReserved, Delivered). CPU: utime + stime from the first output to having read the last outcome back, / N (for the copy: the threads its loop and clients started in the bench process). Peak RSS: VmHWM after both phases. Latency (live only): outcome record timestamp - order record timestamp. Startup: first process started to first output seen."
+        "backlog orders/s: N pre-loaded orders over first output to last outcome (record timestamps; the first output is the first copy or OrderScreened; outcomes: the copy, OrderScreened, StockReserved, Delivered). CPU: utime + stime from the first output to having read the last outcome back, / N (for the copy: the threads its loop and clients started in the bench process). Peak RSS: VmHWM after both phases. Latency (live only): outcome record timestamp - order record timestamp. Startup: first process started to first output seen. (c′): the transactional broker hands read_committed readers records of open and aborted transactions (the inventory worker and this bench included), so its figures leave out waiting for commits; the commit-marker latency puts back the outcome's own."
     );
 }
 

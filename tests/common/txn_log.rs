@@ -38,6 +38,9 @@ pub struct TxnLog {
     /// Transaction markers read, per kind.
     pub commits: usize,
     pub aborts: usize,
+    /// Per committed record, the timestamp of the commit marker that decided it (its
+    /// batch's max timestamp, as the broker wrote it; ms since the epoch).
+    pub commit_ts: HashMap<(i32, i64), i64>,
 }
 
 impl TxnLog {
@@ -103,6 +106,9 @@ pub fn scan(brokers: &str, topic: &str, partitions: i32) -> TxnLog {
                     log.aborts += 1;
                 }
                 for o in pending.remove(&b.producer_id).unwrap_or_default() {
+                    if commit {
+                        log.commit_ts.insert((p, o), b.max_timestamp);
+                    }
                     log.fates.insert(
                         (p, o),
                         if commit {
@@ -136,6 +142,8 @@ struct Batch {
     base_offset: i64,
     last_offset: i64,
     producer_id: i64,
+    /// The batch's max timestamp (a control batch's: when the marker was written).
+    max_timestamp: i64,
     transactional: bool,
     control: bool,
     /// The type of a control batch's record.
@@ -236,7 +244,7 @@ fn batches_in(mut b: &[u8]) -> Result<Vec<Batch>, String> {
         }
         let last_delta = r.i32()?;
         r.i64()?; // base timestamp
-        r.i64()?; // max timestamp
+        let max_timestamp = r.i64()?;
         let producer_id = r.i64()?;
         r.i16()?; // producer epoch
         r.i32()?; // base sequence
@@ -264,6 +272,7 @@ fn batches_in(mut b: &[u8]) -> Result<Vec<Batch>, String> {
             base_offset,
             last_offset: base_offset + i64::from(last_delta),
             producer_id,
+            max_timestamp,
             transactional: attributes & 0x10 != 0,
             control,
             control_type,
