@@ -26,7 +26,7 @@
 # Deployment checks: `ensure_tools` also installs Prometheus, docker-compose and
 # kubernetes-validate (see `ensure_deploy_tools`) for tests/deploy.rs.
 #
-# `scripts/bench.sh` sources this file for `ensure_tools` and `start_broker` only.
+# `scripts/bench.sh` sources this file for `ensure_tools`, `start_broker` and `start_txn_broker`.
 set -euo pipefail
 
 NISSHI_VERSION=0.8.1
