@@ -80,8 +80,10 @@ pub struct Settings {
     /// when the partition goes; a copy of the changelog, never a source of truth).
     /// Empty: `orderflow-state` in the system's temporary directory.
     pub state_dir: String,
-    /// State entries a partition keeps in memory between batches; the rest is read from
-    /// its state file when an input needs it.
+    /// State entries per store a partition caches in memory before the cache turns over:
+    /// committed values are then written back to its state file and the cache becomes the
+    /// previous generation (so memory holds up to about twice this); the rest is read from
+    /// the file when an input needs it.
     pub state_cache_entries: usize,
     /// Address of the metrics and health endpoint; port 0 picks a free port.
     pub http_addr: String,

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub records_out: IntCounterVec,
     pub dead_lettered: IntCounterVec,
     pub duplicates: IntCounterVec,
+    pub ignored: IntCounterVec,
     pub timers_fired: IntCounterVec,
     pub batch_records: HistogramVec,
     pub commit_seconds: HistogramVec,
@@ -46,6 +47,8 @@ pub struct Metrics {
 pub struct StageMetrics {
     pub records_in: prometheus::IntCounter,
     pub duplicates: prometheus::IntCounter,
+    /// Inputs of a type the stage takes no notice of, skipped undecoded.
+    pub ignored: prometheus::IntCounter,
     pub timers_fired: prometheus::IntCounter,
     pub event_latency_seconds: prometheus::Histogram,
 }
@@ -55,6 +58,7 @@ impl Metrics {
         StageMetrics {
             records_in: self.records_in.with_label_values(&[stage]),
             duplicates: self.duplicates.with_label_values(&[stage]),
+            ignored: self.ignored.with_label_values(&[stage]),
             timers_fired: self.timers_fired.with_label_values(&[stage]),
             event_latency_seconds: self.event_latency_seconds.with_label_values(&[stage]),
         }
@@ -130,6 +134,12 @@ impl Metrics {
                 &r,
                 "orderflow_duplicates_skipped_total",
                 "Inputs skipped because their event ID was already processed",
+                &["stage"],
+            ),
+            ignored: counter(
+                &r,
+                "orderflow_inputs_ignored_total",
+                "Inputs skipped undecoded: their type is none of the stage's business",
                 &["stage"],
             ),
             timers_fired: counter(

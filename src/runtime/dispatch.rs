@@ -95,6 +95,14 @@ impl<S: Stage> Worker<StageBackend<S>> {
             return;
         };
         let header_type = header(m, EVENT_TYPE_HEADER).and_then(|v| std::str::from_utf8(v).ok());
+        // Another stage's business, by its type: not even decoded.
+        if header_type
+            .and_then(EventType::from_name)
+            .is_some_and(|t| self.b.stage.ignores(base, t))
+        {
+            self.hot.ignored.inc();
+            return;
+        }
         let hints = DecodeHints {
             header_type,
             topic_default: topics::default_event_type(base),

@@ -49,7 +49,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::events::{
-    CarrierScan, Delivered, DeliveryAnomaly, DeliveryFailed, Envelope, Event, InTransit,
+    CarrierScan, Delivered, DeliveryAnomaly, DeliveryFailed, Envelope, Event, EventType, InTransit,
     OutForDelivery, ReadyToShip, ScanKind, Shipped,
 };
 use crate::stages::{Ctx, Input, Stage, StageError, StageName, Timer};
@@ -529,11 +529,25 @@ impl Stage for DeliveryStage {
         &[topics::FULFILLMENT_UPDATED, topics::CARRIER_UPDATES]
     }
 
+    /// Progress inside the warehouse, and a cancellation's answer: an accepted one comes
+    /// before `ReadyToShip`, which then never comes, and a refused one changes nothing.
+    fn ignores(&self, topic: &str, t: EventType) -> bool {
+        use EventType::*;
+        topic == topics::FULFILLMENT_UPDATED
+            && matches!(
+                t,
+                Picking | Packed | CancellationAccepted | CancellationRefused
+            )
+    }
+
     fn process(
         &mut self,
         ctx: &mut Ctx<'_, DeliveryState>,
         input: Input<'_>,
     ) -> Result<(), StageError> {
+        if self.ignores(input.topic, input.event.event_type()) {
+            return Ok(());
+        }
         match (input.topic, input.event) {
             (topics::FULFILLMENT_UPDATED, Event::ReadyToShip(ready)) => self.ready(ctx, ready),
             // Progress inside the warehouse: nothing for delivery to track yet. A

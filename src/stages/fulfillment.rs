@@ -41,8 +41,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::FulfillmentSettings;
 use crate::events::{
-    CancellationAccepted, CancellationRefused, Event, OrderCancelled, Packed, PaymentAuthorized,
-    Picking, ReadyToShip,
+    CancellationAccepted, CancellationRefused, Event, EventType, OrderCancelled, Packed,
+    PaymentAuthorized, Picking, ReadyToShip,
 };
 use crate::stages::{Ctx, Input, Stage, StageError, StageName, Timer};
 use crate::topics;
@@ -292,11 +292,22 @@ impl Stage for FulfillmentStage {
         &[topics::PAYMENT_PROCESSED, topics::ORDER_CANCELLED]
     }
 
+    /// Retries, failures and refunds: the order either is not paid yet or is compensated
+    /// by other stages.
+    fn ignores(&self, topic: &str, t: EventType) -> bool {
+        use EventType::*;
+        topic == topics::PAYMENT_PROCESSED
+            && matches!(t, PaymentRetrying | PaymentFailed | PaymentRefunded)
+    }
+
     fn process(
         &mut self,
         ctx: &mut Ctx<'_, FulfillmentState>,
         input: Input<'_>,
     ) -> Result<(), StageError> {
+        if self.ignores(input.topic, input.event.event_type()) {
+            return Ok(());
+        }
         match input.event {
             Event::PaymentAuthorized(auth) if input.topic == topics::PAYMENT_PROCESSED => {
                 self.start(ctx, auth)

@@ -41,8 +41,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::InventorySettings;
 use crate::events::{
-    CancellationAccepted, Envelope, Event, LowStock, LowStockTrigger, OrderLine, OrderScreened,
-    PaymentAuthorized, PaymentFailed, ScreeningDecision, Shortage, StockAdjusted,
+    CancellationAccepted, Envelope, Event, EventType, LowStock, LowStockTrigger, OrderLine,
+    OrderScreened, PaymentAuthorized, PaymentFailed, ScreeningDecision, Shortage, StockAdjusted,
     StockLevelChanged, StockRecovered, StockRejected, StockReleased, StockReserved, StockRestocked,
     ThresholdSet,
 };
@@ -841,11 +841,28 @@ impl Stage for InventoryStage {
         ]
     }
 
+    /// A payment retry holds the reservation and a refund follows an authorization whose
+    /// units left the shelf; fulfillment's progress and a refused cancellation hold
+    /// nothing for stock.
+    fn ignores(&self, topic: &str, t: EventType) -> bool {
+        use EventType::*;
+        match topic {
+            topics::PAYMENT_PROCESSED => matches!(t, PaymentRetrying | PaymentRefunded),
+            topics::FULFILLMENT_UPDATED => {
+                matches!(t, Picking | Packed | ReadyToShip | CancellationRefused)
+            }
+            _ => false,
+        }
+    }
+
     fn process(
         &mut self,
         ctx: &mut Ctx<'_, InventoryState>,
         input: Input<'_>,
     ) -> Result<(), StageError> {
+        if self.ignores(input.topic, input.event.event_type()) {
+            return Ok(());
+        }
         // Each handler returns its error before writing anything, and the watchdog is
         // only scheduled after a success, so a dead-lettered record leaves no trace.
         match (input.topic, input.event) {

@@ -18,7 +18,7 @@ pub use store::{Disk, Store};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::events::{Envelope, Event, derive_id};
+use crate::events::{Envelope, Event, EventType, derive_id};
 
 /// One part of a state key or timer ID (a store, order, customer or SKU ID) with `%` and
 /// `/` escaped, so that keys built by joining parts with `/` can never collide.
@@ -231,6 +231,15 @@ pub trait Stage: Send + 'static {
 
     /// Prefix-free names of the topics this stage consumes.
     fn inputs(&self) -> &'static [&'static str];
+
+    /// Whether events of type `t` on input topic `topic` (prefix-free) are none of this
+    /// stage's business. The runtime skips such a record by its `event-type` header,
+    /// without decoding it (a stage reads every event type of its topics, and acts on a
+    /// few), so `process` must ignore them too: each stage's begins by asking. An event
+    /// type a topic should not carry at all is not ignored, so that it is dead-lettered.
+    fn ignores(&self, _topic: &str, _t: EventType) -> bool {
+        false
+    }
 
     /// Reacts to one input. `Err` means the record can never succeed: it is
     /// dead-lettered, and the stage must decide so before writing any state. An input

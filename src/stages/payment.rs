@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::{Ctx, Effect, EffectOutcome, Input, Stage, StageError, Timer};
 use crate::config::PaymentSettings;
 use crate::events::{
-    CancellationAccepted, Event, PaymentAuthorized, PaymentFailed, PaymentFailureReason,
+    CancellationAccepted, Event, EventType, PaymentAuthorized, PaymentFailed, PaymentFailureReason,
     PaymentRefunded, PaymentRetrying, derive_id,
 };
 use crate::status::CANCELLED_REFUND_REASON;
@@ -491,11 +491,25 @@ impl Stage for PaymentStage {
         ]
     }
 
+    /// Of its three topics, payment acts on reservations, failed deliveries and
+    /// accepted cancellations; the rest of what they carry is someone else's business.
+    fn ignores(&self, topic: &str, t: EventType) -> bool {
+        use EventType::*;
+        matches!(
+            topic,
+            topics::INVENTORY_UPDATED | topics::DELIVERY_UPDATED | topics::FULFILLMENT_UPDATED
+        ) && !matches!(t, StockReserved | DeliveryFailed)
+            && !(topic == topics::FULFILLMENT_UPDATED && t == CancellationAccepted)
+    }
+
     fn process(
         &mut self,
         ctx: &mut Ctx<'_, PaymentState>,
         input: Input<'_>,
     ) -> Result<(), StageError> {
+        if self.ignores(input.topic, input.event.event_type()) {
+            return Ok(());
+        }
         match input.event {
             Event::StockReserved(r) => {
                 let order = r.envelope.order_id.as_deref().ok_or_else(|| {
