@@ -319,10 +319,24 @@ fn replaying_inventory_leaves_stock_and_decisions_unchanged() {
     let commands = env.topic(topics::INVENTORY_COMMANDS);
     let screened = env.topic(topics::ORDER_SCREENED);
     let store = "store-1";
+    let probe = |tag: &str| {
+        rec(
+            store,
+            serde_json::json!({"event_type": "StockAdjusted", "store_id": store, "sku": "SKU-A", "delta": 0, "reason": tag}),
+        )
+    };
+    // Inputs of two topics are processed in the order they are fetched, which need not be
+    // the order they were written in: each step waits for the one before.
     producer.send(
         &commands,
         &rec(store, serde_json::json!({"event_type": "StockRestocked", "store_id": store, "sku": "SKU-A", "quantity": 10})),
     );
+    producer.send(&commands, &probe("stocked"));
+    let mut worker = env.spawn_worker(&["inventory"], &[]);
+    wait_for("the restock", deadline(60), &[&worker], |_| {
+        probed(&env, "SKU-A", "stocked")
+    });
+    assert_eq!(probed(&env, "SKU-A", "stocked"), Some(10));
     for i in 1..=3 {
         let order = format!("o-{i}");
         producer.send(
@@ -337,15 +351,16 @@ fn replaying_inventory_leaves_stock_and_decisions_unchanged() {
             })),
         );
     }
+    wait_for("three reservations", deadline(60), &[&worker], |p| {
+        let reserved = read_topic(&env.settings.brokers, &env.topic(topics::INVENTORY_UPDATED))
+            .iter()
+            .filter(|r| r.header_str("event-type").as_deref() == Some("StockReserved"))
+            .count();
+        *p = format!("{reserved} reserved");
+        (reserved == 3).then_some(())
+    });
     producer.send(&commands, &Outgoing::new(store, b"{not json".to_vec()));
-    let probe = |tag: &str| {
-        rec(
-            store,
-            serde_json::json!({"event_type": "StockAdjusted", "store_id": store, "sku": "SKU-A", "delta": 0, "reason": tag}),
-        )
-    };
     producer.send(&commands, &probe("before"));
-    let mut worker = env.spawn_worker(&["inventory"], &[]);
     wait_for(
         "the probe before the replay",
         deadline(60),
@@ -376,9 +391,10 @@ fn replaying_inventory_leaves_stock_and_decisions_unchanged() {
         ],
     );
     assert!(exec.status.success(), "{}", stderr(&exec));
-    // Every input from the start: the restock, three orders, the bad record, the probe.
+    // Every input from the start: the restock and its probe, three orders, the bad
+    // record, the probe.
     assert!(
-        stdout(&exec).contains("6 records to process again"),
+        stdout(&exec).contains("7 records to process again"),
         "{}",
         stdout(&exec)
     );

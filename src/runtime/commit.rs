@@ -176,22 +176,35 @@ impl<S: Stage> Worker<StageBackend<S>> {
             return true;
         }
         crash::reached(Point::AfterOutputs);
-        // A hint for tools that read group offsets; the state's positions decide where a
-        // partition continues. At most once a second: at a low rate batches are small
-        // and many, and each commit is a request the broker serves.
-        let due = self
-            .b
-            .offsets_hinted
-            .is_none_or(|at| at.elapsed() >= OFFSET_HINT_EVERY);
-        let positions = self.positions_tpl();
-        if due && positions.count() > 0 {
-            self.b.offsets_hinted = Some(Instant::now());
-            if let Err(e) = self.consumer.commit(&positions, CommitMode::Async) {
-                tracing::debug!(error = %e, "offset commit failed; the state's positions decide anyway");
-            }
-        }
+        self.b.offsets_owed = true;
+        self.hint_offsets();
         crash::reached(Point::AfterOffsets);
         true
+    }
+
+    /// Under `at_least_once`: commits the group offsets of the committed batches, a hint
+    /// for tools that read them (the state's positions decide where a partition
+    /// continues). At most once a second — at a low rate batches are small and many, and
+    /// each commit is a request the broker serves — and, since the loop calls this
+    /// before every poll, within about a second of the last batch.
+    pub(super) fn hint_offsets(&mut self) {
+        if !self.b.offsets_owed
+            || self
+                .b
+                .offsets_hinted
+                .is_some_and(|at| at.elapsed() < OFFSET_HINT_EVERY)
+        {
+            return;
+        }
+        self.b.offsets_owed = false;
+        let positions = self.positions_tpl();
+        if positions.count() == 0 {
+            return;
+        }
+        self.b.offsets_hinted = Some(Instant::now());
+        if let Err(e) = self.consumer.commit(&positions, CommitMode::Async) {
+            tracing::debug!(error = %e, "offset commit failed; the state's positions decide anyway");
+        }
     }
 
     /// Sends the outputs of every committed batch not yet acknowledged. Returns whether

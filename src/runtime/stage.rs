@@ -37,8 +37,10 @@ pub(crate) struct StageBackend<S: Stage> {
     pub(super) suspect_outputs: HashMap<u64, String>,
     /// Outputs refused when sent alone: the next attempt dead-letters them in their place.
     pub(super) refused_outputs: HashMap<u64, String>,
-    /// Under `at_least_once`: when the group offsets were last committed (a hint).
+    /// Under `at_least_once`: when the group offsets were last committed (a hint), and
+    /// whether a batch committed since.
     pub(super) offsets_hinted: Option<std::time::Instant>,
+    pub(super) offsets_owed: bool,
 }
 
 impl<S: Stage> StageBackend<S> {
@@ -59,6 +61,7 @@ impl<S: Stage> StageBackend<S> {
             suspect_outputs: HashMap::new(),
             refused_outputs: HashMap::new(),
             offsets_hinted: None,
+            offsets_owed: false,
         })
     }
 }
@@ -117,7 +120,11 @@ impl<S: Stage> Backend for StageBackend<S> {
     }
 
     fn before_poll(w: &mut Worker<Self>) -> bool {
-        w.send_outboxes()
+        if !w.send_outboxes() {
+            return false;
+        }
+        w.hint_offsets();
+        true
     }
 
     /// A batch's external calls are reacted to in the next batch: without delay, not
