@@ -68,6 +68,12 @@ pub struct Settings {
     /// A batch closes at the latest this long after it started, even while records keep
     /// arriving; an idle worker goes round its loop (timers, rebalances) this often.
     pub batch_interval_ms: u64,
+    /// A batch stays open at least this long after its first record (up to
+    /// `batch_interval_ms`), gathering what arrives meanwhile. 0: it closes as soon as the
+    /// consumer has nothing more at hand, for the lowest latency. Raise it where every
+    /// commit is expensive (a broker slow to serve small requests; under `exactly_once`,
+    /// a transaction per batch): fewer, larger batches, each output later by up to this.
+    pub batch_linger_ms: u64,
     /// Input event IDs remembered per partition to drop the same event arriving again at
     /// another offset (an upstream re-send after a crash, a producer retry). Replays of
     /// the same offsets are recognized by position, without this window.
@@ -275,6 +281,7 @@ impl Default for Settings {
             replication_factor: 1,
             batch_max_records: 500,
             batch_interval_ms: 100,
+            batch_linger_ms: 0,
             dedup_window_records: 100_000,
             max_record_bytes: 900_000,
             state_dir: String::new(),

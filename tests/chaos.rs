@@ -248,7 +248,18 @@ fn chaos(guarantee: Guarantee) {
         .as_ref()
         .map(|db| OwnedBroker::start(&format!("chaos-{}", db.name), &db.url));
     let env = match &broker {
-        Some(b) => TestEnv::on("chaos", PARTITIONS, &b.brokers()),
+        Some(b) => {
+            let mut env = TestEnv::on("chaos", PARTITIONS, &b.brokers());
+            // This broker keeps every record in PostgreSQL (so that it survives its
+            // restart) and serves each request as SQL: a commit per few records and a
+            // fetch every 10 ms from each of a dozen consumers swamp it. Batches and
+            // fetches as a deployment on such a broker would set them.
+            env.settings.batch_linger_ms = 100;
+            env.settings
+                .kafka
+                .insert("fetch.wait.max.ms".to_owned(), "500".to_owned());
+            env
+        }
         None => TestEnv::exactly_once("chaos-txn", PARTITIONS),
     };
     for base in topics::PIPELINE {

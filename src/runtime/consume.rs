@@ -48,6 +48,9 @@ impl<B: Backend> Worker<B> {
         let deadline = Instant::now() + self.settings.batch_interval();
         let mut batch = Vec::new();
         let waiting = B::work_waiting(self);
+        let linger = Duration::from_millis(self.settings.batch_linger_ms);
+        // When the batch's first record came.
+        let mut first: Option<Instant> = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if batch.len() >= self.settings.batch_max_records
@@ -60,13 +63,19 @@ impl<B: Backend> Worker<B> {
             // the consumer has already fetched and closes when that runs out. A batch is
             // then as large as what arrived while the previous one committed — small, and
             // committed at once, at a low rate; up to `batch_max_records` under a backlog.
+            let lingering = first
+                .map(|at: Instant| linger.saturating_sub(at.elapsed()))
+                .unwrap_or_default();
             let wait = if batch.is_empty() && !waiting {
                 remaining.min(Duration::from_millis(100))
             } else {
-                Duration::ZERO
+                lingering.min(remaining)
             };
             match self.consumer.poll(wait) {
-                Some(Ok(m)) if self.parts.contains_key(&m.partition()) => batch.push(m.detach()),
+                Some(Ok(m)) if self.parts.contains_key(&m.partition()) => {
+                    first.get_or_insert_with(Instant::now);
+                    batch.push(m.detach());
+                }
                 // A partition still restoring reads from its restored position later; the
                 // consumer, now ahead of it, will be moved back.
                 Some(Ok(m)) => {
@@ -80,7 +89,7 @@ impl<B: Backend> Worker<B> {
                         .insert((m.topic().to_owned(), m.partition()));
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                None if !batch.is_empty() || waiting => break,
+                None if (!batch.is_empty() || waiting) && lingering.is_zero() => break,
                 None => {}
             }
             self.apply_rebalances(&mut batch)?;

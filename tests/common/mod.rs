@@ -348,6 +348,10 @@ impl TestEnv {
                 "ORDERFLOW_BATCH_INTERVAL_MS",
                 self.settings.batch_interval_ms.to_string(),
             )
+            .env(
+                "ORDERFLOW_BATCH_LINGER_MS",
+                self.settings.batch_linger_ms.to_string(),
+            )
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("ORDERFLOW_KAFKA", kafka.join(","))
             .env(
