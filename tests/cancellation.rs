@@ -614,9 +614,14 @@ fn random_cancellations_end_consistent() {
         .build()
         .expect("a runtime");
     let stop = CancellationToken::new();
+    // A bank that answers in about a third of a second, so that a request sent once an
+    // order is created, screened or reserved usually comes while its payment is still
+    // being authorized (the pipeline itself takes a few tens of milliseconds a step).
     let gateway = Gateway::new(GatewayConfig {
         decline_rate: 0.05,
         transient_error_rate: 0.2,
+        latency_ms: 300,
+        jitter_ms: 100,
         seed: 5,
         ..GatewayConfig::default()
     })
