@@ -840,14 +840,7 @@ fn run(
     } else {
         TestEnv::new(&name, PARTITIONS)
     };
-    for base in [
-        topics::INVENTORY_COMMANDS,
-        topics::INVENTORY_UPDATED,
-        topics::PAYMENT_PROCESSED,
-        topics::FULFILLMENT_UPDATED,
-        topics::CARRIER_UPDATES,
-        topics::DELIVERY_UPDATED,
-    ] {
+    for base in topics::PIPELINE {
         wait_for_partitions_on(&env.settings.brokers, &env.topic(base), PARTITIONS);
     }
     // Measure the shipped batching, not the tests' quick one.

@@ -143,7 +143,6 @@ static CURRENT: LazyLock<HashMap<EventType, Current>> = LazyLock::new(|| {
 });
 
 pub struct Codec {
-    current: HashMap<EventType, (Schema, Vec<u8>)>,
     /// Every writer schema this codec can read, by its CRC-64-AVRO fingerprint: the
     /// current ones plus older versions registered for schema evolution.
     writers: HashMap<Vec<u8>, (EventType, Schema)>,
@@ -157,7 +156,6 @@ pub struct Codec {
 impl Codec {
     pub fn new() -> Self {
         let mut codec = Codec {
-            current: HashMap::new(),
             writers: HashMap::new(),
             confluent_ids: HashMap::new(),
             registry: None,
@@ -165,8 +163,7 @@ impl Codec {
         for (&t, c) in CURRENT.iter() {
             let [spec, library] = c.fingerprints.clone();
             codec.writers.insert(library, (t, c.schema.clone()));
-            codec.writers.insert(spec.clone(), (t, c.schema.clone()));
-            codec.current.insert(t, (c.schema.clone(), spec));
+            codec.writers.insert(spec, (t, c.schema.clone()));
         }
         codec
     }
@@ -231,7 +228,7 @@ impl Codec {
     }
 
     pub fn schema(&self, t: EventType) -> &Schema {
-        &self.current[&t].0
+        CURRENT[&t].schema
     }
 
     /// Avro single-object encoding with the current schema, carrying the specification's
@@ -345,7 +342,7 @@ impl Codec {
             event_type: t,
             message: e.to_string(),
         };
-        let reader_schema = &self.current[&t].0;
+        let reader_schema = CURRENT[&t].schema;
         let value: Value = GenericDatumReader::builder(writer)
             .reader_schema(reader_schema)
             .build()
