@@ -124,6 +124,7 @@ fn screen_through_injected_errors(
         &mut [&mut w],
         &format!("after injecting {errors:?} into {api:?}"),
     );
+    w.wait_committed(ORDERS, WAIT);
     w.stop(STOP)
         .expect("the worker stops cleanly after the failure");
     s.drain();

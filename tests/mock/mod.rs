@@ -325,6 +325,25 @@ impl Worker {
             .unwrap_or_else(|_| panic!("worker {} panicked", self.label))
     }
 
+    /// Waits (bounded) until this worker has committed `orders` screenings. The mock keeps
+    /// aborted outputs visible, so a reader may see every order before the redo of an
+    /// aborted batch is committed; a worker stopped then leaves that batch to the next one.
+    pub fn wait_committed(&mut self, orders: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.records_out() < orders as u64 {
+            if Instant::now() > deadline {
+                panic!(
+                    "worker {}: only {} of {orders} screenings committed within {within:?}; {}",
+                    self.label,
+                    self.records_out(),
+                    self.summary()
+                );
+            }
+            self.assert_running();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn records_in(&self) -> u64 {
         self.metrics.records_in.with_label_values(&[STAGE]).get()
     }
