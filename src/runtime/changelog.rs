@@ -490,6 +490,12 @@ pub struct Restorer {
 pub struct Committed {
     /// Per input topic (prefix-free), the committed offset; `None`: none committed.
     pub offsets: HashMap<String, Option<i64>>,
+    /// The sequence number of the last batch committed: every transaction that writes
+    /// a batch commits its sequence number as the group's offset on the changelog
+    /// partition (a number the group owns there, not a position in that log), so a
+    /// batch numbered above it did not commit. `None`: none committed (a broker that
+    /// keeps no transactional offsets, or a log written before this was kept).
+    pub batch: Option<u64>,
 }
 
 /// A complete batch not applied yet: its records, marker last.
@@ -517,13 +523,20 @@ impl Restorer {
     /// next batch does not follow was aborted: it is left out, and its keys are rewritten
     /// with their committed values by the next owner. The last batch has no successor;
     /// [`Restorer::vouch`] says whether the group's committed offsets, which commit in
-    /// the same transaction, include it, by the positions — a last batch that moved inputs while the group's committed offset
-    /// of every input it moved is still where the state's position was before it did
-    /// not commit. On a correct broker every batch read is committed, the next one follows it
-    /// and the offsets include the last: nothing changes (an operator who resets the
-    /// group's offsets to exactly where the state was one batch before its last would
-    /// have that batch done again; and a last batch that moved no
-    /// position, a timer's alone, is always taken for committed).
+    /// the same transaction, include it:
+    ///
+    /// - by the sequence number of the last batch committed, which the group keeps as its
+    ///   offset on the changelog partition (see [`Committed::batch`]) — exact for every
+    ///   batch, a timer's or a reaction's that moved no input as well;
+    /// - where there is none (a log written without it), by the positions: a last batch
+    ///   that moved inputs while the group's committed offset of every input it moved is
+    ///   still where the state's position was before it did not commit, and a last batch
+    ///   that moved no position is taken for committed.
+    ///
+    /// On a correct broker every batch read is committed, the next one follows it and the
+    /// offsets include the last: nothing changes (an operator who resets the group's
+    /// offsets, the changelog's among them, to before the last batch would have that
+    /// batch done again).
     pub fn transactional(mut self) -> Self {
         self.transactional = true;
         self
@@ -540,6 +553,9 @@ impl Restorer {
         let Some(c) = &self.vouched else {
             return true;
         };
+        if let Some(last) = c.batch {
+            return held.seq <= last;
+        }
         let position = |v: Option<&[u8]>| v.and_then(|v| serde_json::from_slice::<i64>(v).ok());
         let moved: Vec<(&str, Option<i64>, i64)> = held
             .records

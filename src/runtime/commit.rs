@@ -420,7 +420,17 @@ impl<S: Stage> Worker<StageBackend<S>> {
             self.enqueue(dead.iter())?;
             self.crash_in_transaction(Point::TxnOutputsSent);
             self.enqueue(log.iter())?;
-            let tpl = self.positions_tpl();
+            let mut tpl = self.positions_tpl();
+            // With the inputs' offsets, the group commits each written batch's sequence
+            // number as its offset on the batch's changelog partition: how a restore
+            // tells, on a broker that shows aborted records, whether the last batch it
+            // read committed (see `Committed::batch`).
+            for (p, br, _) in &batches {
+                if !br.records.is_empty() {
+                    let seq = i64::try_from(br.seq).unwrap_or(i64::MAX);
+                    tpl.add_partition_offset(&self.b.changelog, *p, Offset::Offset(seq))?;
+                }
+            }
             // Without group metadata (not in a group yet) offsets cannot join the
             // transaction.
             let group = self

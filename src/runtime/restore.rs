@@ -304,7 +304,7 @@ where
     // Asked only now: offsets committed with a batch read above are in (a correct broker
     // answers once that batch's transaction is complete).
     let vouched = match (settings.guarantee, inputs) {
-        (Guarantee::ExactlyOnce, Some(inputs)) => committed(settings, inputs, partitions),
+        (Guarantee::ExactlyOnce, Some(inputs)) => committed(settings, inputs, topic, partitions),
         _ => None,
     };
     let mut restored: Vec<(i32, PartitionState<V>)> = Vec::with_capacity(partitions.len());
@@ -332,11 +332,13 @@ where
     Ok(restored)
 }
 
-/// Per partition, the offsets the group has committed for `inputs`. `None` when the group cannot be asked: the last batch read then counts
-/// as committed, as it must on a broker that shows only committed records.
+/// Per partition, the offsets the group has committed for `inputs` and for the
+/// partition of `changelog`. `None` when the group cannot be asked: the last batch read
+/// then counts as committed, as it must on a broker that shows only committed records.
 fn committed(
     settings: &Settings,
     inputs: &Inputs,
+    changelog: &str,
     partitions: &[i32],
 ) -> Option<HashMap<i32, Committed>> {
     let c = settings.kafka_client([
@@ -347,7 +349,7 @@ fn committed(
     ]);
     let asked = c.create::<BaseConsumer>().and_then(|consumer| {
         let mut tpl = TopicPartitionList::new();
-        for t in &inputs.topics {
+        for t in inputs.topics.iter().map(String::as_str).chain([changelog]) {
             for &p in partitions {
                 tpl.add_partition(t, p);
             }
@@ -370,9 +372,13 @@ fn committed(
             _ => None,
         };
         let topic = e.topic();
-        entry
-            .offsets
-            .insert(topics.base(topic).unwrap_or(topic).to_owned(), offset);
+        if topic == changelog {
+            entry.batch = offset.and_then(|o| u64::try_from(o).ok());
+        } else {
+            entry
+                .offsets
+                .insert(topics.base(topic).unwrap_or(topic).to_owned(), offset);
+        }
         tracing::debug!(
             topic,
             partition = e.partition(),

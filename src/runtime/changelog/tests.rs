@@ -377,6 +377,7 @@ fn restore_transactional(log: &Log, committed: Option<Committed>) -> Result<Ps, 
 fn offsets(position: i64) -> Committed {
     Committed {
         offsets: [("order.created".to_string(), Some(position))].into(),
+        batch: None,
     }
 }
 
@@ -424,11 +425,49 @@ fn aborted_transactions_batches_are_left_out_on_restore() -> Result<(), Changelo
     // A broker that keeps no transactional offsets says nothing about batch 4.
     let none = Committed {
         offsets: [(IN.to_string(), None)].into(),
+        batch: None,
     };
     assert_eq!(
         restore_transactional(&log, Some(none))?.state.get("stock"),
         Some(&7)
     );
+    Ok(())
+}
+
+/// A last batch that moved no input (a reaction to a recorded call, a timer's) cannot be
+/// judged by the positions; the sequence number the group committed decides it.
+#[test]
+fn the_committed_batch_number_decides_a_last_batch_that_moved_no_input()
+-> Result<(), ChangelogError> {
+    const IN: &str = "order.created";
+    let mut log = Log::default();
+    let mut ps = Ps::new(1_000);
+    ps.state.insert("payment", 1);
+    ps.positions.insert(IN.to_string(), 5);
+    commit(&mut ps, &mut log); // 1, committed
+    ps.state.insert("payment", 2);
+    abort(&mut ps, &mut log); // 2, aborted, moved no input
+
+    // By the positions alone, batch 2 is taken for committed.
+    let mut back = restore_transactional(&log, Some(offsets(5)))?;
+    assert_eq!(back.state.get("payment"), Some(&2));
+
+    // The group committed batch 1 last: batch 2 is left out and its key rewritten.
+    let mut committed = offsets(5);
+    committed.batch = Some(1);
+    let mut back = restore_transactional(&log, Some(committed.clone()))?;
+    assert_eq!(back.state.get("payment"), Some(&1));
+    assert_eq!((back.last_seq, back.next_seq), (1, 3));
+    assert_eq!(
+        back.repairs.get("s/payment").map(|v| v.as_deref()),
+        Some(Some(&b"1"[..]))
+    );
+
+    // Committed with batch 2.
+    committed.batch = Some(2);
+    let mut back = restore_transactional(&log, Some(committed))?;
+    assert_eq!(back.state.get("payment"), Some(&2));
+    assert_eq!(back.last_seq, 2);
     Ok(())
 }
 
