@@ -103,7 +103,16 @@ fn screen_through_injected_errors(
     let dep = Deployment::new(name, lenient_fraud());
     let orders = TestOrder::batch(name, ORDERS, 10);
     dep.produce(&orders[..WARM_UP]);
-    let mut w = dep.start("w1");
+    // A Produce error is injected only after the orders are produced (the order
+    // producer must not be the one that receives it), so the worker keeps each batch
+    // open for a second after its first record: its next batch is sent after the
+    // injection, not before.
+    let mut w = dep.start_with("w1", |s| {
+        if api == RDKafkaApiKey::Produce {
+            s.batch_interval_ms = 1_000;
+            s.batch_linger_ms = 1_000;
+        }
+    });
     let mut s = Screenings::new(&dep);
     // The group is joined, partitions restored and a first transaction committed before
     // any error is injected, so the failure hits a batch in the middle of the stream.
